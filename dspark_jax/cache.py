@@ -1,0 +1,64 @@
+"""Key/value caches as explicit pytrees, with ragged writes and the masks that read them.
+
+Layout: ``k, v [layers, batch, max_len, kv_heads, head_dim]`` and ``lengths [batch]``.
+Layers lead so a ``lax.scan`` over layers takes one cache slice per step; kv_heads is its own
+axis so tensor parallelism can split it. Entry ``[l, b, s]`` holds the key of token position
+``s`` of sequence ``b``; entries at ``s >= lengths[b]`` are garbage that is never read and may be
+overwritten. Rolling back rejected draft tokens is therefore free: do not advance ``lengths``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Per-layer keys/values of committed tokens plus per-sequence valid lengths."""
+
+    k: jax.Array  # [L, B, S, K, Dh]
+    v: jax.Array  # [L, B, S, K, Dh]
+    lengths: jax.Array  # [B] int32
+
+    @classmethod
+    def init(cls, num_layers, batch, max_len, kv_heads, head_dim, dtype=jnp.float32) -> "KVCache":
+        shape = (num_layers, batch, max_len, kv_heads, head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    def advance(self, n: jax.Array) -> "KVCache":
+        """Commit ``n [B]`` (or a scalar) more entries per sequence."""
+        return dataclasses.replace(self, lengths=self.lengths + jnp.asarray(n, jnp.int32))
+
+
+def chunk_positions(lengths: jax.Array, chunk: int) -> jax.Array:
+    """Positions ``[B, T]`` of a chunk of T new tokens written after each sequence's length."""
+    return lengths[:, None] + jnp.arange(chunk, dtype=jnp.int32)[None, :]
+
+
+def write_chunk(cache_layer: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+    """Scatter ``new [B, T, K, Dh]`` into ``cache_layer [B, S, K, Dh]`` at ``positions [B, T]``.
+
+    Positions past the end of the cache are dropped (never wrapped or clamped onto valid
+    entries); the decoding loops stop before a sequence needs them.
+    """
+    batch_index = jnp.arange(new.shape[0])[:, None]
+    return cache_layer.at[batch_index, positions].set(new.astype(cache_layer.dtype), mode="drop")
+
+
+def causal_cache_mask(positions: jax.Array, max_len: int) -> jax.Array:
+    """Mask ``[B, T, S]`` for queries at ``positions [B, T]`` reading a cache that already holds
+    their own chunk: key s is visible iff s <= the query's position. This covers each
+    sequence's committed prefix (its own length) plus causality inside the chunk."""
+    return jnp.arange(max_len, dtype=jnp.int32)[None, None, :] <= positions[:, :, None]

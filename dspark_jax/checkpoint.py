@@ -1,0 +1,275 @@
+"""Checkpoints in and out: Hugging Face / DeepSpec safetensors directories, and orbax.
+
+Hugging Face stores linear weights as ``[out, in]`` with heads fused into one axis; this
+package keeps heads as their own axis (``q_proj [D, H, Dh]``). The mapping is one table
+(``LAYER_TENSORS``) used in both directions, so loading and export cannot drift apart.
+Loading needs no torch: safetensors' numpy reader (bfloat16 through ml_dtypes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from .config import Qwen3Config, load_qwen3_config, read_json
+from .layers import DecoderLayerParams, decoder_layer_shapes
+from .target import Qwen3Params, init_params
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match what its config promises; the message names the problem."""
+
+
+# field of DecoderLayerParams -> (Hugging Face name inside a layer, number of leading
+# "input" axes of our layout). HF weight = ours.reshape(prod(shape[:n_in]), -1).T
+LAYER_TENSORS: dict[str, tuple[str, int]] = {
+    "input_norm": ("input_layernorm.weight", 0),
+    "q_proj": ("self_attn.q_proj.weight", 1),
+    "k_proj": ("self_attn.k_proj.weight", 1),
+    "v_proj": ("self_attn.v_proj.weight", 1),
+    "o_proj": ("self_attn.o_proj.weight", 2),
+    "q_norm": ("self_attn.q_norm.weight", 0),
+    "k_norm": ("self_attn.k_norm.weight", 0),
+    "post_norm": ("post_attention_layernorm.weight", 0),
+    "gate_proj": ("mlp.gate_proj.weight", 1),
+    "up_proj": ("mlp.up_proj.weight", 1),
+    "down_proj": ("mlp.down_proj.weight", 1),
+}
+
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def default_dtype():
+    """float32 on CPU (bfloat16 matmuls are ~10x slower there), bfloat16 on accelerators."""
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+def resolve_dtype(dtype) -> Any:
+    if dtype is None or dtype == "auto":
+        return default_dtype()
+    if isinstance(dtype, str):
+        try:
+            return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[dtype]
+        except KeyError:
+            raise ValueError(f"unsupported dtype {dtype!r} (float32, bfloat16, float16 or auto)") from None
+    return dtype
+
+
+# ---------------------------------------------------------------------------- HF layout
+
+
+def hf_to_ours(weight: np.ndarray, our_shape: tuple[int, ...], n_in: int) -> np.ndarray:
+    return weight if n_in == 0 else weight.T.reshape(our_shape)
+
+
+def ours_to_hf(weight: np.ndarray, n_in: int) -> np.ndarray:
+    if n_in == 0:
+        return weight
+    return weight.reshape(math.prod(weight.shape[:n_in]), -1).T
+
+
+def hf_shape(our_shape: tuple[int, ...], n_in: int) -> tuple[int, ...]:
+    if n_in == 0:
+        return tuple(our_shape)
+    return (math.prod(our_shape[n_in:]), math.prod(our_shape[:n_in]))
+
+
+class TensorSource:
+    """Lazy access to the tensors of a safetensors directory (single file or sharded index)."""
+
+    def __init__(self, model_dir: str | os.PathLike):
+        self.model_dir = os.fspath(model_dir)
+        index_path = os.path.join(self.model_dir, "model.safetensors.index.json")
+        single_path = os.path.join(self.model_dir, "model.safetensors")
+        if os.path.exists(index_path):
+            weight_map = read_json(index_path).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index_path}: no 'weight_map' object")
+            self.file_of = {name: os.path.join(self.model_dir, f) for name, f in weight_map.items()}
+            for path in sorted(set(self.file_of.values())):
+                if not os.path.exists(path):
+                    raise FileNotFoundError(f"{path}: shard listed in {index_path} not found")
+        elif os.path.exists(single_path):
+            with safe_open(single_path, "np") as f:
+                self.file_of = {name: single_path for name in f.keys()}
+        else:
+            raise FileNotFoundError(
+                f"{self.model_dir}: no model.safetensors or model.safetensors.index.json found"
+            )
+        self._handles: dict[str, Any] = {}
+
+    def names(self) -> set[str]:
+        return {n for n in self.file_of if not n.endswith(IGNORED_SUFFIXES)}
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def get(self, name: str) -> np.ndarray:
+        return self._handle(name).get_tensor(name)
+
+    def _handle(self, name: str):
+        if name not in self.file_of:
+            raise CheckpointError(f"{self.model_dir}: missing tensor {name!r}")
+        path = self.file_of[name]
+        if path not in self._handles:
+            self._handles[path] = safe_open(path, "np")
+        return self._handles[path]
+
+
+class TensorReader:
+    """Reads named tensors with shape checks, records what it used, converts dtype."""
+
+    def __init__(self, source: TensorSource, dtype):
+        self.source, self.dtype, self.used = source, dtype, set()
+
+    def read(self, name: str, expected_hf_shape: tuple[int, ...]) -> np.ndarray:
+        if name not in self.source.file_of:
+            raise CheckpointError(f"{self.source.model_dir}: missing tensor {name!r}")
+        shape = self.source.shape(name)
+        if shape != tuple(expected_hf_shape):
+            raise CheckpointError(
+                f"{self.source.model_dir}: tensor {name!r} has shape {list(shape)}, "
+                f"expected {list(expected_hf_shape)} from config.json"
+            )
+        self.used.add(name)
+        return self.source.get(name)
+
+    def read_ours(self, name: str, our_shape: tuple[int, ...], n_in: int = 0) -> jax.Array:
+        w = self.read(name, hf_shape(our_shape, n_in))
+        return jnp.asarray(hf_to_ours(w, our_shape, n_in), self.dtype)
+
+    def read_layers(self, layer_name: Callable[[int, str], str], shapes: DecoderLayerParams) -> DecoderLayerParams:
+        values = {}
+        for field, (suffix, n_in) in LAYER_TENSORS.items():
+            stacked_shape = getattr(shapes, field)
+            per_layer = stacked_shape[1:]
+            values[field] = jnp.stack(
+                [self.read_ours(layer_name(i, suffix), per_layer, n_in) for i in range(stacked_shape[0])]
+            )
+        return DecoderLayerParams(**values)
+
+    def check_all_used(self, allowed_unused: set[str] = frozenset()):
+        unexpected = sorted(self.source.names() - self.used - set(allowed_unused))
+        if unexpected:
+            raise CheckpointError(
+                f"{self.source.model_dir}: unexpected tensor(s) {unexpected[:8]}"
+                + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else "")
+            )
+
+
+def layers_to_hf(layers: DecoderLayerParams, layer_name: Callable[[int, str], str]) -> dict[str, np.ndarray]:
+    out = {}
+    for field, (suffix, n_in) in LAYER_TENSORS.items():
+        stacked = np.asarray(getattr(layers, field))
+        for i in range(stacked.shape[0]):
+            out[layer_name(i, suffix)] = np.ascontiguousarray(ours_to_hf(stacked[i], n_in))
+    return out
+
+
+# ---------------------------------------------------------------------------- Qwen3 target
+
+
+def _target_layer_name(i: int, suffix: str) -> str:
+    return f"model.layers.{i}.{suffix}"
+
+
+def load_qwen3(model_dir: str | os.PathLike, dtype=None) -> tuple[Qwen3Params, Qwen3Config]:
+    """Load a Hugging Face Qwen3 directory (config.json + safetensors) without torch."""
+    cfg = load_qwen3_config(model_dir)
+    dtype = resolve_dtype(dtype)
+    reader = TensorReader(TensorSource(model_dir), dtype)
+    D, V = cfg.hidden_size, cfg.vocab_size
+    params = Qwen3Params(
+        embed=reader.read_ours("model.embed_tokens.weight", (V, D)),
+        layers=reader.read_layers(_target_layer_name, decoder_layer_shapes(cfg, cfg.num_hidden_layers)),
+        final_norm=reader.read_ours("model.norm.weight", (D,)),
+        lm_head=None if cfg.tie_word_embeddings else reader.read_ours("lm_head.weight", (D, V), 1),
+    )
+    # Tied checkpoints sometimes carry a redundant lm_head copy; it is not used.
+    reader.check_all_used({"lm_head.weight"} if cfg.tie_word_embeddings else set())
+    return params, cfg
+
+
+def qwen3_to_hf_tensors(params: Qwen3Params) -> dict[str, np.ndarray]:
+    tensors = {
+        "model.embed_tokens.weight": np.asarray(params.embed),
+        "model.norm.weight": np.asarray(params.final_norm),
+        **layers_to_hf(params.layers, _target_layer_name),
+    }
+    if params.lm_head is not None:
+        tensors["lm_head.weight"] = np.ascontiguousarray(np.asarray(params.lm_head).T)
+    return tensors
+
+
+def _hf_dtype_name(tensors: Mapping[str, np.ndarray]) -> str:
+    dt = next(iter(tensors.values())).dtype
+    return {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(str(dt), str(dt))
+
+
+def save_qwen3(model_dir: str | os.PathLike, params: Qwen3Params, cfg: Qwen3Config, extra_config: Mapping | None = None):
+    """Export to a directory that ``transformers.Qwen3ForCausalLM.from_pretrained`` opens."""
+    model_dir = os.fspath(model_dir)
+    os.makedirs(model_dir, exist_ok=True)
+    tensors = qwen3_to_hf_tensors(params)
+    config = cfg.to_hf() | {"dtype": _hf_dtype_name(tensors)} | dict(extra_config or {})
+    save_file(tensors, os.path.join(model_dir, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(model_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    eos = list(cfg.eos_token_ids)
+    with open(os.path.join(model_dir, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": (eos[0] if len(eos) == 1 else eos) if eos else None}, f, indent=2)
+
+
+# ---------------------------------------------------------------------------- orbax
+
+
+def save_orbax(path: str | os.PathLike, params: Any, config_json: Mapping[str, Any]):
+    """Save a parameter pytree with orbax plus its ``config.json`` beside it."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(os.fspath(path))
+    os.makedirs(path, exist_ok=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(path, "params"), params, force=True)
+        ckptr.wait_until_finished()
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(dict(config_json), f, indent=2)
+
+
+def restore_orbax(path: str | os.PathLike, abstract_params: Any) -> Any:
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(os.fspath(path))
+    params_dir = os.path.join(path, "params")
+    if not os.path.isdir(params_dir):
+        raise FileNotFoundError(f"{params_dir}: no orbax checkpoint here")
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(params_dir, abstract_params)
+
+
+def save_qwen3_orbax(path, params: Qwen3Params, cfg: Qwen3Config):
+    save_orbax(path, params, cfg.to_hf())
+
+
+def restore_qwen3_orbax(path, dtype=None) -> tuple[Qwen3Params, Qwen3Config]:
+    cfg = load_qwen3_config(path)
+    dtype = resolve_dtype(dtype)
+    abstract = jax.eval_shape(lambda: init_params(jax.random.key(0), cfg, dtype))
+    return restore_orbax(path, abstract), cfg
+
+
+def load_target(path, dtype=None) -> tuple[Qwen3Params, Qwen3Config]:
+    """A target from either a Hugging Face directory or one of our orbax checkpoints."""
+    path = os.fspath(path)
+    if os.path.isdir(os.path.join(path, "params")):
+        return restore_qwen3_orbax(path, dtype)
+    return load_qwen3(path, dtype)

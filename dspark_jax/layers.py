@@ -1,0 +1,216 @@
+"""The building blocks shared by the target and the drafter: one copy of each.
+
+Weights keep heads and MLP columns as their own array axes (``q_proj [D, H, Dh]``,
+``o_proj [H, Dh, D]``, ``gate_proj [D, F]``), so the same code runs unchanged under
+``jax.shard_map`` with heads / MLP columns split over a ``model`` mesh axis; the only
+tensor-parallel hook is ``tp_axis``, which sums the row-split projections across shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import Qwen3Config, RopeConfig
+
+MASKED_SCORE = float(np.finfo(np.float32).min)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecoderLayerParams:
+    """Weights of Qwen3 decoder layers, stacked on a leading ``[layers]`` axis."""
+
+    input_norm: jax.Array  # [L, D]
+    q_proj: jax.Array  # [L, D, H, Dh]
+    k_proj: jax.Array  # [L, D, K, Dh]
+    v_proj: jax.Array  # [L, D, K, Dh]
+    o_proj: jax.Array  # [L, H, Dh, D]
+    q_norm: jax.Array  # [L, Dh]
+    k_norm: jax.Array  # [L, Dh]
+    post_norm: jax.Array  # [L, D]
+    gate_proj: jax.Array  # [L, D, F]
+    up_proj: jax.Array  # [L, D, F]
+    down_proj: jax.Array  # [L, F, D]
+
+
+def decoder_layer_shapes(cfg: Qwen3Config, num_layers: int) -> DecoderLayerParams:
+    """Shapes of stacked decoder-layer weights (tuples in a DecoderLayerParams)."""
+    L, D, H, K, Dh, F = (
+        num_layers,
+        cfg.hidden_size,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+        cfg.intermediate_size,
+    )
+    return DecoderLayerParams(
+        input_norm=(L, D),
+        q_proj=(L, D, H, Dh),
+        k_proj=(L, D, K, Dh),
+        v_proj=(L, D, K, Dh),
+        o_proj=(L, H, Dh, D),
+        q_norm=(L, Dh),
+        k_norm=(L, Dh),
+        post_norm=(L, D),
+        gate_proj=(L, D, F),
+        up_proj=(L, D, F),
+        down_proj=(L, F, D),
+    )
+
+
+def init_decoder_layers(
+    key: jax.Array, cfg: Qwen3Config, num_layers: int, dtype=jnp.float32, std: float = 0.02
+) -> DecoderLayerParams:
+    """Random decoder layers: normal(std) matrices, unit norm weights."""
+    shapes = decoder_layer_shapes(cfg, num_layers)
+    fields = [f.name for f in dataclasses.fields(DecoderLayerParams)]
+    keys = jax.random.split(key, len(fields))
+    values = {}
+    for k, name in zip(keys, fields):
+        shape = getattr(shapes, name)
+        if name.endswith("norm"):
+            values[name] = jnp.ones(shape, dtype)
+        else:
+            values[name] = (std * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
+    return DecoderLayerParams(**values)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm over the last axis, computed in float32 (as transformers does)."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * x32.astype(x.dtype)
+
+
+def rope_inverse_frequencies(rope: RopeConfig, head_dim: int, max_positions: int) -> tuple[np.ndarray, float]:
+    """Per-pair inverse frequencies ``[Dh/2]`` and the cos/sin scale, per rope type."""
+    base = rope.theta
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim
+    inv_freq = (1.0 / (base**exponents)).astype(np.float32)
+    scale = 1.0
+    if rope.rope_type == "linear":
+        inv_freq = inv_freq / rope.factor
+    elif rope.rope_type == "llama3":
+        old_len = rope.original_max_position_embeddings or max_positions
+        low_wavelen = old_len / rope.low_freq_factor
+        high_wavelen = old_len / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
+    elif rope.rope_type == "yarn":
+        old_len = rope.original_max_position_embeddings or max_positions
+        factor = rope.factor
+        scale = rope.attention_factor
+        if scale is None:
+            scale = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+        def correction_dim(rotations):
+            return (head_dim * math.log(old_len / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+        low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+        if rope.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, head_dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = np.clip((np.arange(head_dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+        extrapolation = 1 - ramp
+        pos_freqs = base**exponents
+        inv_freq = ((1 / (factor * pos_freqs)) * (1 - extrapolation) + (1 / pos_freqs) * extrapolation)
+        inv_freq = inv_freq.astype(np.float32)
+    return inv_freq, float(scale)
+
+
+def rope_cos_sin(cfg: Qwen3Config, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin ``[..., Dh]`` for integer positions ``[...]`` (rotate-half layout)."""
+    inv_freq, scale = rope_inverse_frequencies(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles) * scale, jnp.sin(angles) * scale
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate ``x [B, T, heads, Dh]`` with ``cos, sin [B, T, Dh]``."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    x32 = x.astype(jnp.float32)
+    out = x32 * cos[:, :, None, :] + rotated.astype(jnp.float32) * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention, the one attention of the package.
+
+    q ``[B, T, H, Dh]``; k, v ``[B, S, K, Dh]`` with H a multiple of K; mask ``[B, T, S]``
+    bool, True where query t may read key s. Scores and softmax in float32. A row with no
+    allowed key yields a uniform average (as eager PyTorch with a finfo.min mask does); callers
+    never read such rows.
+    """
+    B, T, H, Dh = q.shape
+    K = k.shape[2]
+    q = q.reshape(B, T, K, H // K, Dh)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (Dh**-0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, MASKED_SCORE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(B, T, H, Dh)
+
+
+def tp_sum(x: jax.Array, tp_axis: str | None) -> jax.Array:
+    """Sum partial results of row-split projections over the tensor-parallel axis."""
+    return x if tp_axis is None else jax.lax.psum(x, tp_axis)
+
+
+def layer_at(layers: DecoderLayerParams, i: int) -> DecoderLayerParams:
+    return jax.tree.map(lambda a: a[i], layers)
+
+
+def project_kv(p: DecoderLayerParams, cfg: Qwen3Config, h: jax.Array, cos, sin):
+    """Keys (k_norm, then RoPE) and values for normed inputs ``h [B, T, D]`` of one layer."""
+    k = rms_norm(jnp.einsum("btd,dkh->btkh", h, p.k_proj), p.k_norm, cfg.rms_norm_eps)
+    v = jnp.einsum("btd,dkh->btkh", h, p.v_proj)
+    return apply_rope(k, cos, sin), v
+
+
+def project_q(p: DecoderLayerParams, cfg: Qwen3Config, h: jax.Array, cos, sin):
+    q = rms_norm(jnp.einsum("btd,dnh->btnh", h, p.q_proj), p.q_norm, cfg.rms_norm_eps)
+    return apply_rope(q, cos, sin)
+
+
+AttendFn = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, object]]
+
+
+def decoder_layer(
+    p: DecoderLayerParams,
+    cfg: Qwen3Config,
+    x: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    attend: AttendFn,
+    tp_axis: str | None = None,
+):
+    """One Qwen3 decoder layer over ``x [B, T, D]``.
+
+    ``attend(q, k, v) -> (out [B, T, H, Dh], aux)`` decides which keys the new queries see
+    (the target's cache, the drafter's context + block, a packed batch) and returns whatever
+    it updated (``aux``, e.g. the cache layer). Returns ``(x, aux)``.
+    """
+    h = rms_norm(x, p.input_norm, cfg.rms_norm_eps)
+    q = project_q(p, cfg, h, cos, sin)
+    k, v = project_kv(p, cfg, h, cos, sin)
+    out, aux = attend(q, k, v)
+    x = x + tp_sum(jnp.einsum("btnh,nhd->btd", out, p.o_proj), tp_axis)
+    h = rms_norm(x, p.post_norm, cfg.rms_norm_eps)
+    mlp = jax.nn.silu(h @ p.gate_proj) * (h @ p.up_proj)
+    x = x + tp_sum(mlp @ p.down_proj, tp_axis)
+    return x, aux

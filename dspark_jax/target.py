@@ -1,0 +1,138 @@
+"""The Qwen3 target model as pure functions over a parameter pytree and a KV cache.
+
+``forward`` runs T new tokens per sequence against the cache: T = prompt length for a
+prefill, 1 for decoding, gamma + 1 for verification. It writes the chunk's keys/values at
+each sequence's own offset (``cache.lengths``) but does not advance ``lengths``: the caller
+commits as many entries as it accepts (``KVCache.advance``), so rejected drafts cost nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from .cache import KVCache, causal_cache_mask, chunk_positions, write_chunk
+from .config import Qwen3Config
+from .layers import DecoderLayerParams, attention, decoder_layer, init_decoder_layers, rms_norm, rope_cos_sin
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Qwen3Params:
+    embed: jax.Array  # [V, D]
+    layers: DecoderLayerParams  # stacked over [L]
+    final_norm: jax.Array  # [D]
+    lm_head: jax.Array | None  # [D, V]; None when tied to embed
+
+    @property
+    def dtype(self):
+        return self.embed.dtype
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ForwardOutput:
+    hidden: jax.Array  # [B, T, D] final-normed
+    features: jax.Array  # [B, T, len(feature_layers) * D] concatenated layer outputs
+    logits: jax.Array | None  # [B, T, V] float32, when asked for
+
+
+def init_params(key: jax.Array, cfg: Qwen3Config, dtype=jnp.float32, std: float = 0.02) -> Qwen3Params:
+    """Random Qwen3 weights (normal(std) matrices, unit norms)."""
+    k_embed, k_layers, k_head = jax.random.split(key, 3)
+    D, V = cfg.hidden_size, cfg.vocab_size
+    lm_head = None
+    if not cfg.tie_word_embeddings:
+        lm_head = (std * jax.random.normal(k_head, (D, V), jnp.float32)).astype(dtype)
+    return Qwen3Params(
+        embed=(std * jax.random.normal(k_embed, (V, D), jnp.float32)).astype(dtype),
+        layers=init_decoder_layers(k_layers, cfg, cfg.num_hidden_layers, dtype, std),
+        final_norm=jnp.ones((D,), dtype),
+        lm_head=lm_head,
+    )
+
+
+def init_cache(cfg: Qwen3Config, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+    return KVCache.init(cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim, dtype)
+
+
+def output_head(params: Qwen3Params) -> jax.Array:
+    """The ``[D, V]`` output projection (the transposed embedding when tied)."""
+    return params.embed.T if params.lm_head is None else params.lm_head
+
+
+def compute_logits(params: Qwen3Params, hidden: jax.Array) -> jax.Array:
+    """float32 logits ``[..., V]`` from final-normed hidden states ``[..., D]``."""
+    return jnp.einsum("...d,dv->...v", hidden, output_head(params), preferred_element_type=jnp.float32)
+
+
+def check_feature_layers(cfg: Qwen3Config, feature_layers: Sequence[int]) -> tuple[int, ...]:
+    ids = tuple(int(i) for i in feature_layers)
+    bad = [i for i in ids if not -1 <= i < cfg.num_hidden_layers]
+    if bad:
+        raise ValueError(
+            f"feature layer ids {bad} out of range for a target with {cfg.num_hidden_layers} "
+            f"layers (valid: -1 for the embedding output, 0..{cfg.num_hidden_layers - 1})"
+        )
+    return ids
+
+
+def forward(
+    params: Qwen3Params,
+    cfg: Qwen3Config,
+    tokens: jax.Array,
+    cache: KVCache,
+    *,
+    feature_layers: Sequence[int] = (),
+    with_logits: bool = True,
+    tp_axis: str | None = None,
+) -> tuple[ForwardOutput, KVCache]:
+    """Run ``tokens [B, T]`` at positions ``cache.lengths[b] + t`` against the cache.
+
+    Returns the final-normed hidden states, the concatenated outputs of ``feature_layers``
+    (id i = output of decoder layer i, -1 = embedding output), float32 logits when
+    ``with_logits``, and the cache with the chunk written (lengths unchanged).
+    """
+    feature_layers = check_feature_layers(cfg, feature_layers)
+    B, T = tokens.shape
+    positions = chunk_positions(cache.lengths, T)
+    cos, sin = rope_cos_sin(cfg, positions)
+    mask = causal_cache_mask(positions, cache.max_len)
+    x = params.embed[tokens]
+
+    # Feature collection inside the layer scan: slot_of_layer[l] is where layer l's output
+    # goes in `collected`, or -1. Only the selected layers are kept (no [L, B, T, D] stack).
+    decoder_ids = [i for i in feature_layers if i >= 0]
+    slot_of_layer = jnp.full((cfg.num_hidden_layers,), -1, jnp.int32)
+    for slot, layer_id in enumerate(decoder_ids):
+        slot_of_layer = slot_of_layer.at[layer_id].set(slot)
+    collected = jnp.zeros((max(len(decoder_ids), 1), B, T, cfg.hidden_size), x.dtype)
+
+    def body(carry, scanned):
+        x, collected = carry
+        layer, k_cache, v_cache, slot = scanned
+
+        def attend(q, k, v):
+            k_all = write_chunk(k_cache, k, positions)
+            v_all = write_chunk(v_cache, v, positions)
+            return attention(q, k_all, v_all, mask), (k_all, v_all)
+
+        x, (k_new, v_new) = decoder_layer(layer, cfg, x, cos, sin, attend, tp_axis)
+        safe_slot = jnp.maximum(slot, 0)
+        kept = jnp.where(slot >= 0, x, collected[safe_slot])
+        collected = jax.lax.dynamic_update_index_in_dim(collected, kept, safe_slot, 0)
+        return (x, collected), (k_new, v_new)
+
+    (x, collected), (k, v) = jax.lax.scan(
+        body, (x, collected), (params.layers, cache.k, cache.v, slot_of_layer)
+    )
+    embed_out = params.embed[tokens]
+    parts = [embed_out if i == -1 else collected[decoder_ids.index(i)] for i in feature_layers]
+    features = jnp.concatenate(parts, axis=-1) if parts else jnp.zeros((B, T, 0), x.dtype)
+    hidden = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
+    logits = compute_logits(params, hidden) if with_logits else None
+    new_cache = dataclasses.replace(cache, k=k, v=v)
+    return ForwardOutput(hidden=hidden, features=features, logits=logits), new_cache
