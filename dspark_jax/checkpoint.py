@@ -273,3 +273,150 @@ def load_target(path, dtype=None) -> tuple[Qwen3Params, Qwen3Config]:
     if os.path.isdir(os.path.join(path, "params")):
         return restore_qwen3_orbax(path, dtype)
     return load_qwen3(path, dtype)
+
+
+# ---------------------------------------------------------------------------- DeepSpec drafts
+
+
+def _draft_layer_name(i: int, suffix: str) -> str:
+    return f"layers.{i}.{suffix}"
+
+
+def load_draft_config(draft_dir: str | os.PathLike):
+    from .draft import DraftConfig
+
+    path = os.path.join(os.fspath(draft_dir), "config.json")
+    raw = read_json(path)
+    archs = raw.get("architectures") or []
+    if archs and not any("DSpark" in a or "DFlash" in a for a in archs):
+        raise CheckpointError(f"{path}: architectures {archs} is not a DSpark/DFlash draft")
+    return DraftConfig.from_hf(raw, path)
+
+
+def _shared_tensor_differs(reader: TensorReader, name: str, ours: np.ndarray) -> bool:
+    if name not in reader.source.file_of:
+        return False
+    theirs = reader.read(name, ours.shape)
+    return not np.array_equal(np.asarray(theirs, np.float32), np.asarray(ours, np.float32))
+
+
+def load_draft(draft_dir: str | os.PathLike, target: Qwen3Params, target_cfg: Qwen3Config, dtype=None):
+    """Load a DeepSpec-format draft directory (config.json + model.safetensors).
+
+    The draft's ``embed_tokens`` / ``lm_head`` are checked against the target's and then not
+    kept: the drafter always uses the target's arrays (a warning says so when they differ).
+    """
+    import warnings
+
+    from .draft import ConfidenceParams, DraftParams, MarkovParams, check_compatible
+
+    dcfg = load_draft_config(draft_dir)
+    check_compatible(dcfg, target_cfg, where=os.path.join(os.fspath(draft_dir), "config.json"))
+    dtype = resolve_dtype(dtype)
+    reader = TensorReader(TensorSource(draft_dir), dtype)
+    D, V, r = dcfg.hidden_size, dcfg.layers.vocab_size, dcfg.markov_rank
+    m = len(dcfg.target_layer_ids)
+
+    markov = None
+    if r:
+        markov = MarkovParams(
+            w1=reader.read_ours("markov_head.markov_w1.weight", (V, r)),
+            w2=reader.read_ours("markov_head.markov_w2.weight", (r, V), 1),
+        )
+        if dcfg.head_type == "gated":
+            markov.gate_w = reader.read_ours("markov_head.gate_proj.weight", (D + r, r), 1)
+            markov.gate_b = reader.read_ours("markov_head.gate_proj.bias", (r,))
+        elif dcfg.head_type == "rnn":
+            markov.joint_w = reader.read_ours("markov_head.joint_proj.weight", (2 * r + D, 3 * r), 1)
+            markov.joint_b = reader.read_ours("markov_head.joint_proj.bias", (3 * r,))
+    confidence = None
+    if dcfg.enable_confidence_head:
+        width = D + (r if dcfg.confidence_uses_markov else 0)
+        confidence = ConfidenceParams(
+            w=reader.read_ours("confidence_head.proj.weight", (width,), 1),
+            b=reader.read_ours("confidence_head.proj.bias", (1,)).reshape(()),
+        )
+    params = DraftParams(
+        fc=reader.read_ours("fc.weight", (m * D, D), 1),
+        hidden_norm=reader.read_ours("hidden_norm.weight", (D,)),
+        layers=reader.read_layers(_draft_layer_name, decoder_layer_shapes(dcfg.layers, dcfg.layers.num_hidden_layers)),
+        final_norm=reader.read_ours("norm.weight", (D,)),
+        markov=markov,
+        confidence=confidence,
+    )
+    shared = {
+        "embed_tokens.weight": np.asarray(target.embed),
+        "lm_head.weight": np.asarray(target.embed if target.lm_head is None else target.lm_head.T),
+    }
+    for name, ours in shared.items():
+        if _shared_tensor_differs(reader, name, ours):
+            warnings.warn(
+                f"{draft_dir}: draft {name} differs from the target's; using the target's "
+                f"(the drafter shares the target's embedding and lm_head)",
+                stacklevel=2,
+            )
+    reader.check_all_used(set(shared))
+    return params, dcfg
+
+
+def draft_to_hf_tensors(params, target: Qwen3Params) -> dict[str, np.ndarray]:
+    def hf(w, n_in=1):
+        return np.ascontiguousarray(ours_to_hf(np.asarray(w), n_in))
+
+    tensors = {
+        "fc.weight": hf(params.fc),
+        "hidden_norm.weight": np.asarray(params.hidden_norm),
+        "norm.weight": np.asarray(params.final_norm),
+        "embed_tokens.weight": np.asarray(target.embed),
+        "lm_head.weight": np.ascontiguousarray(np.asarray(target.embed if target.lm_head is None else target.lm_head.T)),
+        **layers_to_hf(params.layers, _draft_layer_name),
+    }
+    mk = params.markov
+    if mk is not None:
+        tensors["markov_head.markov_w1.weight"] = np.asarray(mk.w1)
+        tensors["markov_head.markov_w2.weight"] = hf(mk.w2)
+        if mk.gate_w is not None:
+            tensors["markov_head.gate_proj.weight"] = hf(mk.gate_w)
+            tensors["markov_head.gate_proj.bias"] = np.asarray(mk.gate_b)
+        if mk.joint_w is not None:
+            tensors["markov_head.joint_proj.weight"] = hf(mk.joint_w)
+            tensors["markov_head.joint_proj.bias"] = np.asarray(mk.joint_b)
+    if params.confidence is not None:
+        tensors["confidence_head.proj.weight"] = np.asarray(params.confidence.w)[None, :]
+        tensors["confidence_head.proj.bias"] = np.asarray(params.confidence.b).reshape(1)
+    return tensors
+
+
+def save_draft(draft_dir: str | os.PathLike, params, dcfg, target: Qwen3Params):
+    """Export a drafter to the DeepSpec format (embed_tokens / lm_head copied from the target)."""
+    draft_dir = os.fspath(draft_dir)
+    os.makedirs(draft_dir, exist_ok=True)
+    tensors = draft_to_hf_tensors(params, target)
+    save_file(tensors, os.path.join(draft_dir, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(draft_dir, "config.json"), "w") as f:
+        json.dump(dcfg.to_hf() | {"dtype": _hf_dtype_name(tensors)}, f, indent=2)
+
+
+def save_draft_orbax(path, params, dcfg):
+    save_orbax(path, params, dcfg.to_hf())
+
+
+def restore_draft_orbax(path, dtype=None):
+    from .draft import init_draft_params
+
+    dcfg = load_draft_config(path)
+    dtype = resolve_dtype(dtype)
+    abstract = jax.eval_shape(lambda: init_draft_params(jax.random.key(0), dcfg, dtype))
+    return restore_orbax(path, abstract), dcfg
+
+
+def load_drafter(path, target: Qwen3Params, target_cfg: Qwen3Config, dtype=None):
+    """A drafter from a DeepSpec directory or one of our orbax checkpoints."""
+    from .draft import check_compatible
+
+    path = os.fspath(path)
+    if os.path.isdir(os.path.join(path, "params")):
+        params, dcfg = restore_draft_orbax(path, dtype)
+        check_compatible(dcfg, target_cfg, where=os.path.join(path, "config.json"))
+        return params, dcfg
+    return load_draft(path, target, target_cfg, dtype)

@@ -1,0 +1,419 @@
+"""The DSpark / DFlash drafter: a parallel backbone with KV injection plus sequential heads.
+
+Backbone: the target's features at ``target_layer_ids`` are projected once per committed
+position (``H_ctx = hidden_norm(fc(features))``) into a per-layer context cache of keys and
+values (``append_context``). A block of ``block_size`` inputs ``[anchor, mask, ...]`` then
+runs through the draft layers in one pass, attending to [context (< anchor) ; the whole
+block] (``backbone``). Base logits come from the target's own lm_head.
+
+Sequential stage: the Markov head adds a bias B_k that depends on the previous token of the
+block (vanilla / gated / rnn; none = DFlash) and the confidence head predicts the survival
+of each drafted token. Both are one step function (``head_step``), used teacher-forced over
+whole blocks for training and inside a ``lax.scan`` for sampling at decode time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from .cache import KVCache, chunk_positions, write_chunk
+from .config import ConfigError, Qwen3Config
+from .layers import (
+    DecoderLayerParams,
+    attention,
+    decoder_layer,
+    init_decoder_layers,
+    project_kv,
+    rms_norm,
+    rope_cos_sin,
+)
+from .sampling import Sampling, distribution, sample
+from .target import Qwen3Params, compute_logits
+
+MARKOV_HEAD_TYPES = ("vanilla", "gated", "rnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftConfig:
+    """A DeepSpec draft ``config.json``: Qwen3 layer shapes plus the DSpark fields."""
+
+    layers: Qwen3Config  # num_hidden_layers = number of draft layers
+    block_size: int
+    target_layer_ids: tuple[int, ...]
+    mask_token_id: int
+    markov_rank: int = 0
+    markov_head_type: str = "vanilla"
+    enable_confidence_head: bool = False
+    confidence_head_with_markov: bool = True
+    num_anchors: int = 512
+    num_target_layers: int | None = None
+
+    def __post_init__(self):
+        if self.block_size < 1:
+            raise ConfigError(f"block_size must be >= 1, got {self.block_size}")
+        if self.markov_rank < 0:
+            raise ConfigError(f"markov_rank must be >= 0, got {self.markov_rank}")
+        if self.markov_rank and self.markov_head_type not in MARKOV_HEAD_TYPES:
+            raise ConfigError(
+                f"markov_head_type {self.markov_head_type!r} not supported ({', '.join(MARKOV_HEAD_TYPES)})"
+            )
+        if not self.target_layer_ids:
+            raise ConfigError("target_layer_ids is empty")
+        if not 0 <= self.mask_token_id < self.layers.vocab_size:
+            raise ConfigError(f"mask_token_id {self.mask_token_id} outside the vocabulary [0, {self.layers.vocab_size})")
+
+    @property
+    def head_type(self) -> str:
+        """'none' for DFlash (markov_rank 0), else the Markov head type."""
+        return self.markov_head_type if self.markov_rank else "none"
+
+    @property
+    def confidence_uses_markov(self) -> bool:
+        return self.confidence_head_with_markov and self.markov_rank > 0
+
+    @property
+    def hidden_size(self) -> int:
+        return self.layers.hidden_size
+
+    @classmethod
+    def from_hf(cls, raw: Mapping[str, Any], where: str = "config.json") -> "DraftConfig":
+        for field in ("block_size", "target_layer_ids", "mask_token_id"):
+            if raw.get(field) is None:
+                raise ConfigError(f"{where}: missing DSpark field {field!r}")
+        return cls(
+            layers=Qwen3Config.from_hf(raw, where),
+            block_size=int(raw["block_size"]),
+            target_layer_ids=tuple(int(i) for i in raw["target_layer_ids"]),
+            mask_token_id=int(raw["mask_token_id"]),
+            markov_rank=int(raw.get("markov_rank") or 0),
+            markov_head_type=str(raw.get("markov_head_type") or "vanilla").lower(),
+            enable_confidence_head=bool(raw.get("enable_confidence_head", False)),
+            confidence_head_with_markov=bool(raw.get("confidence_head_with_markov", True)),
+            num_anchors=int(raw.get("num_anchors") or 512),
+            num_target_layers=raw.get("num_target_layers"),
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        out = self.layers.to_hf()
+        out.update(
+            architectures=["Qwen3DSparkModel"],
+            layer_types=["full_attention"] * self.layers.num_hidden_layers,
+            block_size=self.block_size,
+            target_layer_ids=list(self.target_layer_ids),
+            mask_token_id=self.mask_token_id,
+            markov_rank=self.markov_rank,
+            markov_head_type=self.markov_head_type,
+            enable_confidence_head=self.enable_confidence_head,
+            confidence_head_with_markov=self.confidence_head_with_markov,
+            num_anchors=self.num_anchors,
+        )
+        if self.num_target_layers is not None:
+            out["num_target_layers"] = self.num_target_layers
+        return out
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class MarkovParams:
+    w1: jax.Array  # [V, r] embedding of the previous token
+    w2: jax.Array  # [r, V]
+    gate_w: jax.Array | None = None  # [D + r, r] (gated)
+    gate_b: jax.Array | None = None  # [r]
+    joint_w: jax.Array | None = None  # [2r + D, 3r] (rnn)
+    joint_b: jax.Array | None = None  # [3r]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ConfidenceParams:
+    w: jax.Array  # [D (+ r)]
+    b: jax.Array  # []
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DraftParams:
+    """Draft weights. The embedding and lm_head are the target's (passed in, never copied)."""
+
+    fc: jax.Array  # [m * D, D]
+    hidden_norm: jax.Array  # [D]
+    layers: DecoderLayerParams
+    final_norm: jax.Array  # [D]
+    markov: MarkovParams | None
+    confidence: ConfidenceParams | None
+
+
+def init_draft_params(key: jax.Array, dcfg: DraftConfig, dtype=jnp.float32, std: float = 0.02) -> DraftParams:
+    D, V, r = dcfg.hidden_size, dcfg.layers.vocab_size, dcfg.markov_rank
+    m = len(dcfg.target_layer_ids)
+    keys = iter(jax.random.split(key, 8))
+
+    def normal(shape, scale=std):
+        return (scale * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
+
+    markov = None
+    if r:
+        markov = MarkovParams(w1=normal((V, r)), w2=normal((r, V)))
+        if dcfg.markov_head_type == "gated":
+            markov.gate_w, markov.gate_b = normal((D + r, r)), jnp.zeros((r,), dtype)
+        elif dcfg.markov_head_type == "rnn":
+            markov.joint_w, markov.joint_b = normal((2 * r + D, 3 * r)), jnp.zeros((3 * r,), dtype)
+    confidence = None
+    if dcfg.enable_confidence_head:
+        width = D + (r if dcfg.confidence_uses_markov else 0)
+        confidence = ConfidenceParams(w=normal((width,)), b=jnp.zeros((), dtype))
+    return DraftParams(
+        fc=normal((m * D, D)),
+        hidden_norm=jnp.ones((D,), dtype),
+        layers=init_decoder_layers(next(keys), dcfg.layers, dcfg.layers.num_hidden_layers, dtype, std),
+        final_norm=jnp.ones((D,), dtype),
+        markov=markov,
+        confidence=confidence,
+    )
+
+
+def check_compatible(dcfg: DraftConfig, tcfg: Qwen3Config, where: str = "draft"):
+    """Clear errors when a drafter cannot run against a target."""
+    if dcfg.layers.vocab_size != tcfg.vocab_size:
+        raise ConfigError(f"{where}: vocab_size {dcfg.layers.vocab_size} != target vocab_size {tcfg.vocab_size}")
+    if dcfg.hidden_size != tcfg.hidden_size:
+        raise ConfigError(f"{where}: hidden_size {dcfg.hidden_size} != target hidden_size {tcfg.hidden_size}")
+    bad = [i for i in dcfg.target_layer_ids if not -1 <= i < tcfg.num_hidden_layers]
+    if bad:
+        raise ConfigError(
+            f"{where}: target_layer_ids {bad} out of range for a target with "
+            f"{tcfg.num_hidden_layers} layers (valid: -1..{tcfg.num_hidden_layers - 1})"
+        )
+
+
+def init_context_cache(dcfg: DraftConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+    """The drafter's context cache: keys/values of projected target features, per draft layer."""
+    c = dcfg.layers
+    return KVCache.init(c.num_hidden_layers, batch, max_len, c.num_key_value_heads, c.head_dim, dtype)
+
+
+# ---------------------------------------------------------------------------- backbone
+
+
+def project_context(params: DraftParams, dcfg: DraftConfig, features: jax.Array) -> jax.Array:
+    """``H_ctx [B, T, D] = hidden_norm(fc(features [B, T, m*D]))``."""
+    return rms_norm(features @ params.fc, params.hidden_norm, dcfg.layers.rms_norm_eps)
+
+
+def context_kv(params: DraftParams, dcfg: DraftConfig, features: jax.Array, positions: jax.Array):
+    """Context keys/values ``[L, B, T, K, Dh]`` of every draft layer for target features at
+    ``positions [B, T]``. H_ctx enters k_proj/v_proj as is (no input_layernorm)."""
+    h_ctx = project_context(params, dcfg, features)
+    cos, sin = rope_cos_sin(dcfg.layers, positions)
+    return jax.vmap(lambda layer: project_kv(layer, dcfg.layers, h_ctx, cos, sin))(params.layers)
+
+
+def append_context(
+    params: DraftParams, dcfg: DraftConfig, cache: KVCache, features: jax.Array, num_new: jax.Array
+) -> KVCache:
+    """Append the target features ``[B, T, m*D]`` of newly committed tokens to the context cache.
+
+    Row b contributes its first ``num_new[b]`` positions (ragged); the rest lands past the
+    sequence's length, where it is never read.
+    """
+    positions = chunk_positions(cache.lengths, features.shape[1])
+    k, v = context_kv(params, dcfg, features, positions)
+    write = jax.vmap(write_chunk, in_axes=(0, 0, None))
+    return KVCache(write(cache.k, k, positions), write(cache.v, v, positions), cache.lengths + num_new)
+
+
+def draft_layers(
+    params: DraftParams,
+    dcfg: DraftConfig,
+    x: jax.Array,
+    positions: jax.Array,
+    ctx_k: jax.Array,
+    ctx_v: jax.Array,
+    mask: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """Run block inputs ``x [B, T, D]`` at ``positions [B, T]`` through the draft layers.
+
+    Layer l attends to [ctx_k[l] ; its own block keys] (``[B, S + T]``) under ``mask
+    [B, T, S + T]``. Returns the final-normed hidden ``[B, T, D]`` and each layer's residual
+    output ``[L, B, T, D]``.
+    """
+    c = dcfg.layers
+    cos, sin = rope_cos_sin(c, positions)
+
+    def body(x, scanned):
+        layer, k_ctx, v_ctx = scanned
+
+        def attend(q, k, v):
+            k_all = jnp.concatenate([k_ctx, k.astype(k_ctx.dtype)], axis=1)
+            v_all = jnp.concatenate([v_ctx, v.astype(v_ctx.dtype)], axis=1)
+            return attention(q, k_all, v_all, mask), None
+
+        x, _ = decoder_layer(layer, c, x, cos, sin, attend)
+        return x, x
+
+    x, layer_out = jax.lax.scan(body, x, (params.layers, ctx_k, ctx_v))
+    return rms_norm(x, params.final_norm, c.rms_norm_eps), layer_out
+
+
+def block_inputs(dcfg: DraftConfig, anchor: jax.Array, block_size: int) -> jax.Array:
+    """Anchor-first block ``[B, block] = [anchor, mask, ..., mask]``."""
+    B = anchor.shape[0]
+    masks = jnp.full((B, block_size - 1), dcfg.mask_token_id, jnp.int32)
+    return jnp.concatenate([anchor[:, None].astype(jnp.int32), masks], axis=1)
+
+
+def backbone(
+    params: DraftParams,
+    dcfg: DraftConfig,
+    target: Qwen3Params,
+    cache: KVCache,
+    anchor: jax.Array,
+    block_size: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Decode-time backbone pass for one block per sequence.
+
+    The anchor sits at position ``cache.lengths[b]`` (the context holds every position before
+    it); the block is bidirectional and sees context entries < that length only. Returns the
+    block hidden ``[B, block, D]`` (final-normed) and layer outputs ``[L, B, block, D]``.
+    """
+    block_size = block_size or dcfg.block_size
+    tokens = block_inputs(dcfg, anchor, block_size)
+    positions = chunk_positions(cache.lengths, block_size)
+    S = cache.max_len
+    ctx_visible = jnp.arange(S)[None, :] < cache.lengths[:, None]  # [B, S]
+    mask = jnp.concatenate(
+        [
+            jnp.broadcast_to(ctx_visible[:, None, :], (anchor.shape[0], block_size, S)),
+            jnp.ones((anchor.shape[0], block_size, block_size), bool),
+        ],
+        axis=-1,
+    )
+    x = target.embed[tokens]
+    return draft_layers(params, dcfg, x, positions, cache.k, cache.v, mask)
+
+
+# ---------------------------------------------------------------------------- heads
+
+
+def head_state_size(dcfg: DraftConfig) -> int:
+    return dcfg.markov_rank if dcfg.head_type == "rnn" else 0
+
+
+def head_step(
+    params: DraftParams,
+    dcfg: DraftConfig,
+    state: jax.Array,
+    prev_token: jax.Array,
+    base_logits: jax.Array,
+    hidden: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One sequential step at block position k.
+
+    state ``[..., r]`` (rnn only; size 0 otherwise), prev_token ``[...]`` (x_{k-1}; the anchor
+    at k = 0), base_logits ``[..., V]`` (U_k), hidden ``[..., D]`` (h_k). Returns
+    ``(new_state, logits U_k + B_k (float32), confidence logit [...])``.
+    """
+    logits = base_logits.astype(jnp.float32)
+    markov = params.markov
+    prev_emb = markov.w1[prev_token] if markov is not None else None
+    head = dcfg.head_type
+    if head == "vanilla":
+        logits = logits + compute_bias(prev_emb, markov.w2)
+    elif head == "gated":
+        gate = jax.nn.sigmoid(jnp.concatenate([hidden, prev_emb], -1) @ markov.gate_w + markov.gate_b)
+        logits = logits + compute_bias(gate.astype(prev_emb.dtype) * prev_emb, markov.w2)
+    elif head == "rnn":
+        z = jnp.concatenate([state.astype(prev_emb.dtype), prev_emb, hidden], -1) @ markov.joint_w + markov.joint_b
+        gate_raw, candidate_raw, output_raw = jnp.split(z, 3, axis=-1)
+        gate = jax.nn.sigmoid(gate_raw)
+        state = gate * state + (1.0 - gate) * jnp.tanh(candidate_raw)
+        logits = logits + compute_bias(jnp.tanh(output_raw), markov.w2)
+    confidence = jnp.zeros(logits.shape[:-1], jnp.float32)
+    if params.confidence is not None:
+        feats = jnp.concatenate([hidden, prev_emb], -1) if dcfg.confidence_uses_markov else hidden
+        confidence = (feats @ params.confidence.w + params.confidence.b).astype(jnp.float32)
+    return state, logits, confidence
+
+
+def compute_bias(latent: jax.Array, w2: jax.Array) -> jax.Array:
+    return jnp.einsum("...r,rv->...v", latent, w2, preferred_element_type=jnp.float32)
+
+
+def teacher_forced_heads(
+    params: DraftParams, dcfg: DraftConfig, base_logits: jax.Array, hidden: jax.Array, prev_tokens: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Heads over whole blocks with known previous tokens (training, scoring a path).
+
+    base_logits ``[..., K, V]``, hidden ``[..., K, D]``, prev_tokens ``[..., K]``. Returns the
+    corrected logits ``[..., K, V]`` and confidence logits ``[..., K]``.
+    """
+    lead = prev_tokens.shape[:-1]
+    state = jnp.zeros(lead + (head_state_size(dcfg),), jnp.float32)
+
+    def step(state, xs):
+        prev, base, h = xs
+        state, logits, conf = head_step(params, dcfg, state, prev, base, h)
+        return state, (logits, conf)
+
+    move = lambda a: jnp.moveaxis(a, len(lead), 0)  # scan over the block axis
+    _, (logits, conf) = jax.lax.scan(step, state, (move(prev_tokens), move(base_logits), move(hidden)))
+    return jnp.moveaxis(logits, 0, len(lead)), jnp.moveaxis(conf, 0, len(lead))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DraftBlock:
+    tokens: jax.Array  # [B, K] drafted ids
+    probs: jax.Array  # [B, K, V] distributions actually sampled from (after warping)
+    logits: jax.Array  # [B, K, V] corrected logits (before warping)
+    confidence_logits: jax.Array  # [B, K] along the drafted path
+
+
+def sample_block(
+    key: jax.Array,
+    params: DraftParams,
+    dcfg: DraftConfig,
+    base_logits: jax.Array,
+    hidden: jax.Array,
+    anchor: jax.Array,
+    sampling: Sampling,
+) -> DraftBlock:
+    """Draft a block left to right inside one ``lax.scan``: position k samples from
+    ``distribution(U_k + B_k(x_{k-1}))`` with x_{-1} = anchor."""
+    B, K, _ = base_logits.shape
+    state = jnp.zeros((B, head_state_size(dcfg)), jnp.float32)
+
+    def step(carry, xs):
+        state, prev = carry
+        base, h, k = xs
+        state, logits, conf = head_step(params, dcfg, state, prev, base, h)
+        probs = distribution(logits, sampling)
+        token = jnp.argmax(probs, -1).astype(jnp.int32) if sampling.greedy else sample(k, probs)
+        return (state, token), (token, probs, logits, conf)
+
+    xs = (jnp.moveaxis(base_logits, 1, 0), jnp.moveaxis(hidden, 1, 0), jax.random.split(key, K))
+    _, (tokens, probs, logits, conf) = jax.lax.scan(step, (state, anchor.astype(jnp.int32)), xs)
+    swap = lambda a: jnp.moveaxis(a, 0, 1)
+    return DraftBlock(swap(tokens), swap(probs), swap(logits), swap(conf))
+
+
+def draft_block(
+    key: jax.Array,
+    params: DraftParams,
+    dcfg: DraftConfig,
+    target: Qwen3Params,
+    cache: KVCache,
+    anchor: jax.Array,
+    sampling: Sampling,
+    block_size: int | None = None,
+) -> tuple[DraftBlock, jax.Array]:
+    """Backbone + sequential sampling: the drafter's whole work for one round.
+
+    Returns the drafted block and the block hidden states ``[B, K, D]``."""
+    hidden, _ = backbone(params, dcfg, target, cache, anchor, block_size)
+    base_logits = compute_logits(target, hidden)
+    return sample_block(key, params, dcfg, base_logits, hidden, anchor, sampling), hidden
