@@ -1,0 +1,376 @@
+"""Lossless batched speculative decoding: one round as a pure function, the loop in one
+``jax.lax.while_loop``.
+
+One round, per sequence b (all vectorised over the batch):
+  1. draft a block [d_1..d_K] from the anchor (the last committed token, not yet in the
+     target cache) and the drafter's context cache;
+  2. choose how many drafts to verify, l_b <= K (all of them, or the prefix whose
+     confidences pass a threshold; capped so the round fits the cache);
+  3. verify [anchor, d_1..d_K] with the target in one forward, written at the sequence's offset;
+  4. accept d_k with probability min(1, p_{k-1}(d_k) / q_k(d_k)) left to right, up to l_b;
+     at the first rejection draw the bonus from norm(max(0, p_n - q_{n+1})), else from p_{l_b};
+  5. commit the n accepted drafts and the bonus (stopping at an EOS), advance the target
+     cache by n + 1 (anchor + accepted: rejected entries are simply never read), append the
+     target features of those n + 1 positions to the draft context cache; bonus = new anchor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import draft as draft_model
+from . import target as target_model
+from .cache import KVCache
+from .config import Qwen3Config
+from .decoding import bucket, is_eos, prefill, prepare_prompts
+from .draft import DraftConfig, DraftParams
+from .sampling import Sampling, distribution, sample
+from .target import Qwen3Params
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SpecStats:
+    """Per-sequence counters (sum them over the batch for run totals)."""
+
+    rounds: jax.Array  # [B]
+    accepted: jax.Array  # [B] accepted drafts, summed over rounds
+    proposed: jax.Array  # [B] drafts offered for verification (sum of l_b)
+    verified: jax.Array  # [B] tokens the target ran for verification
+    reached: jax.Array  # [B, K] rounds in which position k was proposed and all before it accepted
+    accepted_at: jax.Array  # [B, K] rounds in which position k was accepted
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SpecTrace:
+    proposed: jax.Array  # [B, R, K] drafts offered (-1 past l_b)
+    accepted: jax.Array  # [B, R]
+    bonus: jax.Array  # [B, R]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SpecState:
+    output: jax.Array  # [B, N] generated ids (garbage past num_generated)
+    num_generated: jax.Array  # [B]
+    done: jax.Array  # [B] bool
+    anchor: jax.Array  # [B] last committed token (not yet in the target cache)
+    target_cache: KVCache
+    draft_cache: KVCache
+    key: jax.Array
+    max_new_tokens: jax.Array  # [] int32
+    confidence_threshold: jax.Array  # [] float32
+    stats: SpecStats
+    trace: SpecTrace | None
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecConfig:
+    """Everything static about a speculative run (a jit static argument)."""
+
+    target: Qwen3Config
+    draft: DraftConfig
+    sampling: Sampling = Sampling()
+    block_size: int = 0  # drafts per round; 0 = the drafter's block_size
+    eos_ids: tuple[int, ...] = ()
+    trace_rounds: int = 0  # 0 = no trace
+
+    @property
+    def num_drafts(self) -> int:
+        return self.block_size or self.draft.block_size
+
+
+def verify_lengths(confidence_logits: jax.Array, threshold: jax.Array) -> jax.Array:
+    """Static-threshold schedule: the longest prefix whose every confidence >= threshold."""
+    passes = jax.nn.sigmoid(confidence_logits) >= threshold
+    return jnp.sum(jnp.cumprod(passes, axis=-1), axis=-1).astype(jnp.int32)
+
+
+def accept_drafts(
+    key: jax.Array,
+    drafts: jax.Array,
+    q: jax.Array,
+    p: jax.Array,
+    target_logits: jax.Array,
+    lengths: jax.Array,
+    sampling: Sampling,
+) -> tuple[jax.Array, jax.Array]:
+    """The lossless accept/reject rule for a batch of blocks.
+
+    drafts ``[B, K]``, q ``[B, K, V]`` (draft distributions sampled from), p ``[B, K+1, V]``
+    (target distributions after anchor, d_1, ..., d_K), target_logits ``[B, K+1, V]``,
+    lengths ``[B]`` = number of drafts offered (l_b <= K). Returns (n accepted ``[B]``,
+    bonus ``[B]``).
+    """
+    B, K = drafts.shape
+    k_accept, k_bonus = jax.random.split(key)
+    p_of_draft = jnp.take_along_axis(p[:, :K], drafts[..., None], -1)[..., 0]
+    q_of_draft = jnp.take_along_axis(q, drafts[..., None], -1)[..., 0]
+    u = jax.random.uniform(k_accept, (B, K))
+    ok = (u * q_of_draft < p_of_draft) & (jnp.arange(K)[None, :] < lengths[:, None])
+    n = jnp.sum(jnp.cumprod(ok, axis=-1), axis=-1).astype(jnp.int32)
+
+    p_n = jnp.take_along_axis(p, n[:, None, None], 1)[:, 0]
+    if sampling.greedy:
+        bonus = jnp.argmax(jnp.take_along_axis(target_logits, n[:, None, None], 1)[:, 0], -1)
+        return n, bonus.astype(jnp.int32)
+    q_next = jnp.take_along_axis(q, jnp.minimum(n, K - 1)[:, None, None], 1)[:, 0]
+    residual = jnp.maximum(p_n - q_next, 0.0)
+    mass = jnp.sum(residual, -1, keepdims=True)
+    rejected = (n < lengths)[:, None]
+    # p == q up to rounding leaves no residual mass; then any rejection had probability ~0.
+    bonus_dist = jnp.where(rejected & (mass > 0), residual / jnp.where(mass > 0, mass, 1.0), p_n)
+    return n, sample(k_bonus, bonus_dist)
+
+
+def speculative_round(
+    target: Qwen3Params, draft: DraftParams, s: SpecState, *, scfg: SpecConfig
+) -> SpecState:
+    """One draft -> verify -> accept -> commit round for every live sequence."""
+    tcfg, dcfg, sampling, K = scfg.target, scfg.draft, scfg.sampling, scfg.num_drafts
+    B, N = s.output.shape
+    S = s.target_cache.max_len
+    key, k_draft, k_accept = jax.random.split(s.key, 3)
+    live = ~s.done
+
+    block, _ = draft_model.draft_block(k_draft, draft, dcfg, target, s.draft_cache, s.anchor, sampling, K)
+    lengths = verify_lengths(block.confidence_logits, s.confidence_threshold)
+    # the round writes target entries at L .. L + l_b: keep them inside the cache
+    lengths = jnp.minimum(lengths, S - 1 - s.target_cache.lengths)
+
+    verify_tokens = jnp.concatenate([s.anchor[:, None], block.tokens], axis=1)
+    out, target_cache = target_model.forward(
+        target, tcfg, verify_tokens, s.target_cache, feature_layers=dcfg.target_layer_ids
+    )
+    p = distribution(out.logits, sampling)
+    n, bonus = accept_drafts(k_accept, block.tokens, block.probs, p, out.logits, lengths, sampling)
+
+    # committed tokens c_0..c_n = d_1..d_n, bonus; stop after an EOS and at max_new_tokens
+    slots = jnp.arange(K + 1)[None, :]
+    committed = jnp.where(slots < n[:, None], jnp.pad(block.tokens, ((0, 0), (0, 1))), bonus[:, None])
+    eos_hit = is_eos(committed, scfg.eos_ids) & (slots <= n[:, None])
+    first_eos = jnp.where(jnp.any(eos_hit, -1), jnp.argmax(eos_hit, -1), K + 1)
+    remaining = s.max_new_tokens - s.num_generated
+    count = jnp.minimum(jnp.minimum(n + 1, first_eos + 1), remaining)
+    count = jnp.where(live, count, 0)
+    write_at = jnp.where(slots < count[:, None], s.num_generated[:, None] + slots, N)
+    output = s.output.at[jnp.arange(B)[:, None], write_at].set(committed, mode="drop")
+    num_generated = s.num_generated + count
+
+    advance = jnp.where(live, n + 1, 0)
+    target_cache = target_cache.advance(advance)
+    draft_cache = draft_model.append_context(draft, dcfg, s.draft_cache, out.features, advance)
+    done = (
+        s.done
+        | jnp.any(eos_hit & (slots < count[:, None]), -1)
+        | (num_generated >= s.max_new_tokens)
+        | (target_cache.lengths >= S)
+    )
+
+    stats = s.stats
+    k_idx = jnp.arange(K)[None, :]
+    reached = live[:, None] & (k_idx < lengths[:, None]) & (k_idx <= n[:, None])
+    stats = SpecStats(
+        rounds=stats.rounds + live,
+        accepted=stats.accepted + jnp.where(live, n, 0),
+        proposed=stats.proposed + jnp.where(live, lengths, 0),
+        verified=stats.verified + jnp.where(live, K + 1, 0),
+        reached=stats.reached + reached,
+        accepted_at=stats.accepted_at + (reached & (k_idx < n[:, None])),
+    )
+    trace = s.trace
+    if trace is not None:
+        R = trace.accepted.shape[1]
+        row = jnp.where(live, s.stats.rounds, R)
+        b = jnp.arange(B)
+        trace = SpecTrace(
+            proposed=trace.proposed.at[b, row].set(jnp.where(k_idx < lengths[:, None], block.tokens, -1), mode="drop"),
+            accepted=trace.accepted.at[b, row].set(n, mode="drop"),
+            bonus=trace.bonus.at[b, row].set(bonus, mode="drop"),
+        )
+    return SpecState(
+        output=output,
+        num_generated=num_generated,
+        done=done,
+        anchor=jnp.where(live, bonus, s.anchor),
+        target_cache=target_cache,
+        draft_cache=draft_cache,
+        key=key,
+        max_new_tokens=s.max_new_tokens,
+        confidence_threshold=s.confidence_threshold,
+        stats=stats,
+        trace=trace,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("scfg", "buffer_len", "cache_len"))
+def speculative_prefill(
+    target: Qwen3Params,
+    draft: DraftParams,
+    prompt_tokens: jax.Array,
+    prompt_lengths: jax.Array,
+    active: jax.Array,
+    key: jax.Array,
+    max_new_tokens: jax.Array,
+    confidence_threshold: jax.Array,
+    *,
+    scfg: SpecConfig,
+    buffer_len: int,
+    cache_len: int,
+) -> SpecState:
+    """Prefill the target (sampling the first token from it), then the draft context cache.
+
+    prompt_tokens ``[B, P]`` right-padded, prompt_lengths ``[B]``, active ``[B]`` (False rows
+    are batch padding and start finished)."""
+    B = prompt_tokens.shape[0]
+    dtype = target.embed.dtype
+    cache = target_model.init_cache(scfg.target, B, cache_len, dtype)
+    out, logits, cache = prefill(target, scfg.target, prompt_tokens, prompt_lengths, cache, scfg.draft.target_layer_ids)
+    key, sub = jax.random.split(key)
+    if scfg.sampling.greedy:
+        first = jnp.argmax(logits, -1).astype(jnp.int32)
+    else:
+        first = sample(sub, distribution(logits, scfg.sampling))
+    draft_cache = draft_model.init_context_cache(scfg.draft, B, cache_len, dtype)
+    draft_cache = draft_model.append_context(draft, scfg.draft, draft_cache, out.features, prompt_lengths)
+    K, R = scfg.num_drafts, scfg.trace_rounds
+    zeros = jnp.zeros((B,), jnp.int32)
+    trace = None
+    if R:
+        trace = SpecTrace(jnp.full((B, R, K), -1, jnp.int32), jnp.full((B, R), -1, jnp.int32), jnp.full((B, R), -1, jnp.int32))
+    return SpecState(
+        output=jnp.zeros((B, buffer_len), jnp.int32).at[:, 0].set(first),
+        num_generated=jnp.ones((B,), jnp.int32),
+        done=~active | is_eos(first, scfg.eos_ids) | (max_new_tokens <= 1) | (cache.lengths >= cache_len),
+        anchor=first,
+        target_cache=cache,
+        draft_cache=draft_cache,
+        key=key,
+        max_new_tokens=jnp.asarray(max_new_tokens, jnp.int32),
+        confidence_threshold=jnp.asarray(confidence_threshold, jnp.float32),
+        stats=SpecStats(zeros, zeros, zeros, zeros, jnp.zeros((B, K), jnp.int32), jnp.zeros((B, K), jnp.int32)),
+        trace=trace,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("scfg",), donate_argnames=("state",))
+def speculative_decode(target: Qwen3Params, draft: DraftParams, state: SpecState, *, scfg: SpecConfig) -> SpecState:
+    """Run rounds inside one ``lax.while_loop`` until every sequence is done. The state is donated."""
+    round_fn = functools.partial(speculative_round, target, draft, scfg=scfg)
+    return jax.lax.while_loop(lambda s: ~jnp.all(s.done), round_fn, state)
+
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+def pad_batch(tokens: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pad the batch to a bucket with copies of row 0 marked inactive."""
+    B = tokens.shape[0]
+    Bb = bucket(B, BATCH_BUCKETS)
+    rows = np.concatenate([np.arange(B), np.zeros(Bb - B, np.int64)])
+    return tokens[rows], lengths[rows], np.arange(Bb) < B
+
+
+@dataclasses.dataclass
+class SpecResult:
+    samples: list[list[int]]
+    stats: dict
+    trace: list[list[dict]] | None
+
+
+def summarize_stats(stats: SpecStats, rows: int) -> dict:
+    """Run totals: rounds, tau, per-position conditional acceptance, token counts."""
+    st = jax.tree.map(lambda a: np.asarray(a)[:rows], stats)
+    rounds = int(st.rounds.sum())
+    reached = st.reached.sum(0)
+    return {
+        "rounds": rounds,
+        "tau": float((st.accepted.sum() + rounds) / max(rounds, 1)),
+        "accept_rate_by_position": [
+            float(a / r) if r else None for a, r in zip(st.accepted_at.sum(0), reached)
+        ],
+        "proposed_tokens": int(st.proposed.sum()),
+        "verified_tokens": int(st.verified.sum()),
+        "accepted_tokens": int(st.accepted.sum()),
+        "rounds_per_sample": st.rounds.tolist(),
+    }
+
+
+def trace_to_list(trace: SpecTrace, stats: SpecStats, rows: int) -> list[list[dict]]:
+    proposed, accepted, bonus = (np.asarray(a) for a in (trace.proposed, trace.accepted, trace.bonus))
+    rounds = np.asarray(stats.rounds)
+    out = []
+    for b in range(rows):
+        r = min(int(rounds[b]), accepted.shape[1])
+        out.append([
+            {"proposed": [int(t) for t in proposed[b, i] if t >= 0], "accepted": int(accepted[b, i]), "bonus": int(bonus[b, i])}
+            for i in range(r)
+        ])
+    return out
+
+
+def speculative_generate(
+    target: Qwen3Params,
+    tcfg: Qwen3Config,
+    draft: DraftParams,
+    dcfg: DraftConfig,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    block_size: int | None = None,
+    confidence_threshold: float = 0.0,
+    seed: int = 0,
+    cache_len: int | None = None,
+    trace: bool = False,
+) -> SpecResult:
+    """Speculative decoding of ragged prompts; the output distribution is the target's.
+
+    Validates on the host (prompt vs cache length, vocab, block size, threshold) before any
+    compile; pads prompts and batch to buckets so similar calls reuse one compilation.
+    """
+    draft_model.check_compatible(dcfg, tcfg)
+    K = block_size or dcfg.block_size
+    if not 1 <= K <= dcfg.block_size:
+        raise ValueError(f"block_size must be in 1..{dcfg.block_size} (the drafter's block size), got {K}")
+    if confidence_threshold > 0 and draft.confidence is None:
+        raise ValueError("confidence_threshold > 0 needs a drafter with a confidence head (enable_confidence_head)")
+    if not 0 <= confidence_threshold <= 1:
+        raise ValueError(f"confidence_threshold must be in [0, 1], got {confidence_threshold}")
+    prepared = prepare_prompts(prompts, tcfg.vocab_size, max_new_tokens, cache_len, extra_cache=K + 1)
+    tokens, lengths, active = pad_batch(prepared.tokens, prepared.lengths)
+    buffer_len = bucket(max_new_tokens)
+    scfg = SpecConfig(
+        target=tcfg,
+        draft=dcfg,
+        sampling=sampling,
+        block_size=K if K != dcfg.block_size else 0,
+        eos_ids=tcfg.eos_token_ids,
+        trace_rounds=buffer_len if trace else 0,
+    )
+    state = speculative_prefill(
+        target,
+        draft,
+        jnp.asarray(tokens),
+        jnp.asarray(lengths),
+        jnp.asarray(active),
+        jax.random.key(seed),
+        jnp.int32(max_new_tokens),
+        jnp.float32(confidence_threshold),
+        scfg=scfg,
+        buffer_len=buffer_len,
+        cache_len=prepared.cache_len,
+    )
+    state = speculative_decode(target, draft, state, scfg=scfg)
+    rows = len(prompts)
+    output, counts = np.asarray(state.output), np.asarray(state.num_generated)
+    samples = [output[i, : counts[i]].tolist() for i in range(rows)]
+    trace_list = trace_to_list(state.trace, state.stats, rows) if trace else None
+    return SpecResult(samples, summarize_stats(state.stats, rows), trace_list)
