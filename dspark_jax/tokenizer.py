@@ -1,0 +1,33 @@
+"""Text <-> token ids through a Hugging Face ``tokenizer.json`` (the ``tokenizers`` library)."""
+
+from __future__ import annotations
+
+import os
+
+
+class Tokenizer:
+    """A thin wrapper over ``tokenizers.Tokenizer``: ``encode(text) -> ids``, ``decode(ids) -> text``."""
+
+    def __init__(self, path: str | os.PathLike):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "tokenizer.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no tokenizer.json (pass --prompt-ids, or a model directory with a tokenizer)")
+        self.path = path
+        self._tok = HFTokenizer.from_file(path)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text).ids
+
+    def decode(self, ids) -> str:
+        return self._tok.decode(list(ids))
+
+    def token_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
