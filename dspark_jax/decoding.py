@@ -18,6 +18,7 @@ import numpy as np
 from .cache import KVCache
 from .config import Qwen3Config
 from .sampling import Sampling, sample_logits
+from .sharding import constrain_cache
 from . import target as target_model
 
 PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
@@ -75,13 +76,22 @@ def prepare_prompts(
     return PreparedPrompts(padded, np.asarray(lengths, np.int32), int(cache_len))
 
 
-def prefill(params, cfg: Qwen3Config, tokens: jax.Array, lengths: jax.Array, cache: KVCache, feature_layers=()):
+def run_target(params, cfg: Qwen3Config, tokens: jax.Array, cache: KVCache, *, feature_layers=(), with_logits=True, mesh=None):
+    """``target.forward``, or its tensor-parallel ``shard_map`` version when a mesh is given."""
+    if mesh is None:
+        return target_model.forward(params, cfg, tokens, cache, feature_layers=feature_layers, with_logits=with_logits)
+    from .sharding import sharded_forward
+
+    return sharded_forward(mesh, params, cfg, tokens, cache, feature_layers=feature_layers, with_logits=with_logits)
+
+
+def prefill(params, cfg: Qwen3Config, tokens: jax.Array, lengths: jax.Array, cache: KVCache, feature_layers=(), mesh=None):
     """Run right-padded prompts ``tokens [B, P]`` (valid lengths ``[B]``) into an empty cache.
 
     Returns the ForwardOutput of the whole padded chunk (padding rows are garbage), the float32
     logits ``[B, V]`` at each prompt's last token, and the cache advanced to ``lengths``.
     """
-    out, cache = target_model.forward(params, cfg, tokens, cache, feature_layers=feature_layers, with_logits=False)
+    out, cache = run_target(params, cfg, tokens, cache, feature_layers=feature_layers, with_logits=False, mesh=mesh)
     last_hidden = jnp.take_along_axis(out.hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
     last_logits = target_model.compute_logits(params, last_hidden)
     return out, last_logits, cache.advance(lengths)
@@ -104,7 +114,7 @@ class ARState:
     key: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "buffer_len", "cache_len", "eos_ids"))
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "buffer_len", "cache_len", "eos_ids", "mesh"))
 def ar_decode(
     params,
     prompt_tokens: jax.Array,
@@ -117,6 +127,7 @@ def ar_decode(
     buffer_len: int,
     cache_len: int,
     eos_ids: tuple[int, ...],
+    mesh=None,
 ) -> tuple[jax.Array, jax.Array]:
     """Prefill ragged prompts and decode until EOS, ``max_new_tokens`` or a full cache.
 
@@ -125,8 +136,8 @@ def ar_decode(
     ``[B, buffer_len]`` (the EOS included, garbage after) and their counts ``[B]``.
     """
     B = prompt_tokens.shape[0]
-    cache = target_model.init_cache(cfg, B, cache_len, params.embed.dtype)
-    _, logits, cache = prefill(params, cfg, prompt_tokens, prompt_lengths, cache)
+    cache = constrain_cache(target_model.init_cache(cfg, B, cache_len, params.embed.dtype), mesh)
+    _, logits, cache = prefill(params, cfg, prompt_tokens, prompt_lengths, cache, mesh=mesh)
     key, sub = jax.random.split(key)
     first = sample_logits(sub, logits, sampling)
     done = is_eos(first, eos_ids) | (max_new_tokens <= 1) | (cache.lengths >= cache_len)
@@ -140,7 +151,7 @@ def ar_decode(
     )
 
     def step(s: ARState) -> ARState:
-        out, cache = target_model.forward(params, cfg, s.last_token[:, None], s.cache)
+        out, cache = run_target(params, cfg, s.last_token[:, None], s.cache, mesh=mesh)
         key, sub = jax.random.split(s.key)
         token = sample_logits(sub, out.logits[:, 0], sampling)
         live = ~s.done
@@ -166,9 +177,17 @@ def generate_ar(
     sampling: Sampling = Sampling(),
     seed: int = 0,
     cache_len: int | None = None,
+    mesh=None,
 ) -> list[list[int]]:
-    """Host-side convenience: validate, bucket, decode, and return each sample's new ids."""
+    """Host-side convenience: validate, bucket, decode, and return each sample's new ids.
+
+    With a ``(data, model)`` mesh (``sharding.make_mesh``) the target runs tensor-parallel."""
     prepared = prepare_prompts(prompts, cfg.vocab_size, max_new_tokens, cache_len)
+    if mesh is not None:
+        from .sharding import check_batch, shard_target
+
+        params, cfg = shard_target(params, cfg, mesh)
+        check_batch(len(prompts), mesh)
     tokens, counts = ar_decode(
         params,
         jnp.asarray(prepared.tokens),
@@ -180,6 +199,7 @@ def generate_ar(
         buffer_len=bucket(max_new_tokens),
         cache_len=prepared.cache_len,
         eos_ids=cfg.eos_token_ids,
+        mesh=mesh,
     )
     tokens, counts = np.asarray(tokens), np.asarray(counts)
     return [tokens[i, : counts[i]].tolist() for i in range(len(prompts))]

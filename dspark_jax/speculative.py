@@ -28,7 +28,8 @@ from . import draft as draft_model
 from . import target as target_model
 from .cache import KVCache
 from .config import Qwen3Config
-from .decoding import bucket, is_eos, prefill, prepare_prompts
+from .decoding import bucket, is_eos, prefill, prepare_prompts, run_target
+from .sharding import Mesh, check_batch, constrain_cache, shard_target
 from .draft import DraftConfig, DraftParams
 from .sampling import Sampling, distribution, sample
 from .target import Qwen3Params
@@ -81,6 +82,7 @@ class SpecConfig:
     block_size: int = 0  # drafts per round; 0 = the drafter's block_size
     eos_ids: tuple[int, ...] = ()
     trace_rounds: int = 0  # 0 = no trace
+    mesh: Mesh | None = None  # (data, model) mesh: the target runs tensor-parallel
 
     @property
     def num_drafts(self) -> int:
@@ -146,8 +148,8 @@ def speculative_round(
     lengths = jnp.minimum(lengths, S - 1 - s.target_cache.lengths)
 
     verify_tokens = jnp.concatenate([s.anchor[:, None], block.tokens], axis=1)
-    out, target_cache = target_model.forward(
-        target, tcfg, verify_tokens, s.target_cache, feature_layers=dcfg.target_layer_ids
+    out, target_cache = run_target(
+        target, tcfg, verify_tokens, s.target_cache, feature_layers=dcfg.target_layer_ids, mesh=scfg.mesh
     )
     p = distribution(out.logits, sampling)
     n, bonus = accept_drafts(k_accept, block.tokens, block.probs, p, out.logits, lengths, sampling)
@@ -231,8 +233,10 @@ def speculative_prefill(
     are batch padding and start finished)."""
     B = prompt_tokens.shape[0]
     dtype = target.embed.dtype
-    cache = target_model.init_cache(scfg.target, B, cache_len, dtype)
-    out, logits, cache = prefill(target, scfg.target, prompt_tokens, prompt_lengths, cache, scfg.draft.target_layer_ids)
+    cache = constrain_cache(target_model.init_cache(scfg.target, B, cache_len, dtype), scfg.mesh)
+    out, logits, cache = prefill(
+        target, scfg.target, prompt_tokens, prompt_lengths, cache, scfg.draft.target_layer_ids, mesh=scfg.mesh
+    )
     key, sub = jax.random.split(key)
     if scfg.sampling.greedy:
         first = jnp.argmax(logits, -1).astype(jnp.int32)
@@ -330,6 +334,7 @@ def speculative_generate(
     seed: int = 0,
     cache_len: int | None = None,
     trace: bool = False,
+    mesh: Mesh | None = None,
 ) -> SpecResult:
     """Speculative decoding of ragged prompts; the output distribution is the target's.
 
@@ -346,6 +351,9 @@ def speculative_generate(
         raise ValueError(f"confidence_threshold must be in [0, 1], got {confidence_threshold}")
     prepared = prepare_prompts(prompts, tcfg.vocab_size, max_new_tokens, cache_len, extra_cache=K + 1)
     tokens, lengths, active = pad_batch(prepared.tokens, prepared.lengths)
+    if mesh is not None:
+        check_batch(tokens.shape[0], mesh)
+        target, tcfg = shard_target(target, tcfg, mesh)
     buffer_len = bucket(max_new_tokens)
     scfg = SpecConfig(
         target=tcfg,
@@ -354,6 +362,7 @@ def speculative_generate(
         block_size=K if K != dcfg.block_size else 0,
         eos_ids=tcfg.eos_token_ids,
         trace_rounds=buffer_len if trace else 0,
+        mesh=mesh,
     )
     state = speculative_prefill(
         target,
