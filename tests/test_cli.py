@@ -1,0 +1,88 @@
+"""The dspark-jax command line: JSON output of generate (ar and speculative), text prompts, errors."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from dspark_jax import cli
+from dspark_jax import draft as draft_model
+from dspark_jax import target as target_model
+from dspark_jax.checkpoint import save_draft, save_qwen3
+from dspark_jax.config import Qwen3Config
+from dspark_jax.decoding import generate_ar
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    cfg = Qwen3Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    target = target_model.init_params(jax.random.key(0), cfg, std=0.3)
+    dcfg = draft_model.DraftConfig(layers=Qwen3Config(**{**cfg.__dict__, "num_hidden_layers": 1}), block_size=3,
+                                   target_layer_ids=(0, 1), mask_token_id=299, markov_rank=8,
+                                   enable_confidence_head=True)
+    draft = draft_model.init_draft_params(jax.random.key(1), dcfg, std=0.3)
+    save_qwen3(root / "target", target, cfg)
+    save_draft(root / "draft", draft, dcfg, target)
+    # a real byte-level BPE tokenizer.json beside the target
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["def f(x):\n    return x + 1\n" * 20, "the quick brown fox jumps over the lazy dog"], trainer)
+    tok.save(str(root / "target" / "tokenizer.json"))
+    return root, target, cfg
+
+
+def run_json(capsys, argv):
+    cli.main(argv)
+    return json.loads(capsys.readouterr().out)
+
+
+def test_generate_ar_json_has_samples_excluding_the_prompt_and_tokens_per_second(model_dirs, capsys):
+    root, target, cfg = model_dirs
+    out = run_json(capsys, ["generate", "--mode", "ar", "--target", str(root / "target"), "--prompt-ids", "5,6,7",
+                            "--max-new-tokens", "9", "--json"])
+    assert out["samples"] == generate_ar(target, cfg, [[5, 6, 7]], max_new_tokens=9)
+    assert len(out["samples"][0]) == 9 and out["tokens_per_second"] > 0
+
+
+def test_generate_speculative_is_the_default_with_a_draft_and_reports_statistics_and_trace(model_dirs, capsys):
+    root, target, cfg = model_dirs
+    out = run_json(capsys, ["generate", "--target", str(root / "target"), "--draft", str(root / "draft"),
+                            "--prompt-ids", "5,6,7", "--max-new-tokens", "9", "--num-samples", "2", "--trace", "--json"])
+    assert out["mode"] == "speculative"
+    assert out["samples"] == [generate_ar(target, cfg, [[5, 6, 7]], max_new_tokens=9)[0]] * 2
+    assert out["rounds"] == sum(len(t) for t in out["trace"])
+    assert out["tau"] == pytest.approx((out["accepted_tokens"] + out["rounds"]) / out["rounds"])
+    assert len(out["accept_rate_by_position"]) == 3
+    for sample, rounds in zip(out["samples"], out["trace"]):
+        rebuilt = [sample[0]]  # the first token comes from the target's prefill
+        for r in rounds:
+            rebuilt += r["proposed"][: r["accepted"]] + [r["bonus"]]
+        assert rebuilt[: len(sample)] == sample
+
+
+def test_generate_with_text_prompt_uses_the_tokenizer_and_returns_text(model_dirs, capsys):
+    root, _, _ = model_dirs
+    out = run_json(capsys, ["generate", "--mode", "ar", "--target", str(root / "target"), "--prompt", "def f(x):",
+                            "--max-new-tokens", "5", "--temperature", "1", "--seed", "3", "--num-samples", "3", "--json"])
+    assert len(out["texts"]) == 3 and all(isinstance(t, str) for t in out["texts"])
+    assert len(out["samples"]) == 3
+
+
+def test_generate_errors_are_clear(model_dirs, capsys):
+    root, _, _ = model_dirs
+    with pytest.raises(SystemExit, match="does not fit the KV cache of 4 positions"):
+        cli.main(["generate", "--mode", "ar", "--target", str(root / "target"), "--prompt-ids", "1,2,3,4,5,6",
+                  "--cache-len", "4", "--json"])
+    with pytest.raises(SystemExit, match="outside the vocabulary"):
+        cli.main(["generate", "--mode", "ar", "--target", str(root / "target"), "--prompt-ids", "1,2,999", "--json"])
+    with pytest.raises(SystemExit, match="needs --draft"):
+        cli.main(["generate", "--mode", "speculative", "--target", str(root / "target"), "--prompt-ids", "1", "--json"])
+    with pytest.raises(SystemExit, match="config.json: file not found"):
+        cli.main(["generate", "--target", str(root), "--prompt-ids", "1", "--json"])
