@@ -84,23 +84,28 @@ def forward(
     params: Qwen3Params,
     cfg: Qwen3Config,
     tokens: jax.Array,
-    cache: KVCache,
+    cache: KVCache | None,
     *,
     feature_layers: Sequence[int] = (),
     with_logits: bool = True,
     tp_axis: str | None = None,
-) -> tuple[ForwardOutput, KVCache]:
+    remat: bool = False,
+) -> tuple[ForwardOutput, KVCache | None]:
     """Run ``tokens [B, T]`` at positions ``cache.lengths[b] + t`` against the cache.
 
     Returns the final-normed hidden states, the concatenated outputs of ``feature_layers``
     (id i = output of decoder layer i, -1 = embedding output), float32 logits when
     ``with_logits``, and the cache with the chunk written (lengths unchanged).
+    With ``cache=None`` the chunk is a whole sequence at positions 0..T-1 under a causal
+    mask (training, feature extraction) and no cache is returned. ``remat`` recomputes
+    each layer in the backward pass instead of storing its activations.
     """
     feature_layers = check_feature_layers(cfg, feature_layers)
     B, T = tokens.shape
-    positions = chunk_positions(cache.lengths, T)
+    lengths = jnp.zeros((B,), jnp.int32) if cache is None else cache.lengths
+    positions = chunk_positions(lengths, T)
     cos, sin = rope_cos_sin(cfg, positions)
-    mask = causal_cache_mask(positions, cache.max_len)
+    mask = causal_cache_mask(positions, T if cache is None else cache.max_len)
     x = params.embed[tokens]
 
     # Feature collection inside the layer scan: slot_of_layer[l] is where layer l's output
@@ -113,26 +118,30 @@ def forward(
 
     def body(carry, scanned):
         x, collected = carry
-        layer, k_cache, v_cache, slot = scanned
+        layer, layer_cache, slot = scanned
 
         def attend(q, k, v):
+            if layer_cache is None:
+                return attention(q, k, v, mask), None
+            k_cache, v_cache = layer_cache
             k_all = write_chunk(k_cache, k, positions)
             v_all = write_chunk(v_cache, v, positions)
             return attention(q, k_all, v_all, mask), (k_all, v_all)
 
-        x, (k_new, v_new) = decoder_layer(layer, cfg, x, cos, sin, attend, tp_axis)
+        x, new_layer_cache = decoder_layer(layer, cfg, x, cos, sin, attend, tp_axis)
         safe_slot = jnp.maximum(slot, 0)
         kept = jnp.where(slot >= 0, x, collected[safe_slot])
         collected = jax.lax.dynamic_update_index_in_dim(collected, kept, safe_slot, 0)
-        return (x, collected), (k_new, v_new)
+        return (x, collected), new_layer_cache
 
-    (x, collected), (k, v) = jax.lax.scan(
-        body, (x, collected), (params.layers, cache.k, cache.v, slot_of_layer)
-    )
+    if remat:
+        body = jax.checkpoint(body)
+    cache_kv = None if cache is None else (cache.k, cache.v)
+    (x, collected), new_kv = jax.lax.scan(body, (x, collected), (params.layers, cache_kv, slot_of_layer))
     embed_out = params.embed[tokens]
     parts = [embed_out if i == -1 else collected[decoder_ids.index(i)] for i in feature_layers]
     features = jnp.concatenate(parts, axis=-1) if parts else jnp.zeros((B, T, 0), x.dtype)
     hidden = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
     logits = compute_logits(params, hidden) if with_logits else None
-    new_cache = dataclasses.replace(cache, k=k, v=v)
+    new_cache = None if cache is None else dataclasses.replace(cache, k=new_kv[0], v=new_kv[1])
     return ForwardOutput(hidden=hidden, features=features, logits=logits), new_cache
