@@ -201,9 +201,12 @@ def load_qwen3_config(model_dir: str | os.PathLike) -> Qwen3Config:
             f"architectures={archs!r}); expected a Qwen3ForCausalLM"
         )
     cfg = Qwen3Config.from_hf(raw, path)
+    # transformers' generate stops at generation_config.json's eos ids (Qwen3 instruct models list
+    # two there, one in config.json): stop at the union of both.
     gen_path = os.path.join(os.fspath(model_dir), "generation_config.json")
-    if not cfg.eos_token_ids and os.path.exists(gen_path):
+    if os.path.exists(gen_path):
         eos = _eos_ids(read_json(gen_path).get("eos_token_id"))
-        if eos:
-            cfg = dataclasses.replace(cfg, eos_token_ids=eos)
+        merged = tuple(dict.fromkeys(cfg.eos_token_ids + eos))
+        if merged != cfg.eos_token_ids:
+            cfg = dataclasses.replace(cfg, eos_token_ids=merged)
     return cfg

@@ -110,7 +110,7 @@ def forward(
 
     # Feature collection inside the layer scan: slot_of_layer[l] is where layer l's output
     # goes in `collected`, or -1. Only the selected layers are kept (no [L, B, T, D] stack).
-    decoder_ids = [i for i in feature_layers if i >= 0]
+    decoder_ids = list(dict.fromkeys(i for i in feature_layers if i >= 0))  # a repeated id is collected once
     slot_of_layer = jnp.full((cfg.num_hidden_layers,), -1, jnp.int32)
     for slot, layer_id in enumerate(decoder_ids):
         slot_of_layer = slot_of_layer.at[layer_id].set(slot)
