@@ -384,3 +384,14 @@ def test_orbax_round_trip_and_load_target_dispatch(hf_dirs, tie, tmp_path):
     assert cfg_hf == cfg
     assert_params_equal(via_hf, params)
     assert isinstance(via_target.layers, DecoderLayerParams)
+
+
+def test_eos_ids_are_the_union_of_config_and_generation_config(tmp_path):
+    """Qwen3 instruct checkpoints list one eos in config.json and two in generation_config.json;
+    transformers' generate stops at the generation config's, so must we."""
+    make_hf_qwen3(tmp_path, layers=1, vocab=VOCAB, eos_token_id=5)
+    gen = json.loads((tmp_path / "generation_config.json").read_text())
+    gen["eos_token_id"] = [5, 9]
+    (tmp_path / "generation_config.json").write_text(json.dumps(gen))
+    _, cfg = load_qwen3(tmp_path)
+    assert cfg.eos_token_ids == (5, 9)

@@ -288,3 +288,27 @@ def test_bfloat16_forward_is_close_to_float32(gqa_model):
     assert max_err(l16, l32) < 0.25 * scale
     agree = float(np.mean(np.argmax(l16, -1) == np.argmax(l32, -1)))
     assert agree >= 0.9, f"bf16 and f32 argmax agree on only {agree:.0%} of positions"
+
+
+def test_repeated_and_unordered_feature_layer_ids_each_get_their_layer(gqa_model):
+    _, params, cfg, _ = gqa_model
+    tokens = jnp.asarray(np.arange(6, dtype=np.int32)[None] % VOCAB)
+    D = cfg.hidden_size
+    single = {
+        i: np.asarray(forward(params, cfg, tokens, None, feature_layers=(i,))[0].features) for i in (-1, 0, 1)
+    }
+    ids = (1, 0, 1, -1)
+    out, _ = forward(params, cfg, tokens, None, feature_layers=ids)
+    for slot, i in enumerate(ids):
+        np.testing.assert_array_equal(np.asarray(out.features[..., slot * D : (slot + 1) * D]), single[i])
+    assert np.abs(single[1]).max() > 0
+
+
+def test_forward_without_cache_equals_forward_into_an_empty_cache(gqa_model):
+    _, params, cfg, _ = gqa_model
+    tokens = jnp.asarray(np.random.RandomState(9).randint(0, VOCAB, (2, 7)).astype(np.int32))
+    plain, none_cache = forward(params, cfg, tokens, None, feature_layers=(0,))
+    cached, _ = forward(params, cfg, tokens, init_cache(cfg, 2, 12), feature_layers=(0,))
+    assert none_cache is None
+    np.testing.assert_allclose(plain.logits, cached.logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(plain.features, cached.features, rtol=1e-5, atol=1e-5)
