@@ -182,6 +182,11 @@ def check_compatible(dcfg: DraftConfig, tcfg: Qwen3Config, where: str = "draft")
         raise ConfigError(f"{where}: vocab_size {dcfg.layers.vocab_size} != target vocab_size {tcfg.vocab_size}")
     if dcfg.hidden_size != tcfg.hidden_size:
         raise ConfigError(f"{where}: hidden_size {dcfg.hidden_size} != target hidden_size {tcfg.hidden_size}")
+    if dcfg.num_target_layers is not None and dcfg.num_target_layers != tcfg.num_hidden_layers:
+        raise ConfigError(
+            f"{where}: num_target_layers {dcfg.num_target_layers} != the target's num_hidden_layers "
+            f"{tcfg.num_hidden_layers} (the drafter was trained for another target)"
+        )
     bad = [i for i in dcfg.target_layer_ids if not -1 <= i < tcfg.num_hidden_layers]
     if bad:
         raise ConfigError(
