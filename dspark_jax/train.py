@@ -91,7 +91,7 @@ def lm_loss(params: Qwen3Params, cfg: Qwen3Config, tokens: jax.Array, loss_mask:
 @functools.partial(jax.jit, static_argnames=("cfg", "optimizer", "remat"), donate_argnames=("state",))
 def target_train_step(state: TrainState, tokens: jax.Array, *, cfg: Qwen3Config, optimizer, remat: bool = False):
     loss, grads = jax.value_and_grad(lm_loss)(state.params, cfg, tokens, None, remat)
-    return apply_gradients(state, grads, optimizer), {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    return apply_gradients(state, grads, optimizer), {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -257,7 +257,7 @@ def draft_train_step(state: TrainState, target: Qwen3Params, batch: dict, key: j
     (_, metrics), grads = jax.value_and_grad(draft_step_loss, has_aux=True)(
         state.params, dcfg, target, tcfg, batch, key, lc
     )
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     return apply_gradients(state, grads, optimizer), metrics
 
 

@@ -1,0 +1,156 @@
+"""The training loop around a jitted step: orbax checkpoints, exact resume, metrics JSONL,
+progress bar, Ctrl-C / kill handling, optional data parallelism over a ``data`` mesh axis.
+
+Resume is exact because everything that decides step t is a function of t: the batch
+(``data.BatchStream.batch(t)``) and the step's PRNG key (``fold_in(seed_key, t)``); the
+checkpoint holds params, optimiser state and step, and metadata (data position, config).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+
+class Stop(Exception):
+    pass
+
+
+def checkpoint_manager(directory: str, save_every: int, max_to_keep: int = 2):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=max_to_keep, create=True)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def save_checkpoint(manager, step: int, state, meta: dict, force: bool = False):
+    import orbax.checkpoint as ocp
+
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    manager.save(step, args=args, force=force)
+
+
+def restore_checkpoint(manager, abstract_state) -> tuple[Any, dict] | None:
+    """The latest checkpoint (state, metadata), or None when the directory has none."""
+    import orbax.checkpoint as ocp
+
+    step = manager.latest_step()
+    if step is None:
+        return None
+    restored = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+    )
+    return restored.state, dict(restored.meta)
+
+
+def data_parallel_mesh(n: int):
+    if n <= 1:
+        return None
+    from .sharding import make_mesh
+
+    return make_mesh(model=1, data=n)
+
+
+def place_batch(batch: dict, mesh) -> dict:
+    """Split a host batch over the ``data`` axis (or just move it to the default device)."""
+    if mesh is None:
+        return {k: jax.numpy.asarray(v) for k, v in batch.items()}
+    sharding = NamedSharding(mesh, P("data"))
+    return {k: jax.device_put(v, sharding) for k, v in batch.items()}
+
+
+def replicate(tree, mesh):
+    if mesh is None:
+        return tree
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def _scalar_metrics(metrics: dict) -> dict:
+    out = {}
+    for k, v in metrics.items():
+        a = np.asarray(v)
+        out[k] = float(a) if a.ndim == 0 else [float(x) for x in a.ravel()]
+    return out
+
+
+def run_training(
+    *,
+    state,
+    step_fn: Callable[[Any, dict, jax.Array], tuple[Any, dict]],
+    batches,
+    total_steps: int,
+    workdir: str,
+    meta: dict,
+    seed: int = 0,
+    save_every: int = 100,
+    log_every: int = 10,
+    mesh=None,
+    progress: bool = True,
+    eval_fn: Callable[[Any], dict] | None = None,
+    eval_every: int = 0,
+    description: str = "train",
+):
+    """Train from the latest checkpoint in ``workdir/checkpoints`` (or from ``state``) to
+    ``total_steps``. ``step_fn(state, batch, key) -> (state, metrics)``; ``batches.batch(t)``
+    returns host arrays. Returns the final state. SIGINT/SIGTERM save a checkpoint and stop."""
+    from tqdm.auto import tqdm
+
+    os.makedirs(workdir, exist_ok=True)
+    manager = checkpoint_manager(os.path.join(workdir, "checkpoints"), save_every)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+    restored = restore_checkpoint(manager, abstract)
+    start = 0
+    if restored is not None:
+        state, saved_meta = restored
+        start = int(saved_meta["step"])
+        print(f"resuming from step {start} ({workdir}/checkpoints)")
+    state = replicate(state, mesh)
+    base_key = jax.random.key(seed)
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+
+    stop = {"flag": False}
+
+    def on_signal(signum, frame):
+        stop["flag"] = True
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    bar = tqdm(total=total_steps, initial=start, desc=description, disable=not progress, dynamic_ncols=True)
+    step = start
+    t_last = time.perf_counter()
+    try:
+        with open(metrics_path, "a") as log:
+            while step < total_steps and not stop["flag"]:
+                batch = place_batch(batches.batch(step), mesh)
+                state, metrics = step_fn(state, batch, jax.random.fold_in(base_key, step))
+                step += 1
+                bar.update(1)
+                if step % log_every == 0 or step == total_steps:
+                    row = {"step": step, **_scalar_metrics(metrics)}
+                    now = time.perf_counter()
+                    row["seconds_per_step"] = (now - t_last) / log_every
+                    t_last = now
+                    if eval_fn is not None and eval_every and (step % eval_every == 0 or step == total_steps):
+                        row.update({f"eval_{k}": v for k, v in _scalar_metrics(eval_fn(state)).items()})
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                    bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}")
+                if step % save_every == 0:
+                    save_checkpoint(manager, step, state, {**meta, "step": step})
+        if manager.latest_step() != step:
+            save_checkpoint(manager, step, state, {**meta, "step": step}, force=True)
+        manager.wait_until_finished()
+    finally:
+        bar.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        manager.close()
+    if stop["flag"]:
+        print(f"stopped at step {step}; checkpoint saved in {workdir}/checkpoints (run the same command to resume)")
+    return state, step
