@@ -80,6 +80,42 @@ def check_feature_layers(cfg: Qwen3Config, feature_layers: Sequence[int]) -> tup
     return ids
 
 
+def _run_layers(params, cfg, tokens, cos, sin, layer_caches, attend_fn, feature_layers, with_logits, tp_axis, remat):
+    """The decoder stack shared by every entry point: embed, a ``lax.scan`` over layers (each
+    attending through ``attend_fn(q, k, v, layer_cache) -> (out, new_layer_cache)``), feature
+    collection, final norm and logits."""
+    B, T = tokens.shape
+    x = params.embed[tokens]
+    # Feature collection inside the layer scan: slot_of_layer[l] is where layer l's output
+    # goes in `collected`, or -1. Only the selected layers are kept (no [L, B, T, D] stack).
+    decoder_ids = list(dict.fromkeys(i for i in feature_layers if i >= 0))  # a repeated id is collected once
+    slot_of_layer = jnp.full((cfg.num_hidden_layers,), -1, jnp.int32)
+    for slot, layer_id in enumerate(decoder_ids):
+        slot_of_layer = slot_of_layer.at[layer_id].set(slot)
+    collected = jnp.zeros((max(len(decoder_ids), 1), B, T, cfg.hidden_size), x.dtype)
+
+    def body(carry, scanned):
+        x, collected = carry
+        layer, layer_cache, slot = scanned
+        x, new_layer_cache = decoder_layer(
+            layer, cfg, x, cos, sin, lambda q, k, v: attend_fn(q, k, v, layer_cache), tp_axis
+        )
+        safe_slot = jnp.maximum(slot, 0)
+        kept = jnp.where(slot >= 0, x, collected[safe_slot])
+        collected = jax.lax.dynamic_update_index_in_dim(collected, kept, safe_slot, 0)
+        return (x, collected), new_layer_cache
+
+    if remat:
+        body = jax.checkpoint(body)
+    (x, collected), new_kv = jax.lax.scan(body, (x, collected), (params.layers, layer_caches, slot_of_layer))
+    embed_out = params.embed[tokens]
+    parts = [embed_out if i == -1 else collected[decoder_ids.index(i)] for i in feature_layers]
+    features = jnp.concatenate(parts, axis=-1) if parts else jnp.zeros((B, T, 0), x.dtype)
+    hidden = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
+    logits = compute_logits(params, hidden) if with_logits else None
+    return ForwardOutput(hidden=hidden, features=features, logits=logits), new_kv
+
+
 def forward(
     params: Qwen3Params,
     cfg: Qwen3Config,
@@ -106,42 +142,52 @@ def forward(
     positions = chunk_positions(lengths, T)
     cos, sin = rope_cos_sin(cfg, positions)
     mask = causal_cache_mask(positions, T if cache is None else cache.max_len)
-    x = params.embed[tokens]
 
-    # Feature collection inside the layer scan: slot_of_layer[l] is where layer l's output
-    # goes in `collected`, or -1. Only the selected layers are kept (no [L, B, T, D] stack).
-    decoder_ids = list(dict.fromkeys(i for i in feature_layers if i >= 0))  # a repeated id is collected once
-    slot_of_layer = jnp.full((cfg.num_hidden_layers,), -1, jnp.int32)
-    for slot, layer_id in enumerate(decoder_ids):
-        slot_of_layer = slot_of_layer.at[layer_id].set(slot)
-    collected = jnp.zeros((max(len(decoder_ids), 1), B, T, cfg.hidden_size), x.dtype)
+    def attend(q, k, v, layer_cache):
+        if layer_cache is None:
+            return attention(q, k, v, mask), None
+        k_cache, v_cache = layer_cache
+        k_all = write_chunk(k_cache, k, positions)
+        v_all = write_chunk(v_cache, v, positions)
+        return attention(q, k_all, v_all, mask), (k_all, v_all)
 
-    def body(carry, scanned):
-        x, collected = carry
-        layer, layer_cache, slot = scanned
-
-        def attend(q, k, v):
-            if layer_cache is None:
-                return attention(q, k, v, mask), None
-            k_cache, v_cache = layer_cache
-            k_all = write_chunk(k_cache, k, positions)
-            v_all = write_chunk(v_cache, v, positions)
-            return attention(q, k_all, v_all, mask), (k_all, v_all)
-
-        x, new_layer_cache = decoder_layer(layer, cfg, x, cos, sin, attend, tp_axis)
-        safe_slot = jnp.maximum(slot, 0)
-        kept = jnp.where(slot >= 0, x, collected[safe_slot])
-        collected = jax.lax.dynamic_update_index_in_dim(collected, kept, safe_slot, 0)
-        return (x, collected), new_layer_cache
-
-    if remat:
-        body = jax.checkpoint(body)
     cache_kv = None if cache is None else (cache.k, cache.v)
-    (x, collected), new_kv = jax.lax.scan(body, (x, collected), (params.layers, cache_kv, slot_of_layer))
-    embed_out = params.embed[tokens]
-    parts = [embed_out if i == -1 else collected[decoder_ids.index(i)] for i in feature_layers]
-    features = jnp.concatenate(parts, axis=-1) if parts else jnp.zeros((B, T, 0), x.dtype)
-    hidden = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
-    logits = compute_logits(params, hidden) if with_logits else None
+    out, new_kv = _run_layers(params, cfg, tokens, cos, sin, cache_kv, attend, feature_layers, with_logits, tp_axis, remat)
     new_cache = None if cache is None else dataclasses.replace(cache, k=new_kv[0], v=new_kv[1])
-    return ForwardOutput(hidden=hidden, features=features, logits=logits), new_cache
+    return out, new_cache
+
+
+def forward_packed(
+    params: Qwen3Params,
+    cfg: Qwen3Config,
+    tokens: jax.Array,
+    seq_ids: jax.Array,
+    positions: jax.Array,
+    cache: KVCache,
+    *,
+    feature_layers: Sequence[int] = (),
+    with_logits: bool = True,
+    tp_axis: str | None = None,
+) -> tuple[ForwardOutput, KVCache]:
+    """Ragged (packed) chunk: ``tokens [N]`` of several sequences on one flat axis, token i
+    belonging to sequence ``seq_ids[i]`` at ``positions[i]``. Keys/values are scattered into
+    that sequence's cache rows; each token attends to its own sequence's cache up to its
+    position (which includes the earlier tokens of its own chunk). Padding tokens carry
+    ``seq_ids == batch`` (out of range): their writes are dropped and their outputs garbage.
+    Projections and MLPs cost N tokens, not batch x chunk. Outputs have shape ``[N, 1, ...]``.
+    """
+    feature_layers = check_feature_layers(cfg, feature_layers)
+    tok = tokens[:, None]  # each packed token is its own row of one query
+    pos = positions[:, None]
+    cos, sin = rope_cos_sin(cfg, pos)
+    mask = causal_cache_mask(pos, cache.max_len)  # [N, 1, S]
+    rows = jnp.minimum(seq_ids, cache.batch - 1)
+
+    def attend(q, k, v, layer_cache):
+        k_cache, v_cache = layer_cache
+        k_all = k_cache.at[seq_ids, positions].set(k[:, 0].astype(k_cache.dtype), mode="drop")
+        v_all = v_cache.at[seq_ids, positions].set(v[:, 0].astype(v_cache.dtype), mode="drop")
+        return attention(q, k_all[rows], v_all[rows], mask), (k_all, v_all)
+
+    out, new_kv = _run_layers(params, cfg, tok, cos, sin, (cache.k, cache.v), attend, feature_layers, with_logits, tp_axis, False)
+    return out, dataclasses.replace(cache, k=new_kv[0], v=new_kv[1])

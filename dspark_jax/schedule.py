@@ -1,0 +1,277 @@
+"""Confidence-scheduled verification: STS calibration, the SPS profile, Algorithm 1 and its
+asynchronous variant (paper sections 3.2, 5.2 and Appendix A).
+
+Survival probabilities ``a[r, j] = prod_{i <= j} c[r, i]`` come from the confidence head along
+the drafted path; ``c[r, j]`` depends only on the tokens before draft j, so a decision of
+"verify draft j" that looks at ``a[r, <= j]`` alone stays lossless. Algorithm 1 visits every
+``(r, j)`` in descending ``a`` (ties: smaller j first, so a request's prefix is visited in
+order), admits while the expected throughput ``tau * SPS(B)`` improves, and stops at the first
+non-improvement. That early stop is what keeps it lossless: a global arg-max would let
+``a[r, j+1]`` (which depends on the token x_j) decide whether x_j itself is verified.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SCHEDULERS = ("fixed", "threshold", "algorithm1", "async")
+
+
+# ---------------------------------------------------------------------------- survival
+
+
+def survival(confidence_logits: jax.Array, temperatures: jax.Array | None = None) -> jax.Array:
+    """``a [..., K]``: cumulative products of (temperature-scaled) per-position confidences."""
+    logits = confidence_logits.astype(jnp.float32)
+    if temperatures is not None:
+        logits = logits / temperatures
+    return jnp.cumprod(jax.nn.sigmoid(logits), axis=-1)
+
+
+# ---------------------------------------------------------------------------- Algorithm 1
+
+
+def _sorted_candidates(a: jax.Array):
+    """Flattened candidates sorted by descending a, ties by position j then request r."""
+    R, K = a.shape
+    flat = a.reshape(-1)
+    j = jnp.tile(jnp.arange(K), R)
+    r = jnp.repeat(jnp.arange(R), K)
+    order = jnp.lexsort((r, j, -flat))
+    return flat[order], r[order], j[order]
+
+
+def _sps_at(sps_table: jax.Array, tokens: jax.Array) -> jax.Array:
+    return sps_table[jnp.clip(tokens, 0, sps_table.shape[0] - 1)]
+
+
+def throughput_path(a: jax.Array, live: jax.Array, sps_table: jax.Array):
+    """Expected throughput after admitting the first i sorted candidates, i = 0..R*K.
+
+    Returns ``(theta [R*K + 1], a_sorted, r_sorted, j_sorted)``; candidates of finished requests
+    and with a == 0 are placed last and never improve theta."""
+    a = jnp.where(live[:, None], a, 0.0)
+    a_sorted, r_sorted, j_sorted = _sorted_candidates(a)
+    R = jnp.sum(live).astype(jnp.int32)
+    n = a_sorted.shape[0]
+    batch_tokens = R + jnp.arange(n + 1)
+    tau = R + jnp.concatenate([jnp.zeros(1), jnp.cumsum(a_sorted)])
+    theta = tau * _sps_at(sps_table, batch_tokens)
+    valid = jnp.concatenate([jnp.ones(1, bool), a_sorted > 0])
+    return jnp.where(valid, theta, -jnp.inf), a_sorted, r_sorted, j_sorted
+
+
+def lengths_from_admitted(count: jax.Array, r_sorted, j_sorted, num_requests: int) -> jax.Array:
+    """Per-request verification lengths when the first ``count`` sorted candidates are admitted."""
+    admitted = jnp.arange(r_sorted.shape[0]) < count
+    return jnp.zeros((num_requests,), jnp.int32).at[r_sorted].max(jnp.where(admitted, j_sorted + 1, 0))
+
+
+def algorithm1(a: jax.Array, live: jax.Array, sps_table: jax.Array, early_stop: bool = True) -> jax.Array:
+    """Algorithm 1: per-request lengths ``[R]`` from survival probabilities ``a [R, K]``.
+
+    ``early_stop=False`` is the retrospective global search of Appendix A (NOT lossless; kept
+    for the counterexample test and for the asynchronous variant's stale budget)."""
+    theta, _, r_sorted, j_sorted = throughput_path(a, live, sps_table)
+    if early_stop:
+        improving = theta[1:] > theta[:-1]
+        count = jnp.sum(jnp.cumprod(improving)).astype(jnp.int32)
+    else:
+        count = jnp.argmax(theta).astype(jnp.int32)
+    return lengths_from_admitted(count, r_sorted, j_sorted, a.shape[0])
+
+
+def budget_from_stale(a_stale: jax.Array, live: jax.Array, sps_table: jax.Array) -> jax.Array:
+    """Asynchronous variant, step 1: the token budget K (drafts to verify in total) from the
+    confidences of two rounds earlier, by an unconstrained global search (no early stop)."""
+    theta, *_ = throughput_path(a_stale, live, sps_table)
+    return jnp.argmax(theta).astype(jnp.int32)
+
+
+def top_k_lengths(a: jax.Array, live: jax.Array, budget: jax.Array) -> jax.Array:
+    """Asynchronous variant, step 2: admit the ``budget`` most probable fresh candidates."""
+    a = jnp.where(live[:, None], a, 0.0)
+    a_sorted, r_sorted, j_sorted = _sorted_candidates(a)
+    count = jnp.minimum(budget, jnp.sum(a_sorted > 0))
+    return lengths_from_admitted(count, r_sorted, j_sorted, a.shape[0])
+
+
+def threshold_lengths(a_or_c: jax.Array, threshold) -> jax.Array:
+    """Static threshold: the longest prefix whose every confidence is >= threshold."""
+    return jnp.sum(jnp.cumprod(a_or_c >= threshold, axis=-1), axis=-1).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------- SPS profile
+
+
+def monotone_decreasing_fit(values: Sequence[float]) -> np.ndarray:
+    """Least-squares non-increasing fit (pool adjacent violators) of measured steps/s.
+
+    The measured SPS(B) curve is jagged (timer noise, kernel shape effects); Algorithm 1's early
+    stop is only optimal on a unimodal objective, so the table it reads is the closest
+    non-increasing curve."""
+    blocks: list[list[float]] = []  # [mean, weight]
+    for v in values:
+        blocks.append([float(v), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] < blocks[-1][0]:
+            m2, w2 = blocks.pop()
+            m1, w1 = blocks.pop()
+            blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2])
+    return np.concatenate([np.full(int(w), m) for m, w in blocks])
+
+
+@dataclasses.dataclass
+class SPSProfile:
+    """Verification steps per second by token budget B (index B; entry 0 unused)."""
+
+    table: np.ndarray  # [B_max + 1] fitted, non-increasing from B = 1
+    measured: np.ndarray  # [B_max + 1] raw
+    buckets: tuple[int, ...] = ()
+
+    def __call__(self, tokens: int) -> float:
+        return float(self.table[min(max(tokens, 1), len(self.table) - 1)])
+
+    def to_json(self) -> dict:
+        return {"table": self.table.tolist(), "measured": self.measured.tolist(), "buckets": list(self.buckets)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "SPSProfile":
+        return cls(np.asarray(d["table"], np.float32), np.asarray(d["measured"], np.float32), tuple(d.get("buckets", ())))
+
+    def save(self, path):
+        with open(path, "w") as f:
+            json.dump(self.to_json(), f)
+
+    @classmethod
+    def load(cls, path) -> "SPSProfile":
+        with open(path) as f:
+            return cls.from_json(json.load(f))
+
+
+def profile_from_bucket_times(seconds_by_bucket: dict[int, float], max_tokens: int) -> SPSProfile:
+    """Steps/s at every B from measured seconds per verification call at each bucket size: a
+    budget of B tokens costs the smallest bucket >= B."""
+    buckets = sorted(seconds_by_bucket)
+    measured = np.zeros(max_tokens + 1, np.float32)
+    for b in range(1, max_tokens + 1):
+        size = next((s for s in buckets if s >= b), buckets[-1])
+        measured[b] = 1.0 / seconds_by_bucket[size]
+    measured[0] = measured[1]
+    fitted = monotone_decreasing_fit(measured[1:])
+    return SPSProfile(np.concatenate([[fitted[0]], fitted]).astype(np.float32), measured, tuple(buckets))
+
+
+def linear_cost_profile(max_tokens: int, fixed: float = 1.0, per_token: float = 0.05) -> SPSProfile:
+    """A synthetic profile: a call costs ``fixed + per_token * B`` time units."""
+    b = np.arange(max_tokens + 1, dtype=np.float32)
+    table = 1.0 / (fixed + per_token * np.maximum(b, 1))
+    return SPSProfile(table.astype(np.float32), table.astype(np.float32), ())
+
+
+# ---------------------------------------------------------------------------- STS calibration
+
+
+def expected_calibration_error(prob: np.ndarray, outcome: np.ndarray, bins: int = 10) -> float:
+    """ECE with equal-width bins: sum_b |B_b|/n * |mean(prob_b) - mean(outcome_b)|."""
+    prob, outcome = np.asarray(prob, np.float64), np.asarray(outcome, np.float64)
+    if prob.size == 0:
+        return float("nan")
+    idx = np.minimum((prob * bins).astype(int), bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        m = idx == b
+        if m.any():
+            ece += m.mean() * abs(prob[m].mean() - outcome[m].mean())
+    return float(ece)
+
+
+def auroc(score: np.ndarray, outcome: np.ndarray) -> float:
+    """Area under the ROC curve (probability a positive outranks a negative; ties count half)."""
+    score, outcome = np.asarray(score, np.float64), np.asarray(outcome, bool)
+    pos, neg = score[outcome], score[~outcome]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
+    ranks = np.empty(len(order))
+    allscores = np.concatenate([pos, neg])[order]
+    # average ranks over ties
+    i = 0
+    while i < len(allscores):
+        j = i
+        while j + 1 < len(allscores) and allscores[j + 1] == allscores[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+@dataclasses.dataclass
+class Calibration:
+    """Per-position temperatures for the confidence logits, fitted by STS, with the drafter."""
+
+    temperatures: np.ndarray  # [K]
+    report: dict = dataclasses.field(default_factory=dict)
+
+    FILENAME = "sts_calibration.json"
+
+    def save(self, draft_dir):
+        with open(os.path.join(os.fspath(draft_dir), self.FILENAME), "w") as f:
+            json.dump({"temperatures": [float(t) for t in self.temperatures], "report": self.report}, f, indent=2)
+
+    @classmethod
+    def load(cls, draft_dir) -> "Calibration | None":
+        path = os.path.join(os.fspath(draft_dir), cls.FILENAME)
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            d = json.load(f)
+        return cls(np.asarray(d["temperatures"], np.float32), d.get("report", {}))
+
+
+def fit_sts(
+    confidence_logits: np.ndarray,
+    accepted: np.ndarray,
+    grid: Sequence[float] = tuple(np.exp(np.linspace(np.log(0.05), np.log(20.0), 121))),
+    bins: int = 10,
+) -> Calibration:
+    """Sequential Temperature Scaling from recorded rounds.
+
+    confidence_logits ``[N, K]`` along the drafted path, accepted ``[N]`` = drafts accepted in
+    that round (with all K offered). For k = 1..K in order, pick t_k minimising the ECE of the
+    cumulative product prod_{i<=k} sigmoid(logit_i / t_i) against "the prefix of length k
+    survived", t_1..t_{k-1} fixed. Rounds where position k was not offered are excluded there.
+    """
+    logits = np.asarray(confidence_logits, np.float64)
+    accepted = np.asarray(accepted)
+    N, K = logits.shape
+    temps = np.ones(K)
+    prefix = np.ones(N)
+    report = {"ece_before": [], "ece_after": [], "auroc_before": [], "auroc_after": [], "temperatures": []}
+    raw_prefix = np.ones(N)
+    for k in range(K):
+        survived = accepted >= k + 1
+        raw_prefix = raw_prefix * _sigmoid(logits[:, k])
+        best_t, best_ece = 1.0, np.inf
+        for t in grid:
+            ece = expected_calibration_error(prefix * _sigmoid(logits[:, k] / t), survived, bins)
+            if ece < best_ece - 1e-12:
+                best_t, best_ece = float(t), ece
+        temps[k] = best_t
+        prefix = prefix * _sigmoid(logits[:, k] / best_t)
+        report["temperatures"].append(best_t)
+        report["ece_before"].append(expected_calibration_error(raw_prefix, survived, bins))
+        report["ece_after"].append(best_ece)
+        report["auroc_before"].append(auroc(raw_prefix, survived))
+        report["auroc_after"].append(auroc(prefix, survived))
+    return Calibration(temps.astype(np.float32), report)
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
