@@ -31,6 +31,7 @@ from .config import Qwen3Config
 from .decoding import bucket, is_eos, prefill, prepare_prompts, run_target
 from .sharding import Mesh, check_batch, constrain_cache, shard_target
 from .draft import DraftConfig, DraftParams
+from . import schedule as schedule_lib
 from .sampling import Sampling, distribution, sample
 from .target import Qwen3Params
 
@@ -46,6 +47,8 @@ class SpecStats:
     verified: jax.Array  # [B] tokens the target ran for verification
     reached: jax.Array  # [B, K] rounds in which position k was proposed and all before it accepted
     accepted_at: jax.Array  # [B, K] rounds in which position k was accepted
+    expected_accepted: jax.Array  # [B] float32: sum of survival probabilities of the verified drafts
+    compute_tokens: jax.Array  # [] tokens the target actually ran (packed bucket sizes, or B*(K+1))
 
 
 @jax.tree_util.register_dataclass
@@ -54,6 +57,7 @@ class SpecTrace:
     proposed: jax.Array  # [B, R, K] drafts offered (-1 past l_b)
     accepted: jax.Array  # [B, R]
     bonus: jax.Array  # [B, R]
+    confidence_logits: jax.Array  # [B, R, K] along the drafted path (all K, offered or not)
 
 
 @jax.tree_util.register_dataclass
@@ -67,9 +71,39 @@ class SpecState:
     draft_cache: KVCache
     key: jax.Array
     max_new_tokens: jax.Array  # [] int32
-    confidence_threshold: jax.Array  # [] float32
+    schedule: "ScheduleState"
     stats: SpecStats
     trace: SpecTrace | None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ScheduleState:
+    """What the verification scheduler reads (traced: changing values does not recompile)."""
+
+    threshold: jax.Array  # [] static-threshold scheduler
+    sps_table: jax.Array  # [B_max + 1] target verification steps/s by token budget
+    temperatures: jax.Array  # [K] STS temperatures of the confidence logits
+    stale_survival: jax.Array  # [2, B, K] survival of the two previous rounds (async variant)
+
+
+def init_schedule_state(batch: int, num_drafts: int, threshold: float = 0.0, sps_table=None, temperatures=None):
+    from .schedule import linear_cost_profile
+
+    if sps_table is None:
+        sps_table = linear_cost_profile(batch * (num_drafts + 1)).table
+    if temperatures is None:
+        temperatures = np.ones(num_drafts, np.float32)
+    temperatures = np.asarray(temperatures, np.float32)
+    if temperatures.shape != (num_drafts,):
+        temperatures = np.resize(temperatures, num_drafts).astype(np.float32)
+    return ScheduleState(
+        threshold=jnp.float32(threshold),
+        sps_table=jnp.asarray(sps_table, jnp.float32),
+        temperatures=jnp.asarray(temperatures),
+        # before two rounds have passed, the async budget assumes every draft survives
+        stale_survival=jnp.ones((2, batch, num_drafts), jnp.float32),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,16 +117,92 @@ class SpecConfig:
     eos_ids: tuple[int, ...] = ()
     trace_rounds: int = 0  # 0 = no trace
     mesh: Mesh | None = None  # (data, model) mesh: the target runs tensor-parallel
+    scheduler: str = "fixed"  # fixed | threshold | algorithm1 | async
 
     @property
     def num_drafts(self) -> int:
         return self.block_size or self.draft.block_size
 
+    @property
+    def packed(self) -> bool:
+        """Every scheduler but 'fixed' verifies a packed, bucketed token axis."""
+        return self.scheduler != "fixed"
+
 
 def verify_lengths(confidence_logits: jax.Array, threshold: jax.Array) -> jax.Array:
     """Static-threshold schedule: the longest prefix whose every confidence >= threshold."""
-    passes = jax.nn.sigmoid(confidence_logits) >= threshold
-    return jnp.sum(jnp.cumprod(passes, axis=-1), axis=-1).astype(jnp.int32)
+    return schedule_lib.threshold_lengths(jax.nn.sigmoid(confidence_logits), threshold)
+
+
+def schedule_lengths(scheduler: str, confidence_logits, survival, live, sched: ScheduleState):
+    """Drafts to verify per sequence ``[B]`` and the scheduler state for the next round.
+
+    Every rule decides "verify draft j" from confidences computed before draft j was sampled
+    (c_j uses the previous token only), which is what keeps each of them lossless; 'async'
+    sizes its budget from the survival of two rounds ago and admits the fresh top-K."""
+    B, K = survival.shape
+    if scheduler == "fixed":
+        return jnp.full((B,), K, jnp.int32), sched
+    if scheduler == "threshold":
+        return verify_lengths(confidence_logits / sched.temperatures, sched.threshold), sched
+    if scheduler == "algorithm1":
+        return schedule_lib.algorithm1(survival, live, sched.sps_table), sched
+    if scheduler == "async":
+        budget = schedule_lib.budget_from_stale(sched.stale_survival[0], live, sched.sps_table)
+        lengths = schedule_lib.top_k_lengths(survival, live, budget)
+        stale = jnp.stack([sched.stale_survival[1], survival])
+        return lengths, dataclasses.replace(sched, stale_survival=stale)
+    raise ValueError(f"unknown scheduler {scheduler!r} (one of {', '.join(schedule_lib.SCHEDULERS)})")
+
+
+def packed_buckets(batch: int, num_drafts: int) -> tuple[int, ...]:
+    """Static sizes of the packed verification axis: powers of two from the batch up to the
+    full batch x (K + 1); each is compiled once inside the loop (a ``lax.switch`` branch)."""
+    full = batch * (num_drafts + 1)
+    sizes, n = [], max(batch, 1)
+    while n < full:
+        sizes.append(n)
+        n *= 2
+    return tuple(sizes) + (full,)
+
+
+def packed_verify(target, tcfg, cache: KVCache, verify_tokens, lengths, live, feature_layers, mesh=None):
+    """Verify ``[anchor, d_1..d_l]`` of every live sequence on one packed token axis.
+
+    The anchor + l_b drafts of sequence b occupy slots ``starts[b] ..``; the axis is padded to
+    the smallest bucket that holds them all, so verifying fewer tokens runs a smaller forward.
+    Returns logits ``[B, K+1, V]`` and features ``[B, K+1, F]`` unpacked (entries past l_b are
+    copies of the last verified one and are never read), the cache, and the bucket size used.
+    """
+    if mesh is not None:
+        raise NotImplementedError("packed verification with a mesh: use scheduler='fixed' for tensor-parallel runs")
+    B, T = verify_tokens.shape
+    counts = jnp.where(live, lengths + 1, 0)
+    ends = jnp.cumsum(counts)
+    starts = ends - counts
+    total = ends[-1]
+    buckets = packed_buckets(B, T - 1)
+
+    def branch(size):
+        def run(cache):
+            i = jnp.arange(size)
+            seq = jnp.searchsorted(ends, i, side="right").astype(jnp.int32)
+            row = jnp.minimum(seq, B - 1)
+            j = jnp.clip(i - starts[row], 0, T - 1)
+            seq_ids = jnp.where(i < total, seq, B)  # padding: out-of-range rows, writes dropped
+            out, cache = target_model.forward_packed(
+                target, tcfg, verify_tokens[row, j], seq_ids, cache.lengths[row] + j, cache,
+                feature_layers=feature_layers,
+            )
+            slot = starts[:, None] + jnp.minimum(jnp.arange(T)[None, :], jnp.maximum(counts - 1, 0)[:, None])
+            slot = jnp.minimum(slot, size - 1)
+            return out.logits[slot, 0], out.features[slot, 0], cache
+
+        return run
+
+    index = jnp.searchsorted(jnp.asarray(buckets), total, side="left")
+    logits, features, cache = jax.lax.switch(index, [branch(n) for n in buckets], cache)
+    return logits, features, cache, jnp.asarray(buckets, jnp.int32)[index]
 
 
 def accept_drafts(
@@ -143,16 +253,24 @@ def speculative_round(
     live = ~s.done
 
     block, _ = draft_model.draft_block(k_draft, draft, dcfg, target, s.draft_cache, s.anchor, sampling, K)
-    lengths = verify_lengths(block.confidence_logits, s.confidence_threshold)
+    sched = s.schedule
+    survival = schedule_lib.survival(block.confidence_logits, sched.temperatures)  # [B, K]
+    lengths, sched = schedule_lengths(scfg.scheduler, block.confidence_logits, survival, live, sched)
     # the round writes target entries at L .. L + l_b: keep them inside the cache
-    lengths = jnp.minimum(lengths, S - 1 - s.target_cache.lengths)
+    lengths = jnp.clip(jnp.minimum(lengths, S - 1 - s.target_cache.lengths), 0, K)
 
     verify_tokens = jnp.concatenate([s.anchor[:, None], block.tokens], axis=1)
-    out, target_cache = run_target(
-        target, tcfg, verify_tokens, s.target_cache, feature_layers=dcfg.target_layer_ids, mesh=scfg.mesh
-    )
-    p = distribution(out.logits, sampling)
-    n, bonus = accept_drafts(k_accept, block.tokens, block.probs, p, out.logits, lengths, sampling)
+    if scfg.packed:
+        logits, features, target_cache, compute = packed_verify(
+            target, tcfg, s.target_cache, verify_tokens, lengths, live, dcfg.target_layer_ids, scfg.mesh
+        )
+    else:
+        out, target_cache = run_target(
+            target, tcfg, verify_tokens, s.target_cache, feature_layers=dcfg.target_layer_ids, mesh=scfg.mesh
+        )
+        logits, features, compute = out.logits, out.features, jnp.int32(B * (K + 1))
+    p = distribution(logits, sampling)
+    n, bonus = accept_drafts(k_accept, block.tokens, block.probs, p, logits, lengths, sampling)
 
     # committed tokens c_0..c_n = d_1..d_n, bonus; stop after an EOS and at max_new_tokens
     slots = jnp.arange(K + 1)[None, :]
@@ -168,7 +286,7 @@ def speculative_round(
 
     advance = jnp.where(live, n + 1, 0)
     target_cache = target_cache.advance(advance)
-    draft_cache = draft_model.append_context(draft, dcfg, s.draft_cache, out.features, advance)
+    draft_cache = draft_model.append_context(draft, dcfg, s.draft_cache, features, advance)
     done = (
         s.done
         | jnp.any(eos_hit & (slots < count[:, None]), -1)
@@ -183,9 +301,12 @@ def speculative_round(
         rounds=stats.rounds + live,
         accepted=stats.accepted + jnp.where(live, n, 0),
         proposed=stats.proposed + jnp.where(live, lengths, 0),
-        verified=stats.verified + jnp.where(live, K + 1, 0),
+        verified=stats.verified + jnp.where(live, (lengths + 1) if scfg.packed else K + 1, 0),
         reached=stats.reached + reached,
         accepted_at=stats.accepted_at + (reached & (k_idx < n[:, None])),
+        expected_accepted=stats.expected_accepted
+        + jnp.where(live, jnp.sum(jnp.where(k_idx < lengths[:, None], survival, 0.0), -1), 0.0),
+        compute_tokens=stats.compute_tokens + compute,
     )
     trace = s.trace
     if trace is not None:
@@ -196,6 +317,7 @@ def speculative_round(
             proposed=trace.proposed.at[b, row].set(jnp.where(k_idx < lengths[:, None], block.tokens, -1), mode="drop"),
             accepted=trace.accepted.at[b, row].set(n, mode="drop"),
             bonus=trace.bonus.at[b, row].set(bonus, mode="drop"),
+            confidence_logits=trace.confidence_logits.at[b, row].set(block.confidence_logits, mode="drop"),
         )
     return SpecState(
         output=output,
@@ -206,7 +328,7 @@ def speculative_round(
         draft_cache=draft_cache,
         key=key,
         max_new_tokens=s.max_new_tokens,
-        confidence_threshold=s.confidence_threshold,
+        schedule=sched,
         stats=stats,
         trace=trace,
     )
@@ -221,7 +343,7 @@ def speculative_prefill(
     active: jax.Array,
     key: jax.Array,
     max_new_tokens: jax.Array,
-    confidence_threshold: jax.Array,
+    schedule: ScheduleState,
     *,
     scfg: SpecConfig,
     buffer_len: int,
@@ -248,7 +370,12 @@ def speculative_prefill(
     zeros = jnp.zeros((B,), jnp.int32)
     trace = None
     if R:
-        trace = SpecTrace(jnp.full((B, R, K), -1, jnp.int32), jnp.full((B, R), -1, jnp.int32), jnp.full((B, R), -1, jnp.int32))
+        trace = SpecTrace(
+            jnp.full((B, R, K), -1, jnp.int32),
+            jnp.full((B, R), -1, jnp.int32),
+            jnp.full((B, R), -1, jnp.int32),
+            jnp.zeros((B, R, K), jnp.float32),
+        )
     return SpecState(
         output=jnp.zeros((B, buffer_len), jnp.int32).at[:, 0].set(first),
         num_generated=jnp.ones((B,), jnp.int32),
@@ -258,8 +385,11 @@ def speculative_prefill(
         draft_cache=draft_cache,
         key=key,
         max_new_tokens=jnp.asarray(max_new_tokens, jnp.int32),
-        confidence_threshold=jnp.asarray(confidence_threshold, jnp.float32),
-        stats=SpecStats(zeros, zeros, zeros, zeros, jnp.zeros((B, K), jnp.int32), jnp.zeros((B, K), jnp.int32)),
+        schedule=schedule,
+        stats=SpecStats(
+            zeros, zeros, zeros, zeros, jnp.zeros((B, K), jnp.int32), jnp.zeros((B, K), jnp.int32),
+            jnp.zeros((B,), jnp.float32), jnp.zeros((), jnp.int32),
+        ),
         trace=trace,
     )
 
@@ -291,7 +421,8 @@ class SpecResult:
 
 def summarize_stats(stats: SpecStats, rows: int) -> dict:
     """Run totals: rounds, tau, per-position conditional acceptance, token counts."""
-    st = jax.tree.map(lambda a: np.asarray(a)[:rows], stats)
+    compute_tokens = int(np.asarray(stats.compute_tokens))
+    st = jax.tree.map(lambda a: np.asarray(a)[:rows] if np.ndim(a) else np.asarray(a), stats)
     rounds = int(st.rounds.sum())
     reached = st.reached.sum(0)
     return {
@@ -303,18 +434,28 @@ def summarize_stats(stats: SpecStats, rows: int) -> dict:
         "proposed_tokens": int(st.proposed.sum()),
         "verified_tokens": int(st.verified.sum()),
         "accepted_tokens": int(st.accepted.sum()),
+        "expected_accepted_tokens": float(st.expected_accepted.sum()),
+        "verification_budget_per_request": float(st.verified.sum() / max(rounds, 1)),
+        "target_compute_tokens": compute_tokens,
         "rounds_per_sample": st.rounds.tolist(),
     }
 
 
 def trace_to_list(trace: SpecTrace, stats: SpecStats, rows: int) -> list[list[dict]]:
-    proposed, accepted, bonus = (np.asarray(a) for a in (trace.proposed, trace.accepted, trace.bonus))
+    proposed, accepted, bonus, conf = (
+        np.asarray(a) for a in (trace.proposed, trace.accepted, trace.bonus, trace.confidence_logits)
+    )
     rounds = np.asarray(stats.rounds)
     out = []
     for b in range(rows):
         r = min(int(rounds[b]), accepted.shape[1])
         out.append([
-            {"proposed": [int(t) for t in proposed[b, i] if t >= 0], "accepted": int(accepted[b, i]), "bonus": int(bonus[b, i])}
+            {
+                "proposed": [int(t) for t in proposed[b, i] if t >= 0],
+                "accepted": int(accepted[b, i]),
+                "bonus": int(bonus[b, i]),
+                "confidence_logits": [float(c) for c in conf[b, i]],
+            }
             for i in range(r)
         ])
     return out
@@ -335,11 +476,22 @@ def speculative_generate(
     cache_len: int | None = None,
     trace: bool = False,
     mesh: Mesh | None = None,
+    scheduler: str | None = None,
+    sps_profile=None,
+    calibration=None,
 ) -> SpecResult:
     """Speculative decoding of ragged prompts; the output distribution is the target's.
 
-    Validates on the host (prompt vs cache length, vocab, block size, threshold) before any
-    compile; pads prompts and batch to buckets so similar calls reuse one compilation.
+    ``scheduler``: 'fixed' (verify all K drafts), 'threshold' (the prefix whose confidences pass
+    ``confidence_threshold``), 'algorithm1' (the paper's hardware-aware prefix scheduler with
+    early stop) or 'async' (budget from two rounds ago, fresh top-K); default 'threshold' when a
+    threshold is given, else 'fixed'. Every scheduler but 'fixed' verifies a packed token axis
+    bucketed to what was scheduled. ``sps_profile`` (schedule.SPSProfile) feeds Algorithm 1 and
+    async (default: a synthetic linear-cost curve); ``calibration`` (schedule.Calibration) holds
+    the STS temperatures (default: the drafter's, none = 1).
+
+    Validates on the host (prompt vs cache length, vocab, block size, threshold, scheduler)
+    before any compile; pads prompts and batch to buckets so similar calls reuse one compilation.
     """
     draft_model.check_compatible(dcfg, tcfg)
     K = block_size or dcfg.block_size
@@ -349,6 +501,13 @@ def speculative_generate(
         raise ValueError("confidence_threshold > 0 needs a drafter with a confidence head (enable_confidence_head)")
     if not 0 <= confidence_threshold <= 1:
         raise ValueError(f"confidence_threshold must be in [0, 1], got {confidence_threshold}")
+    scheduler = scheduler or ("threshold" if confidence_threshold > 0 else "fixed")
+    if scheduler not in schedule_lib.SCHEDULERS:
+        raise ValueError(f"unknown scheduler {scheduler!r} (one of {', '.join(schedule_lib.SCHEDULERS)})")
+    if scheduler != "fixed" and draft.confidence is None:
+        raise ValueError(f"scheduler {scheduler!r} needs a drafter with a confidence head (enable_confidence_head)")
+    if scheduler != "fixed" and mesh is not None:
+        raise ValueError(f"scheduler {scheduler!r} verifies a packed token axis, not supported with a mesh yet; use 'fixed'")
     prepared = prepare_prompts(prompts, tcfg.vocab_size, max_new_tokens, cache_len, extra_cache=K + 1)
     tokens, lengths, active = pad_batch(prepared.tokens, prepared.lengths)
     if mesh is not None:
@@ -363,7 +522,16 @@ def speculative_generate(
         eos_ids=tcfg.eos_token_ids,
         trace_rounds=buffer_len if trace else 0,
         mesh=mesh,
+        scheduler=scheduler,
     )
+    B = tokens.shape[0]
+    table = None
+    if sps_profile is not None:
+        table = np.asarray(sps_profile.table, np.float32)
+        if len(table) < B * (K + 1) + 1:  # extend flat: budgets past the profile cost its last entry
+            table = np.concatenate([table, np.full(B * (K + 1) + 1 - len(table), table[-1], np.float32)])
+    temps = None if calibration is None else calibration.temperatures[:K]
+    sched = init_schedule_state(B, K, confidence_threshold, table, temps)
     state = speculative_prefill(
         target,
         draft,
@@ -372,7 +540,7 @@ def speculative_generate(
         jnp.asarray(active),
         jax.random.key(seed),
         jnp.int32(max_new_tokens),
-        jnp.float32(confidence_threshold),
+        sched,
         scfg=scfg,
         buffer_len=buffer_len,
         cache_len=prepared.cache_len,
