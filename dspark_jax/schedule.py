@@ -253,7 +253,15 @@ def fit_sts(
     N, K = logits.shape
     temps = np.ones(K)
     prefix = np.ones(N)
-    report = {"ece_before": [], "ece_after": [], "auroc_before": [], "auroc_after": [], "temperatures": []}
+    report = {
+        "temperatures": [],
+        "ece_before": [],  # ECE of the cumulative product vs "prefix of length k survived"
+        "ece_after": [],
+        "auroc_before": [],  # AUROC of c_k for "draft k survived" among rounds that reached k
+        "auroc_after": [],  # (temperature scaling is monotone: equal to auroc_before)
+        "auroc_prefix_before": [],  # AUROC of the cumulative product for the prefix event
+        "auroc_prefix_after": [],
+    }
     raw_prefix = np.ones(N)
     for k in range(K):
         survived = accepted >= k + 1
@@ -268,8 +276,11 @@ def fit_sts(
         report["temperatures"].append(best_t)
         report["ece_before"].append(expected_calibration_error(raw_prefix, survived, bins))
         report["ece_after"].append(best_ece)
-        report["auroc_before"].append(auroc(raw_prefix, survived))
-        report["auroc_after"].append(auroc(prefix, survived))
+        reached = accepted >= k
+        report["auroc_before"].append(auroc(_sigmoid(logits[reached, k]), survived[reached]))
+        report["auroc_after"].append(auroc(_sigmoid(logits[reached, k] / best_t), survived[reached]))
+        report["auroc_prefix_before"].append(auroc(raw_prefix, survived))
+        report["auroc_prefix_after"].append(auroc(prefix, survived))
     return Calibration(temps.astype(np.float32), report)
 
 
