@@ -40,6 +40,9 @@ def _add_generate_args(p: argparse.ArgumentParser):
     p.add_argument("--block-size", type=int, help="drafts per round (default: the drafter's block size)")
     p.add_argument("--confidence-threshold", type=float, default=0.0,
                    help="verify only the prefix whose confidences are all >= this (0 = fixed length)")
+    p.add_argument("--scheduler", choices=("fixed", "threshold", "algorithm1", "async"),
+                   help="how many drafts each request verifies (default: threshold if a threshold is given, else fixed)")
+    p.add_argument("--sps-profile", help="saved SPS profile JSON (dspark-jax profile-sps); default: measured at start-up")
     p.add_argument("--cache-len", type=int, help="KV cache positions (default: prompt + max-new-tokens, bucketed)")
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | auto (float32 on CPU, bfloat16 elsewhere)")
     p.add_argument("--trace", action="store_true", help="record every round (speculative)")
@@ -74,12 +77,26 @@ def run_generate(args) -> dict:
                                seed=args.seed, cache_len=args.cache_len), None
     else:
         draft, dcfg = load_drafter(args.draft, target, tcfg, args.dtype)
+        from .schedule import Calibration, SPSProfile
+
+        calibration = Calibration.load(args.draft)
+        profile = None
+        if args.scheduler in ("algorithm1", "async"):
+            if args.sps_profile:
+                profile = SPSProfile.load(args.sps_profile)
+            else:
+                from .speculative import BATCH_BUCKETS, profile_verification
+                from .decoding import bucket
+
+                profile = profile_verification(target, tcfg, bucket(args.num_samples, BATCH_BUCKETS),
+                                               args.block_size or dcfg.block_size)
 
         def call():
             res = speculative_generate(
                 target, tcfg, draft, dcfg, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
                 block_size=args.block_size, confidence_threshold=args.confidence_threshold, seed=args.seed,
-                cache_len=args.cache_len, trace=args.trace,
+                cache_len=args.cache_len, trace=args.trace, scheduler=args.scheduler,
+                sps_profile=profile, calibration=calibration,
             )
             return res.samples, res
 
@@ -181,6 +198,63 @@ def _add_optim_args(p, lr, steps, batch, seq_len):
     p.add_argument("--no-progress", action="store_true")
 
 
+def cmd_calibrate(args):
+    """STS: record rounds with every draft verified, fit per-position temperatures, save them
+    beside the drafter, print ECE / AUROC before and after."""
+    import numpy as np
+
+    from .checkpoint import load_drafter, load_target
+    from .data import read_prompts, prompts_from_documents, stdlib_corpus
+    from .sampling import Sampling
+    from .schedule import fit_sts
+    from .speculative import speculative_generate
+    from .tokenizer import Tokenizer
+
+    target, tcfg = load_target(args.target, args.dtype)
+    draft, dcfg = load_drafter(args.draft, target, tcfg, args.dtype)
+    if draft.confidence is None:
+        raise SystemExit(f"error: {args.draft}: the drafter has no confidence head to calibrate")
+    tok = Tokenizer(args.tokenizer or args.target)
+    if args.prompts == "held-out":
+        prompts = prompts_from_documents(stdlib_corpus("held-out"), args.prompt_tokens, tok.encode)
+    else:
+        prompts = [tok.encode(p)[-args.prompt_tokens:] for p in read_prompts(args.prompts)]
+    prompts = [p for p in prompts if p][: args.num_prompts]
+    K = dcfg.block_size
+    logits, accepted = [], []
+    for i in range(0, len(prompts), args.batch_size):
+        res = speculative_generate(target, tcfg, draft, dcfg, prompts[i : i + args.batch_size],
+                                   max_new_tokens=args.max_new_tokens, sampling=Sampling(args.temperature),
+                                   seed=args.seed + i, trace=True, scheduler="fixed")
+        for rounds in res.trace:
+            for r in rounds:
+                if len(r["proposed"]) == K:  # rounds capped by the cache offered fewer
+                    logits.append(r["confidence_logits"])
+                    accepted.append(r["accepted"])
+    cal = fit_sts(np.asarray(logits), np.asarray(accepted))
+    cal.report.update(rounds=len(accepted), prompts=len(prompts), temperature=args.temperature)
+    cal.save(args.out or args.draft)
+    rep = cal.report
+    print(f"STS on {len(accepted)} rounds ({len(prompts)} prompts, T={args.temperature}); "
+          f"saved to {args.out or args.draft}/sts_calibration.json")
+    print(" k   temp   ECE before  ECE after  AUROC(c_k)  AUROC prefix before/after")
+    for k in range(K):
+        print(f"{k + 1:2d} {rep['temperatures'][k]:6.2f}   {rep['ece_before'][k]:9.4f} {rep['ece_after'][k]:10.4f}"
+              f"  {rep['auroc_before'][k]:10.3f}  {rep['auroc_prefix_before'][k]:.3f}/{rep['auroc_prefix_after'][k]:.3f}")
+
+
+def cmd_profile_sps(args):
+    from .checkpoint import load_target
+    from .speculative import profile_verification
+
+    target, tcfg = load_target(args.target, args.dtype)
+    prof = profile_verification(target, tcfg, args.batch, args.block_size, args.context)
+    prof.save(args.out)
+    print(f"SPS profile (batch {args.batch}, {args.block_size} drafts) saved to {args.out}")
+    for b in prof.buckets:
+        print(f"  budget {b:4d} tokens: {prof(b):8.1f} steps/s")
+
+
 def cmd_train_target(args):
     from .recipes import train_target_recipe
 
@@ -202,6 +276,30 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="random small model pair: AR vs speculative, outputs compared")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("calibrate", help="STS calibration of the confidence head (writes sts_calibration.json)")
+    c.add_argument("--target", required=True)
+    c.add_argument("--draft", required=True)
+    c.add_argument("--prompts", default="held-out", help="JSONL prompts, or 'held-out' (stdlib held-out documents)")
+    c.add_argument("--tokenizer")
+    c.add_argument("--num-prompts", type=int, default=64)
+    c.add_argument("--prompt-tokens", type=int, default=64)
+    c.add_argument("--max-new-tokens", type=int, default=128)
+    c.add_argument("--batch-size", type=int, default=16)
+    c.add_argument("--temperature", type=float, default=1.0)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--dtype", default="auto")
+    c.add_argument("--out", help="directory for sts_calibration.json (default: the draft directory)")
+    c.set_defaults(func=cmd_calibrate)
+
+    s = sub.add_parser("profile-sps", help="measure verification steps/s by token budget (for algorithm1/async)")
+    s.add_argument("--target", required=True)
+    s.add_argument("--batch", type=int, default=8)
+    s.add_argument("--block-size", type=int, default=7)
+    s.add_argument("--context", type=int, default=128)
+    s.add_argument("--dtype", default="auto")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_profile_sps)
 
     t = sub.add_parser("train-target", help="train a small Qwen3 target LM (stop any time, resume with the same command)")
     t.add_argument("--out", required=True, help="work directory: tokenizer, data, checkpoints, metrics, final model")

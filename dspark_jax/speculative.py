@@ -551,3 +551,30 @@ def speculative_generate(
     samples = [output[i, : counts[i]].tolist() for i in range(rows)]
     trace_list = trace_to_list(state.trace, state.stats, rows) if trace else None
     return SpecResult(samples, summarize_stats(state.stats, rows), trace_list)
+
+
+def profile_verification(target, tcfg, batch: int, num_drafts: int, context: int = 128, repeats: int = 5):
+    """Measure the target's packed verification at every bucket this batch compiles and return
+    a ``schedule.SPSProfile`` (steps/s by token budget, monotone-fitted)."""
+    import statistics
+    import time
+
+    from .schedule import profile_from_bucket_times
+
+    cache = target_model.init_cache(tcfg, batch, context + num_drafts + 2, target.embed.dtype).advance(context)
+    tokens = jnp.zeros((batch, num_drafts + 1), jnp.int32)
+    live = jnp.ones((batch,), bool)
+    seconds = {}
+    for size in packed_buckets(batch, num_drafts):
+        # lengths that fill exactly this bucket (anchors first, then drafts round-robin)
+        extra = size - batch
+        lengths = jnp.asarray([extra // batch + (b < extra % batch) for b in range(batch)], jnp.int32)
+        fn = jax.jit(lambda c, l: packed_verify(target, tcfg, c, tokens, l, live, ())[0])
+        jax.block_until_ready(fn(cache, lengths))
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(cache, lengths))
+            times.append(time.perf_counter() - t0)
+        seconds[size] = statistics.median(times)
+    return profile_from_bucket_times(seconds, batch * (num_drafts + 1))
