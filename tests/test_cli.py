@@ -86,3 +86,25 @@ def test_generate_errors_are_clear(model_dirs, capsys):
         cli.main(["generate", "--mode", "speculative", "--target", str(root / "target"), "--prompt-ids", "1", "--json"])
     with pytest.raises(SystemExit, match="config.json: file not found"):
         cli.main(["generate", "--target", str(root), "--prompt-ids", "1", "--json"])
+
+
+def test_calibrate_writes_sts_temperatures_that_generate_then_uses(model_dirs, tmp_path, capsys):
+    root, target, cfg = model_dirs
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"turns": [t]}) for t in ["def f(x):", "the quick brown", "return x"]))
+    cli.main(["calibrate", "--target", str(root / "target"), "--draft", str(root / "draft"), "--prompts", str(prompts),
+              "--max-new-tokens", "24", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "STS on" in printed and "ECE before" in printed
+    saved = json.loads((tmp_path / "sts_calibration.json").read_text())
+    assert len(saved["temperatures"]) == 3 and all(t > 0 for t in saved["temperatures"])
+    assert saved["report"]["rounds"] > 0
+    profile = tmp_path / "sps.json"
+    cli.main(["profile-sps", "--target", str(root / "target"), "--batch", "2", "--block-size", "3", "--out", str(profile)])
+    capsys.readouterr()
+    for scheduler in ("algorithm1", "async", "threshold"):
+        out = run_json(capsys, ["generate", "--target", str(root / "target"), "--draft", str(root / "draft"),
+                                "--prompt-ids", "5,6,7", "--max-new-tokens", "9", "--num-samples", "2",
+                                "--scheduler", scheduler, "--sps-profile", str(profile), "--json"])
+        assert out["samples"] == [generate_ar(target, cfg, [[5, 6, 7]], max_new_tokens=9)[0]] * 2
+        assert out["verification_budget_per_request"] <= 4
