@@ -45,6 +45,8 @@ def _add_generate_args(p: argparse.ArgumentParser):
     p.add_argument("--sps-profile", help="saved SPS profile JSON (dspark-jax profile-sps); default: measured at start-up")
     p.add_argument("--cache-len", type=int, help="KV cache positions (default: prompt + max-new-tokens, bucketed)")
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | auto (float32 on CPU, bfloat16 elsewhere)")
+    p.add_argument("--tensor-parallel", type=int, default=1, help="split the target over N devices (model axis)")
+    p.add_argument("--data-parallel", type=int, default=1, help="split the batch over N devices (data axis)")
     p.add_argument("--trace", action="store_true", help="record every round (speculative)")
     p.add_argument("--no-warmup", action="store_true",
                    help="time the first call (compile included) instead of a second, compiled call")
@@ -70,11 +72,16 @@ def run_generate(args) -> dict:
     prompt = tokenizer.encode(args.prompt) if args.prompt is not None else _parse_ids(args.prompt_ids)
     prompts = [prompt] * args.num_samples
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    mesh = None
+    if args.tensor_parallel > 1 or args.data_parallel > 1:
+        from .sharding import make_mesh
+
+        mesh = make_mesh(model=args.tensor_parallel, data=args.data_parallel)
 
     if mode == "ar":
         def call():
             return generate_ar(target, tcfg, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                               seed=args.seed, cache_len=args.cache_len), None
+                               seed=args.seed, cache_len=args.cache_len, mesh=mesh), None
     else:
         draft, dcfg = load_drafter(args.draft, target, tcfg, args.dtype)
         from .schedule import Calibration, SPSProfile
@@ -96,7 +103,7 @@ def run_generate(args) -> dict:
                 target, tcfg, draft, dcfg, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
                 block_size=args.block_size, confidence_threshold=args.confidence_threshold, seed=args.seed,
                 cache_len=args.cache_len, trace=args.trace, scheduler=args.scheduler,
-                sps_profile=profile, calibration=calibration,
+                sps_profile=profile, calibration=calibration, mesh=mesh,
             )
             return res.samples, res
 

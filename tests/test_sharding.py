@@ -124,3 +124,22 @@ def test_compiled_verification_has_two_all_reduces_per_layer_and_none_in_the_dra
     round_fn = jax.jit(functools.partial(speculative_round, scfg=spec_cfg))
     # the whole round (draft backbone, Markov scan, verify, accept) adds no collective to the verify's
     assert count_all_reduces(round_fn.lower(sparams, draft, state).compile().as_text()) == 2
+
+
+def test_cli_generate_with_tensor_and_data_parallel_equals_unsharded(tmp_path, capsys, pair):
+    import json
+
+    from dspark_jax import cli
+    from dspark_jax.checkpoint import save_draft, save_qwen3
+
+    target, cfg, draft, dcfg = pair
+    save_qwen3(tmp_path / "t", target, cfg)
+    save_draft(tmp_path / "d", draft, dcfg, target)
+    common = ["generate", "--target", str(tmp_path / "t"), "--prompt-ids", "1,2,3", "--max-new-tokens", "8",
+              "--num-samples", "2", "--json", "--no-warmup"]
+    outs = []
+    for extra in ([], ["--tensor-parallel", "4", "--data-parallel", "2"]):
+        for mode in (["--mode", "ar"], ["--draft", str(tmp_path / "d")]):
+            cli.main(common + mode + extra)
+            outs.append(json.loads(capsys.readouterr().out)["samples"])
+    assert outs[0] == outs[1] == outs[2] == outs[3]
