@@ -139,3 +139,25 @@ def sharded_forward(mesh: Mesh, params: Qwen3Params, cfg: Qwen3Config, tokens, c
         check_vma=False,
     )
     return fn(params, tokens, cache)
+
+
+def sharded_forward_packed(mesh: Mesh, params: Qwen3Params, cfg: Qwen3Config, tokens, seq_ids, positions, cache: KVCache, *, feature_layers=()):
+    """``target.forward_packed`` under ``jax.shard_map`` (tensor parallel only): the packed
+    token axis mixes sequences, so it is replicated, and the cache is split by kv heads."""
+    from .target import ForwardOutput, forward_packed
+
+    if mesh.shape[DATA] != 1:
+        raise ValueError("packed verification shards the model axis only: use a mesh with data=1")
+
+    def local(params, tokens, seq_ids, positions, cache):
+        return forward_packed(params, cfg, tokens, seq_ids, positions, cache, feature_layers=feature_layers, tp_axis=MODEL)
+
+    cache_spec = KVCache(k=P(None, None, None, MODEL, None), v=P(None, None, None, MODEL, None), lengths=P())
+    fn = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(param_specs(params), P(), P(), P(), cache_spec),
+        out_specs=(ForwardOutput(hidden=P(), features=P(), logits=P()), cache_spec),
+        check_vma=False,
+    )
+    return fn(params, tokens, seq_ids, positions, cache)

@@ -29,7 +29,7 @@ from . import target as target_model
 from .cache import KVCache
 from .config import Qwen3Config
 from .decoding import bucket, is_eos, prefill, prepare_prompts, run_target
-from .sharding import Mesh, check_batch, constrain_cache, shard_target
+from .sharding import Mesh, check_batch, constrain_cache, shard_target, sharded_forward_packed
 from .draft import DraftConfig, DraftParams
 from . import schedule as schedule_lib
 from .sampling import Sampling, distribution, sample
@@ -174,8 +174,6 @@ def packed_verify(target, tcfg, cache: KVCache, verify_tokens, lengths, live, fe
     Returns logits ``[B, K+1, V]`` and features ``[B, K+1, F]`` unpacked (entries past l_b are
     copies of the last verified one and are never read), the cache, and the bucket size used.
     """
-    if mesh is not None:
-        raise NotImplementedError("packed verification with a mesh: use scheduler='fixed' for tensor-parallel runs")
     B, T = verify_tokens.shape
     counts = jnp.where(live, lengths + 1, 0)
     ends = jnp.cumsum(counts)
@@ -190,10 +188,11 @@ def packed_verify(target, tcfg, cache: KVCache, verify_tokens, lengths, live, fe
             row = jnp.minimum(seq, B - 1)
             j = jnp.clip(i - starts[row], 0, T - 1)
             seq_ids = jnp.where(i < total, seq, B)  # padding: out-of-range rows, writes dropped
-            out, cache = target_model.forward_packed(
-                target, tcfg, verify_tokens[row, j], seq_ids, cache.lengths[row] + j, cache,
-                feature_layers=feature_layers,
-            )
+            args = (verify_tokens[row, j], seq_ids, cache.lengths[row] + j, cache)
+            if mesh is None:
+                out, cache = target_model.forward_packed(target, tcfg, *args, feature_layers=feature_layers)
+            else:
+                out, cache = sharded_forward_packed(mesh, target, tcfg, *args, feature_layers=feature_layers)
             slot = starts[:, None] + jnp.minimum(jnp.arange(T)[None, :], jnp.maximum(counts - 1, 0)[:, None])
             slot = jnp.minimum(slot, size - 1)
             return out.logits[slot, 0], out.features[slot, 0], cache
@@ -506,8 +505,8 @@ def speculative_generate(
         raise ValueError(f"unknown scheduler {scheduler!r} (one of {', '.join(schedule_lib.SCHEDULERS)})")
     if scheduler != "fixed" and draft.confidence is None:
         raise ValueError(f"scheduler {scheduler!r} needs a drafter with a confidence head (enable_confidence_head)")
-    if scheduler != "fixed" and mesh is not None:
-        raise ValueError(f"scheduler {scheduler!r} verifies a packed token axis, not supported with a mesh yet; use 'fixed'")
+    if scheduler != "fixed" and mesh is not None and mesh.shape["data"] != 1:
+        raise ValueError(f"scheduler {scheduler!r} verifies a packed token axis: use a mesh with data=1 (tensor parallel only)")
     prepared = prepare_prompts(prompts, tcfg.vocab_size, max_new_tokens, cache_len, extra_cache=K + 1)
     tokens, lengths, active = pad_batch(prepared.tokens, prepared.lengths)
     if mesh is not None:

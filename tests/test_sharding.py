@@ -143,3 +143,22 @@ def test_cli_generate_with_tensor_and_data_parallel_equals_unsharded(tmp_path, c
             cli.main(common + mode + extra)
             outs.append(json.loads(capsys.readouterr().out)["samples"])
     assert outs[0] == outs[1] == outs[2] == outs[3]
+
+
+def test_packed_schedulers_with_tensor_parallel_equal_unsharded(pair):
+    target, cfg, draft, dcfg = pair
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9], [10, 11]]
+    mesh = make_mesh(model=4, data=1)
+    ar = generate_ar(target, cfg, prompts, max_new_tokens=10)
+    for scheduler in ("algorithm1", "threshold"):
+        plain = speculative_generate(target, cfg, draft, dcfg, prompts, max_new_tokens=10, scheduler=scheduler,
+                                     confidence_threshold=0.3)
+        tp = speculative_generate(target, cfg, draft, dcfg, prompts, max_new_tokens=10, scheduler=scheduler,
+                                  confidence_threshold=0.3, mesh=mesh)
+        assert plain.samples == tp.samples == ar
+        expected = plain.stats.pop("expected_accepted_tokens")
+        assert tp.stats.pop("expected_accepted_tokens") == pytest.approx(expected, rel=1e-5)
+        assert plain.stats == tp.stats
+    with pytest.raises(ValueError, match="data=1"):
+        speculative_generate(target, cfg, draft, dcfg, prompts, max_new_tokens=10, scheduler="algorithm1",
+                             mesh=make_mesh(model=2, data=2))
