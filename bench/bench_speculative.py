@@ -1,0 +1,265 @@
+"""Speculative decoding vs autoregressive decoding on one random target, in one run.
+
+The target is a random Qwen3 (default 6 layers, hidden 256, vocab 4096) whose next-token
+distribution depends mostly on the current token (``--context`` scales the attention/MLP
+residual writes); the drafter is the "near-bigram oracle" of ``tests/spec_models.py``: a
+DSpark vanilla Markov head whose bias for previous token t is ``alpha * M[t]``, M the
+target's bigram logits, through the exact factorisation M = H @ lm_head (markov_rank =
+hidden). Its drafts are partly accepted, so tau > 1 (printed).
+
+Measured (median of ``--repeats`` after a warm-up run that compiles):
+  * end-to-end tokens/s of ``speculative_generate`` and ``generate_ar`` (greedy by default,
+    no EOS, so every sample produces ``--new-tokens``), per batch size;
+  * one round, each part jitted alone on a prepared (prefilled) state and repeated inside a
+    ``fori_loop`` (so dispatch is amortised and caches update in place, as in the decoding
+    loop): draft = ``draft.draft_block``; verify = target ``forward`` of K + 1 tokens (with
+    the feature layers; ``packed_verify`` at its full bucket for the packed schedulers, an
+    upper bound there); round = ``speculative_round``; overhead = round - draft - verify
+    (scheduling, acceptance, commit, cache bookkeeping, the drafter's context append,
+    statistics); plus one AR step (target forward of 1 token) for scale.
+
+    python bench/bench_speculative.py [--layers 6 --hidden 256 --vocab 4096 --batch 1 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from dspark_jax import draft as draft_model  # noqa: E402
+from dspark_jax import speculative as spec  # noqa: E402
+from dspark_jax import target as target_model  # noqa: E402
+from dspark_jax.decoding import bucket, generate_ar, prepare_prompts  # noqa: E402
+from dspark_jax.sampling import Sampling  # noqa: E402
+from spec_models import draft_config, make_draft, make_target, random_prompts, target_config  # noqa: E402
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--draft-layers", type=int, default=1)
+    ap.add_argument("--block-size", type=int, default=5)
+    ap.add_argument("--alpha", type=float, default=1.0, help="Markov bias = alpha * bigram logits")
+    ap.add_argument("--context", type=float, default=0.03, help="scale of the target's residual writes")
+    ap.add_argument("--threshold", type=float, default=0.0, help="static confidence threshold")
+    ap.add_argument("--scheduler", choices=spec_schedulers(), default=None,
+                    help="verification scheduler (default: 'threshold' if --threshold > 0, else 'fixed')")
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--round-repeats", type=int, default=5, help="timed calls of each per-round loop")
+    ap.add_argument("--round-iters", type=int, default=20, help="iterations inside each per-round loop")
+    return ap.parse_args(argv)
+
+
+def spec_schedulers():
+    from dspark_jax.schedule import SCHEDULERS
+
+    return SCHEDULERS
+
+
+def median_time(fn, repeats: int) -> float:
+    """Median wall time (s) of ``fn()`` (which must block until its result is ready),
+    after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def block(x):
+    return jax.block_until_ready(x)
+
+
+# Per-round parts, each repeated ``n`` times inside one jitted fori_loop (one dispatch, caches
+# updated in place as in the decoding loop). Every iteration feeds on the previous one's
+# output, so XLA cannot hoist the work out of the loop.
+
+
+@functools.partial(jax.jit, static_argnames=("dcfg", "sampling", "K", "n"))
+def draft_loop(draft, target, state, key, *, dcfg, sampling, K, n):
+    def body(i, anchor):
+        blk, _ = draft_model.draft_block(
+            jax.random.fold_in(key, i), draft, dcfg, target, state.draft_cache, anchor, sampling, K
+        )
+        return blk.tokens[:, -1]
+
+    return jax.lax.fori_loop(0, n, body, state.anchor)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "feature_layers", "K", "n", "packed"), donate_argnames=("cache",))
+def verify_loop(target, anchor, cache, *, cfg, feature_layers, K, n, packed):
+    """Verification of all K + 1 tokens per sequence: the dense forward ('fixed'), or the
+    packed one the other schedulers use (at its largest bucket: every draft offered)."""
+    B = anchor.shape[0]
+
+    def body(_, carry):
+        tokens, cache = carry
+        if packed:
+            lengths, live = jnp.full((B,), K, jnp.int32), jnp.ones((B,), bool)
+            logits, features, cache, _ = spec.packed_verify(target, cfg, cache, tokens, lengths, live, feature_layers)
+        else:
+            out, cache = target_model.forward(target, cfg, tokens, cache, feature_layers=feature_layers)
+            logits, features = out.logits, out.features
+        # the next tokens depend on logits and features, so neither is dead code
+        next_tokens = jnp.argmax(logits, -1).astype(jnp.int32) + (features[..., 0] > 0)
+        return next_tokens % cfg.vocab_size, cache
+
+    tokens = jnp.broadcast_to(anchor[:, None], (anchor.shape[0], K + 1))
+    return jax.lax.fori_loop(0, n, body, (tokens, cache))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "n"), donate_argnames=("cache",))
+def ar_step_loop(target, anchor, cache, *, cfg, n):
+    def body(_, carry):
+        token, cache = carry
+        out, cache = target_model.forward(target, cfg, token[:, None], cache)
+        return jnp.argmax(out.logits[:, 0], -1).astype(jnp.int32), cache.advance(1)
+
+    return jax.lax.fori_loop(0, n, body, (anchor, cache))
+
+
+@functools.partial(jax.jit, static_argnames=("scfg", "n"), donate_argnames=("state",))
+def round_loop(target, draft, state, *, scfg, n):
+    return jax.lax.fori_loop(0, n, lambda _, s: spec.speculative_round(target, draft, s, scfg=scfg), state)
+
+
+def per_iteration(loop, make_args, n: int, repeats: int) -> float:
+    """Median seconds per loop iteration; ``make_args()`` builds fresh (donatable) inputs
+    outside the timed region."""
+    times = []
+    for r in range(repeats + 1):  # the first (compiling) call is the warm-up
+        args = block(make_args())
+        t = time.perf_counter()
+        block(loop(*args))
+        if r:
+            times.append((time.perf_counter() - t) / n)
+    return statistics.median(times)
+
+
+def prepared_state(target, tcfg, draft, dcfg, prompts, sampling, K, scheduler, threshold, max_new):
+    """A prefilled SpecState for ``prompts`` (as ``speculative_generate`` builds it)."""
+    prepared = prepare_prompts(prompts, tcfg.vocab_size, max_new, None, extra_cache=K + 1)
+    tokens, lengths, active = spec.pad_batch(prepared.tokens, prepared.lengths)
+    scfg = spec.SpecConfig(
+        tcfg, dcfg, sampling, K if K != dcfg.block_size else 0, tcfg.eos_token_ids, 0, scheduler=scheduler
+    )
+    schedule = spec.init_schedule_state(tokens.shape[0], K, threshold)
+    state = spec.speculative_prefill(
+        target, draft, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(active), jax.random.key(0),
+        jnp.int32(max_new), schedule, scfg=scfg, buffer_len=bucket(max_new), cache_len=prepared.cache_len,
+    )
+    return block(state), scfg
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    tcfg = target_config(
+        vocab=args.vocab, hidden=args.hidden, layers=args.layers, heads=args.heads,
+        kv_heads=args.kv_heads, head_dim=args.hidden // args.heads, intermediate=3 * args.hidden,
+    )
+    ids = tuple(sorted({round(i * (args.layers - 1) / 2) for i in range(3)}))  # first, middle, last
+    dcfg = draft_config(
+        tcfg, "vanilla", args.block_size, ids, confidence=True, markov_rank=args.hidden, draft_layers=args.draft_layers
+    )
+    target = make_target(tcfg, 0, context=args.context)
+    draft = make_draft(target, tcfg, dcfg, 1, alpha=args.alpha)
+    sampling = Sampling(temperature=args.temperature)
+    K = args.block_size
+    scheduler = args.scheduler or ("threshold" if args.threshold > 0 else "fixed")
+    print(
+        f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} CPUs) | target: {args.layers} layers, "
+        f"hidden {args.hidden}, heads {args.heads}/{args.kv_heads}, vocab {args.vocab} | drafter: {args.draft_layers} "
+        f"layer(s), block {K}, vanilla Markov head = {args.alpha} x bigram logits (rank {args.hidden}), "
+        f"target_layer_ids {ids} | context {args.context}, scheduler {scheduler}, threshold {args.threshold}, "
+        f"temperature {args.temperature}"
+    )
+    print(f"prompts of {args.prompt_len} tokens, {args.new_tokens} new tokens per sample, no EOS; "
+          f"median of {args.repeats} runs (end to end) / of {args.round_repeats} loops of {args.round_iters} "
+          f"iterations (per round, ms per iteration) after a warm-up\n")
+
+    rows = []
+    for B in args.batch:
+        prompts = random_prompts(B, args.vocab, args.prompt_len, args.prompt_len, seed=B)
+        total = B * args.new_tokens
+
+        def run_spec():
+            return spec.speculative_generate(
+                target, tcfg, draft, dcfg, prompts, max_new_tokens=args.new_tokens, sampling=sampling,
+                block_size=K, confidence_threshold=args.threshold, scheduler=scheduler,
+            )
+
+        def run_ar():
+            return generate_ar(target, tcfg, prompts, max_new_tokens=args.new_tokens, sampling=sampling)
+
+        t_spec = median_time(run_spec, args.repeats)
+        t_ar = median_time(run_ar, args.repeats)
+        res = run_spec()
+        assert all(len(s) == args.new_tokens for s in res.samples)
+        if sampling.greedy:
+            assert res.samples == run_ar(), "greedy speculative output differs from AR"
+
+        # a prefilled state with room for n full rounds (no sequence finishes inside the loop)
+        n = args.round_iters
+        state, scfg = prepared_state(
+            target, tcfg, draft, dcfg, prompts, sampling, K, scheduler, args.threshold, n * (K + 1) + 2
+        )
+        copy = lambda tree: jax.tree.map(jnp.copy, tree)
+        key = jax.random.key(1)
+        reps = args.round_repeats
+        t_draft = per_iteration(
+            lambda *a: draft_loop(*a, dcfg=dcfg, sampling=sampling, K=K, n=n), lambda: (draft, target, state, key), n, reps
+        )
+        t_verify = per_iteration(
+            lambda *a: verify_loop(*a, cfg=tcfg, feature_layers=dcfg.target_layer_ids, K=K, n=n, packed=scfg.packed),
+            lambda: (target, state.anchor, copy(state.target_cache)), n, reps,
+        )
+        t_round = per_iteration(lambda *a: round_loop(*a, scfg=scfg, n=n), lambda: (target, draft, copy(state)), n, reps)
+        t_step = per_iteration(
+            lambda *a: ar_step_loop(*a, cfg=tcfg, n=n), lambda: (target, state.anchor, copy(state.target_cache)), n, reps
+        )
+        rows.append(dict(
+            B=B, spec_tps=total / t_spec, ar_tps=total / t_ar, tau=res.stats["tau"],
+            rates=res.stats["accept_rate_by_position"], draft=t_draft, verify=t_verify, round=t_round, step=t_step,
+        ))
+
+    print(f"{'batch':>5} {'spec tok/s':>11} {'AR tok/s':>9} {'speedup':>8} {'tau':>5} | {'round ms':>8} {'draft ms':>8} "
+          f"{'verify ms':>9} {'overhead ms':>11} | {'AR step ms':>10} {'round/step':>10} {'tau*step/round':>14}")
+    for r in rows:
+        overhead = r["round"] - r["draft"] - r["verify"]
+        print(
+            f"{r['B']:>5} {r['spec_tps']:>11.1f} {r['ar_tps']:>9.1f} {r['spec_tps'] / r['ar_tps']:>7.2f}x {r['tau']:>5.2f} | "
+            f"{1e3 * r['round']:>8.2f} {1e3 * r['draft']:>8.2f} {1e3 * r['verify']:>9.2f} {1e3 * overhead:>11.2f} | "
+            f"{1e3 * r['step']:>10.2f} {r['round'] / r['step']:>10.2f} {r['tau'] * r['step'] / r['round']:>14.2f}"
+        )
+    print()
+    for r in rows:
+        overhead = r["round"] - r["draft"] - r["verify"]
+        shares = ", ".join(f"{name} {100 * t / r['round']:.0f}%" for name, t in (("draft", r["draft"]), ("verify", r["verify"]), ("overhead", overhead)))
+        rates = ", ".join("-" if a is None else f"{a:.2f}" for a in r["rates"])
+        print(f"batch {r['B']}: round = {shares}; acceptance by position [{rates}]")
+    print("\nspeedup = spec tok/s / AR tok/s; tau*step/round = the speedup the per-round timings predict "
+          "(tau tokens per round vs one token per AR step)")
+
+
+if __name__ == "__main__":
+    main()
