@@ -141,7 +141,7 @@ def sharded_forward(mesh: Mesh, params: Qwen3Params, cfg: Qwen3Config, tokens, c
     return fn(params, tokens, cache)
 
 
-def sharded_forward_packed(mesh: Mesh, params: Qwen3Params, cfg: Qwen3Config, tokens, seq_ids, positions, cache: KVCache, *, feature_layers=()):
+def sharded_forward_packed(mesh: Mesh, params: Qwen3Params, cfg: Qwen3Config, tokens, seq_ids, slots, cache: KVCache, *, chunk_len: int, feature_layers=()):
     """``target.forward_packed`` under ``jax.shard_map`` (tensor parallel only): the packed
     token axis mixes sequences, so it is replicated, and the cache is split by kv heads."""
     from .target import ForwardOutput, forward_packed
@@ -149,15 +149,17 @@ def sharded_forward_packed(mesh: Mesh, params: Qwen3Params, cfg: Qwen3Config, to
     if mesh.shape[DATA] != 1:
         raise ValueError("packed verification shards the model axis only: use a mesh with data=1")
 
-    def local(params, tokens, seq_ids, positions, cache):
-        return forward_packed(params, cfg, tokens, seq_ids, positions, cache, feature_layers=feature_layers, tp_axis=MODEL)
+    def local(params, tokens, seq_ids, slots, cache):
+        return forward_packed(params, cfg, tokens, seq_ids, slots, cache, chunk_len=chunk_len,
+                              feature_layers=feature_layers, tp_axis=MODEL)
 
     cache_spec = KVCache(k=P(None, None, None, MODEL, None), v=P(None, None, None, MODEL, None), lengths=P())
+    new_kv_spec = P(None, None, MODEL, None)  # [L, N, kv_heads, Dh]
     fn = jax.shard_map(
         local,
         mesh=mesh,
         in_specs=(param_specs(params), P(), P(), P(), cache_spec),
-        out_specs=(ForwardOutput(hidden=P(), features=P(), logits=P()), cache_spec),
+        out_specs=(ForwardOutput(hidden=P(), features=P(), logits=P()), (new_kv_spec, new_kv_spec)),
         check_vma=False,
     )
-    return fn(params, tokens, seq_ids, positions, cache)
+    return fn(params, tokens, seq_ids, slots, cache)

@@ -170,9 +170,11 @@ def packed_verify(target, tcfg, cache: KVCache, verify_tokens, lengths, live, fe
     """Verify ``[anchor, d_1..d_l]`` of every live sequence on one packed token axis.
 
     The anchor + l_b drafts of sequence b occupy slots ``starts[b] ..``; the axis is padded to
-    the smallest bucket that holds them all, so verifying fewer tokens runs a smaller forward.
-    Returns logits ``[B, K+1, V]`` and features ``[B, K+1, F]`` unpacked (entries past l_b are
-    copies of the last verified one and are never read), the cache, and the bucket size used.
+    the smallest bucket that holds them all, so verifying fewer tokens runs a smaller forward
+    (one ``lax.switch`` branch per bucket; the branches only read the cache, and the new
+    keys/values are written once after the switch). Returns logits ``[B, K+1, V]`` and
+    features ``[B, K+1, F]`` unpacked (entries past l_b repeat the last verified one and are
+    never read), the cache, and the bucket size used.
     """
     B, T = verify_tokens.shape
     counts = jnp.where(live, lengths + 1, 0)
@@ -180,27 +182,35 @@ def packed_verify(target, tcfg, cache: KVCache, verify_tokens, lengths, live, fe
     starts = ends - counts
     total = ends[-1]
     buckets = packed_buckets(B, T - 1)
+    largest = buckets[-1]
+
+    def layout(size):
+        i = jnp.arange(size)
+        seq = jnp.searchsorted(ends, i, side="right").astype(jnp.int32)
+        row = jnp.minimum(seq, B - 1)
+        slot = jnp.clip(i - starts[row], 0, T - 1)
+        return jnp.where(i < total, seq, B), row, slot  # padding: out-of-range sequence id
 
     def branch(size):
         def run(cache):
-            i = jnp.arange(size)
-            seq = jnp.searchsorted(ends, i, side="right").astype(jnp.int32)
-            row = jnp.minimum(seq, B - 1)
-            j = jnp.clip(i - starts[row], 0, T - 1)
-            seq_ids = jnp.where(i < total, seq, B)  # padding: out-of-range rows, writes dropped
-            args = (verify_tokens[row, j], seq_ids, cache.lengths[row] + j, cache)
+            seq_ids, row, slot = layout(size)
+            args = (verify_tokens[row, slot], seq_ids, slot, cache)
+            kw = dict(chunk_len=T, feature_layers=feature_layers)
             if mesh is None:
-                out, cache = target_model.forward_packed(target, tcfg, *args, feature_layers=feature_layers)
+                out, (new_k, new_v) = target_model.forward_packed(target, tcfg, *args, **kw)
             else:
-                out, cache = sharded_forward_packed(mesh, target, tcfg, *args, feature_layers=feature_layers)
-            slot = starts[:, None] + jnp.minimum(jnp.arange(T)[None, :], jnp.maximum(counts - 1, 0)[:, None])
-            slot = jnp.minimum(slot, size - 1)
-            return out.logits[slot, 0], out.features[slot, 0], cache
+                out, (new_k, new_v) = sharded_forward_packed(mesh, target, tcfg, *args, **kw)
+            unpack = starts[:, None] + jnp.minimum(jnp.arange(T)[None, :], jnp.maximum(counts - 1, 0)[:, None])
+            unpack = jnp.minimum(unpack, size - 1)
+            pad = ((0, 0), (0, largest - size), (0, 0), (0, 0))
+            return out.logits[unpack, 0], out.features[unpack, 0], jnp.pad(new_k, pad), jnp.pad(new_v, pad)
 
         return run
 
     index = jnp.searchsorted(jnp.asarray(buckets), total, side="left")
-    logits, features, cache = jax.lax.switch(index, [branch(n) for n in buckets], cache)
+    logits, features, new_k, new_v = jax.lax.switch(index, [branch(n) for n in buckets], cache)
+    seq_ids, _, slot = layout(largest)
+    cache = target_model.write_packed(cache, new_k, new_v, seq_ids, slot)
     return logits, features, cache, jnp.asarray(buckets, jnp.int32)[index]
 
 

@@ -162,32 +162,58 @@ def forward_packed(
     cfg: Qwen3Config,
     tokens: jax.Array,
     seq_ids: jax.Array,
-    positions: jax.Array,
+    slots: jax.Array,
     cache: KVCache,
     *,
+    chunk_len: int,
     feature_layers: Sequence[int] = (),
     with_logits: bool = True,
     tp_axis: str | None = None,
-) -> tuple[ForwardOutput, KVCache]:
-    """Ragged (packed) chunk: ``tokens [N]`` of several sequences on one flat axis, token i
-    belonging to sequence ``seq_ids[i]`` at ``positions[i]``. Keys/values are scattered into
-    that sequence's cache rows; each token attends to its own sequence's cache up to its
-    position (which includes the earlier tokens of its own chunk). Padding tokens carry
-    ``seq_ids == batch`` (out of range): their writes are dropped and their outputs garbage.
-    Projections and MLPs cost N tokens, not batch x chunk. Outputs have shape ``[N, 1, ...]``.
+) -> tuple[ForwardOutput, tuple[jax.Array, jax.Array]]:
+    """Ragged (packed) chunk: ``tokens [N]`` of several sequences on one flat axis; token i is
+    the ``slots[i]``-th new token of sequence ``seq_ids[i]`` (position ``lengths + slot``),
+    ``slots < chunk_len``. Projections and MLPs run on the N packed tokens (they dominate the
+    cost of a short chunk). Attention scatters queries and the chunk's own keys into a
+    ``[batch, chunk_len]`` grid and reads [cache ; chunk] per sequence, so the cache is only
+    read here: the new keys/values come back packed, ``[L, N, K, Dh]`` each, for
+    ``write_packed`` (which keeps the big cache out of control-flow operands that would copy
+    it). Padding tokens carry ``seq_ids == batch``. Outputs have shape ``[N, 1, ...]``.
     """
     feature_layers = check_feature_layers(cfg, feature_layers)
-    tok = tokens[:, None]  # each packed token is its own row of one query
-    pos = positions[:, None]
-    cos, sin = rope_cos_sin(cfg, pos)
-    mask = causal_cache_mask(pos, cache.max_len)  # [N, 1, S]
-    rows = jnp.minimum(seq_ids, cache.batch - 1)
+    B, S = cache.batch, cache.max_len
+    rows = jnp.minimum(seq_ids, B - 1)
+    cos, sin = rope_cos_sin(cfg, (cache.lengths[rows] + slots)[:, None])
+    t = jnp.arange(chunk_len)
+    # a grid query (b, t) reads the committed cache of b and the chunk's slots <= t
+    in_grid = jnp.zeros((B, chunk_len), bool).at[seq_ids, slots].set(True, mode="drop")
+    mask = jnp.concatenate(
+        [
+            jnp.broadcast_to((jnp.arange(S)[None, :] < cache.lengths[:, None])[:, None, :], (B, chunk_len, S)),
+            (t[None, None, :] <= t[None, :, None]) & in_grid[:, None, :],
+        ],
+        axis=-1,
+    )
+
+    def grid(x):
+        return jnp.zeros((B, chunk_len) + x.shape[2:], x.dtype).at[seq_ids, slots].set(x[:, 0], mode="drop")
 
     def attend(q, k, v, layer_cache):
         k_cache, v_cache = layer_cache
-        k_all = k_cache.at[seq_ids, positions].set(k[:, 0].astype(k_cache.dtype), mode="drop")
-        v_all = v_cache.at[seq_ids, positions].set(v[:, 0].astype(v_cache.dtype), mode="drop")
-        return attention(q, k_all[rows], v_all[rows], mask), (k_all, v_all)
+        k_all = jnp.concatenate([k_cache, grid(k).astype(k_cache.dtype)], axis=1)
+        v_all = jnp.concatenate([v_cache, grid(v).astype(v_cache.dtype)], axis=1)
+        out = attention(grid(q), k_all, v_all, mask)
+        return out[rows, slots][:, None], (k[:, 0], v[:, 0])
 
-    out, new_kv = _run_layers(params, cfg, tok, cos, sin, (cache.k, cache.v), attend, feature_layers, with_logits, tp_axis, False)
-    return out, dataclasses.replace(cache, k=new_kv[0], v=new_kv[1])
+    out, new_kv = _run_layers(params, cfg, tokens[:, None], cos, sin, (cache.k, cache.v), attend, feature_layers, with_logits, tp_axis, False)
+    return out, new_kv
+
+
+def write_packed(cache: KVCache, new_k: jax.Array, new_v: jax.Array, seq_ids: jax.Array, slots: jax.Array) -> KVCache:
+    """Scatter packed keys/values ``[L, N, K, Dh]`` at (sequence, lengths + slot); padding
+    tokens (``seq_ids == batch``) are dropped. Lengths are not advanced."""
+    B = cache.batch
+    rows = jnp.minimum(seq_ids, B - 1)
+    positions = jnp.where(seq_ids < B, cache.lengths[rows] + slots, cache.max_len)
+    k = cache.k.at[:, rows, positions].set(new_k.astype(cache.k.dtype), mode="drop")
+    v = cache.v.at[:, rows, positions].set(new_v.astype(cache.v.dtype), mode="drop")
+    return dataclasses.replace(cache, k=k, v=v)
