@@ -314,12 +314,22 @@ def exact_joint_2_3(pr, sampling):
     return np.einsum("a,ab,abc->bc", p1, p2, p3)
 
 
+def budget_profile(rows):
+    """A cost curve under which Algorithm 1 admits drafts with survival above roughly 1/3 (a
+    verification step costs 1 + B / (2 rows)), so admission really depends on the confidences."""
+    from dspark_jax.schedule import linear_cost_profile
+
+    return linear_cost_profile(rows * (K + 1), fixed=1.0, per_token=0.5 / rows)
+
+
 @pytest.mark.parametrize(
-    "top_k,zero_mass,threshold",
-    [(0, False, 0.0), (0, True, 0.0), (0, True, 0.5), (8, True, 0.0)],
-    ids=["plain", "draft-zero-mass", "draft-zero-mass-threshold", "top_k-draft-zero-mass"],
+    "top_k,zero_mass,threshold,scheduler",
+    [(0, False, 0.0, None), (0, True, 0.0, None), (0, True, 0.5, None), (8, True, 0.0, None),
+     (0, True, 0.0, "algorithm1"), (0, True, 0.0, "async")],
+    ids=["plain", "draft-zero-mass", "draft-zero-mass-threshold", "top_k-draft-zero-mass",
+         "algorithm1-draft-zero-mass", "async-draft-zero-mass"],
 )
-def test_speculative_sampling_matches_target_distribution(top_k, zero_mass, threshold):
+def test_speculative_sampling_matches_target_distribution(top_k, zero_mass, threshold, scheduler):
     sampling = Sampling(temperature=1.0, top_k=top_k)
     joint = exact_joint_2_3(pair("vanilla", context=SAMPLING_CONTEXT), sampling)
     zero = ()
@@ -328,13 +338,17 @@ def test_speculative_sampling_matches_target_distribution(top_k, zero_mass, thre
         assert joint.sum(1)[list(zero)].sum() > 0.15
     pr = pair("vanilla", context=SAMPLING_CONTEXT, zero_mass_tokens=zero)
     prompts = [SAMPLING_PROMPT] * SAMPLING_ROWS
-    samples, accepted, proposed = [], 0, 0
+    samples, accepted, proposed, rounds = [], 0, 0, 0
     for seed in (1, 2):
-        res = run_spec(pr, prompts, max_new=4, cache_len=32, sampling=sampling, seed=seed, threshold=threshold, trace=False)
+        res = run_spec(pr, prompts, max_new=4, cache_len=32, sampling=sampling, seed=seed, threshold=threshold,
+                       trace=False, scheduler=scheduler, sps_profile=budget_profile(len(prompts)))
         samples += res.samples
         accepted += res.stats["accepted_tokens"]
         proposed += res.stats["proposed_tokens"]
+        rounds += res.stats["rounds"]
     assert 0.2 < accepted / proposed < 0.9  # both the accept and the residual paths run often
+    if scheduler is not None:  # the budget schedulers verified some drafts, not all
+        assert 0 < proposed < 0.9 * rounds * K
     S = np.array(samples)
     assert S.shape == (2 * SAMPLING_ROWS, 4)
     if zero:  # the residual gives back the tokens the draft never proposes
