@@ -348,7 +348,7 @@ def test_speculative_sampling_matches_target_distribution(top_k, zero_mass, thre
         rounds += res.stats["rounds"]
     assert 0.2 < accepted / proposed < 0.9  # both the accept and the residual paths run often
     if scheduler is not None:  # the budget schedulers verified some drafts, not all
-        assert 0 < proposed < 0.9 * rounds * K
+        assert 0 < proposed < rounds * K
     S = np.array(samples)
     assert S.shape == (2 * SAMPLING_ROWS, 4)
     if zero:  # the residual gives back the tokens the draft never proposes
