@@ -15,7 +15,15 @@ from dspark_jax.config import Qwen3Config
 from dspark_jax.decoding import generate_ar, prepare_prompts
 from dspark_jax.sampling import Sampling
 from dspark_jax.sharding import kv_replication, make_mesh, shard_target, sharded_forward
-from dspark_jax.speculative import SpecConfig, speculative_generate, speculative_prefill, speculative_round
+from dspark_jax.speculative import SpecConfig, init_schedule_state, speculative_generate, speculative_prefill, speculative_round
+
+
+def assert_same_stats(a, b):
+    """Counts equal; the float sum of survival probabilities equal up to rounding (the sharded
+    target's features differ from the unsharded ones in the last bits)."""
+    a, b = dict(a), dict(b)
+    assert a.pop("expected_accepted_tokens") == pytest.approx(b.pop("expected_accepted_tokens"), rel=1e-5)
+    assert a == b
 
 
 def tiny_config(kv_heads):
@@ -85,7 +93,7 @@ def test_ar_and_speculative_with_a_mesh_equal_unsharded_greedy(pair):
     spec_tp = speculative_generate(target, cfg, draft, dcfg, prompts, max_new_tokens=12, mesh=mesh)
     assert spec.samples == ar
     assert spec_tp.samples == ar
-    assert spec_tp.stats == spec.stats
+    assert_same_stats(spec_tp.stats, spec.stats)
 
 
 def test_sampling_with_a_mesh_gives_the_same_samples_for_the_same_seed(pair):
@@ -119,7 +127,7 @@ def test_compiled_verification_has_two_all_reduces_per_layer_and_none_in_the_dra
     spec_cfg = SpecConfig(target=scfg, draft=dcfg, mesh=mesh)
     prepared = prepare_prompts([[1, 2, 3]] * 4, cfg.vocab_size, 8, extra_cache=5)
     state = speculative_prefill(sparams, draft, jnp.asarray(prepared.tokens), jnp.asarray(prepared.lengths),
-                                jnp.ones(4, bool), jax.random.key(0), jnp.int32(8), jnp.float32(0.0),
+                                jnp.ones(4, bool), jax.random.key(0), jnp.int32(8), init_schedule_state(4, 4),
                                 scfg=spec_cfg, buffer_len=16, cache_len=prepared.cache_len)
     round_fn = jax.jit(functools.partial(speculative_round, scfg=spec_cfg))
     # the whole round (draft backbone, Markov scan, verify, accept) adds no collective to the verify's
@@ -156,9 +164,7 @@ def test_packed_schedulers_with_tensor_parallel_equal_unsharded(pair):
         tp = speculative_generate(target, cfg, draft, dcfg, prompts, max_new_tokens=10, scheduler=scheduler,
                                   confidence_threshold=0.3, mesh=mesh)
         assert plain.samples == tp.samples == ar
-        expected = plain.stats.pop("expected_accepted_tokens")
-        assert tp.stats.pop("expected_accepted_tokens") == pytest.approx(expected, rel=1e-5)
-        assert plain.stats == tp.stats
+        assert_same_stats(tp.stats, plain.stats)
     with pytest.raises(ValueError, match="data=1"):
         speculative_generate(target, cfg, draft, dcfg, prompts, max_new_tokens=10, scheduler="algorithm1",
                              mesh=make_mesh(model=2, data=2))
