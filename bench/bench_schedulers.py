@@ -35,11 +35,15 @@ from spec_models import make_pair, random_prompts  # noqa: E402
 SCHEDULERS = ("fixed", "threshold", "algorithm1", "async")
 
 
-def timed(fn):
-    fn()  # compile
-    t0 = time.perf_counter()
+def timed(fn, repeats=3):
+    """(result, median seconds of `repeats` calls after a compiling call)."""
     out = fn()
-    return out, time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return out, sorted(times)[len(times) // 2]
 
 
 def main():
@@ -72,7 +76,7 @@ def main():
         n = sum(map(len, samples))
         rows.append((R, "ar", n / sec, n / sec / R, 1.0, 1.0))
         print(f"{R:3d} {'ar':>10} {n / sec:10.1f} {n / sec / R:10.1f} {1.0:6.2f} {1.0:10.2f}")
-        profile = profile_verification(pr.target, pr.tcfg, bucket(R, BATCH_BUCKETS), K)
+        profile = profile_verification(pr.target, pr.tcfg, bucket(R, BATCH_BUCKETS), K, draft=pr.draft, dcfg=pr.dcfg)
         for sch in SCHEDULERS:
             res, sec = timed(lambda: speculative_generate(
                 pr.target, pr.tcfg, pr.draft, pr.dcfg, prompts, max_new_tokens=args.max_new_tokens,

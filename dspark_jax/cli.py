@@ -96,7 +96,7 @@ def run_generate(args) -> dict:
                 from .decoding import bucket
 
                 profile = profile_verification(target, tcfg, bucket(args.num_samples, BATCH_BUCKETS),
-                                               args.block_size or dcfg.block_size)
+                                               args.block_size or dcfg.block_size, draft=draft, dcfg=dcfg)
 
         def call():
             res = speculative_generate(
