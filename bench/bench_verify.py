@@ -13,9 +13,6 @@ steps per second.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-
 import jax
 import jax.numpy as jnp
 
@@ -23,6 +20,7 @@ from dspark_jax import target as target_model
 from dspark_jax.checkpoint import resolve_dtype
 from dspark_jax.config import Qwen3Config
 from dspark_jax.sharding import make_mesh, shard_target, sharded_forward
+from dspark_jax.timing import median_seconds
 
 PRESETS = {
     # Qwen3-4B: 36 layers, d 2560, 32 heads / 8 kv heads, head_dim 128, MLP 9728, vocab 151936
@@ -31,16 +29,6 @@ PRESETS = {
     "small": Qwen3Config(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
                          num_attention_heads=8, num_key_value_heads=4, head_dim=64),
 }
-
-
-def time_call(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile + warm up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def profile(params, cfg, mesh, batches, drafts, context, repeats):
@@ -53,7 +41,7 @@ def profile(params, cfg, mesh, batches, drafts, context, repeats):
                 fn = jax.jit(lambda p, t, c: target_model.forward(p, cfg, t, c)[0].logits)
             else:
                 fn = jax.jit(lambda p, t, c: sharded_forward(mesh, p, cfg, t, c)[0].logits)
-            sec = time_call(fn, params, tokens, cache, repeats=repeats)
+            sec = median_seconds(fn, params, tokens, cache, repeats=repeats)
             rows.append((B, d, sec))
     return rows
 

@@ -568,35 +568,24 @@ def profile_verification(target, tcfg, batch: int, num_drafts: int, context: int
     a ``schedule.SPSProfile`` (steps/s by token budget, monotone-fitted). With a drafter, the
     time of drafting a block (paid every round whatever the budget) is added to every bucket,
     so SPS is the whole engine step rate, as the paper's profile is."""
-    import statistics
-    import time
-
     from .schedule import profile_from_bucket_times
+    from .timing import median_seconds
 
     cache = target_model.init_cache(tcfg, batch, context + num_drafts + 2, target.embed.dtype).advance(context)
     tokens = jnp.zeros((batch, num_drafts + 1), jnp.int32)
     live = jnp.ones((batch,), bool)
-
-    def median_seconds(fn, *args):
-        jax.block_until_ready(fn(*args))
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
 
     draft_seconds = 0.0
     if draft is not None:
         ctx = draft_model.init_context_cache(dcfg, batch, context + num_drafts + 2, target.embed.dtype).advance(context)
         fn = jax.jit(lambda c, a: draft_model.draft_block(jax.random.key(0), draft, dcfg, target, c, a, Sampling(),
                                                           num_drafts)[0].tokens)
-        draft_seconds = median_seconds(fn, ctx, jnp.zeros((batch,), jnp.int32))
+        draft_seconds = median_seconds(fn, ctx, jnp.zeros((batch,), jnp.int32), repeats=repeats)
     seconds = {}
     for size in packed_buckets(batch, num_drafts):
         # lengths that fill exactly this bucket (anchors first, then drafts round-robin)
         extra = size - batch
         lengths = jnp.asarray([extra // batch + (b < extra % batch) for b in range(batch)], jnp.int32)
         fn = jax.jit(lambda c, l: packed_verify(target, tcfg, c, tokens, l, live, ())[0])
-        seconds[size] = median_seconds(fn, cache, lengths) + draft_seconds
+        seconds[size] = median_seconds(fn, cache, lengths, repeats=repeats) + draft_seconds
     return profile_from_bucket_times(seconds, batch * (num_drafts + 1))
