@@ -250,6 +250,56 @@ def cmd_calibrate(args):
               f"  {rep['auroc_before'][k]:10.3f}  {rep['auroc_prefix_before'][k]:.3f}/{rep['auroc_prefix_after'][k]:.3f}")
 
 
+EMBEDDED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints")
+
+
+def _target_or_embedded(path):
+    if path:
+        return path
+    embedded = os.path.join(EMBEDDED_DIR, "target")
+    if not os.path.isdir(embedded):
+        raise SystemExit(f"error: no --target given and no embedded target at {embedded} yet")
+    return embedded
+
+
+def cmd_eval(args):
+    """Table 1 / Figure 2 / Figure 6 for one or more drafters on one or more prompt sets."""
+    from .checkpoint import load_drafter, load_target
+    from .evaluate import evaluate_drafter, format_table, load_prompt_set, plot_acceptance, plot_reliability
+    from .sampling import Sampling
+    from .schedule import Calibration
+    from .tokenizer import Tokenizer
+
+    target_dir = _target_or_embedded(args.target)
+    try:
+        target, tcfg = load_target(target_dir, args.dtype)
+        tok = Tokenizer(args.tokenizer or target_dir)
+        sets = [load_prompt_set(p, tok.encode, args.prompt_tokens, args.num_prompts) for p in args.prompts]
+        drafters = [(d, *load_drafter(d, target, tcfg, args.dtype)) for d in args.draft]
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    results = []
+    for path, draft, dcfg in drafters:
+        name = os.path.basename(os.path.normpath(path))
+        for domain, prompts in sets:
+            results.append(evaluate_drafter(
+                target, tcfg, draft, dcfg, prompts, name=name, domain=domain, sampling=Sampling(args.temperature),
+                block_size=args.block_size, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                seed=args.seed, calibration=Calibration.load(path), progress=not args.json,
+            ))
+    os.makedirs(args.out, exist_ok=True)
+    figures = {"acceptance": os.path.join(args.out, "acceptance_by_position.png"),
+               "reliability": os.path.join(args.out, "confidence_reliability.png")}
+    plot_acceptance(results, figures["acceptance"])
+    plot_reliability(results, figures["reliability"])
+    if args.json:
+        print(json.dumps({"results": [r.to_json() for r in results], "figures": figures,
+                          "temperature": args.temperature}))
+    else:
+        print(format_table(results))
+        print(f"\nfigures: {figures['acceptance']}, {figures['reliability']}")
+
+
 def cmd_profile_sps(args):
     from .checkpoint import load_target
     from .speculative import profile_verification
@@ -298,6 +348,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default="auto")
     c.add_argument("--out", help="directory for sts_calibration.json (default: the draft directory)")
     c.set_defaults(func=cmd_calibrate)
+
+    e = sub.add_parser("eval", help="tau and acceptance per domain and drafter (Table 1), Figure 2 and 6 plots")
+    e.add_argument("--target", help="default: the embedded target in checkpoints/")
+    e.add_argument("--draft", action="append", required=True, help="a drafter directory (repeatable)")
+    e.add_argument("--prompts", nargs="+", default=["held-out-code", "held-out-prose"],
+                   help="held-out-code, held-out-prose, or DeepSpec-format JSONL files")
+    e.add_argument("--tokenizer")
+    e.add_argument("--num-prompts", type=int, default=64)
+    e.add_argument("--prompt-tokens", type=int, default=64)
+    e.add_argument("--max-new-tokens", type=int, default=128)
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--temperature", type=float, default=1.0)
+    e.add_argument("--block-size", type=int)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--dtype", default="auto")
+    e.add_argument("--out", default="eval_out", help="directory for the PNG figures")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("profile-sps", help="measure verification steps/s by token budget (for algorithm1/async)")
     s.add_argument("--target", required=True)

@@ -108,3 +108,24 @@ def test_calibrate_writes_sts_temperatures_that_generate_then_uses(model_dirs, t
                                 "--scheduler", scheduler, "--sps-profile", str(profile), "--json"])
         assert out["samples"] == [generate_ar(target, cfg, [[5, 6, 7]], max_new_tokens=9)[0]] * 2
         assert out["verification_budget_per_request"] <= 4
+
+
+def test_eval_prints_table_and_json_and_writes_png_figures(model_dirs, tmp_path, capsys):
+    root, target, cfg = model_dirs
+    prompts = tmp_path / "gsm8k.jsonl"
+    prompts.write_text("\n".join(json.dumps({"turns": [t]}) for t in ["def f(x):", "the quick brown", "return x + 1"]))
+    out_dir = tmp_path / "figs"
+    argv = ["eval", "--target", str(root / "target"), "--draft", str(root / "draft"), "--prompts", str(prompts),
+            "held-out-prose", "--num-prompts", "3", "--max-new-tokens", "16", "--out", str(out_dir)]
+    cli.main(argv)
+    table = capsys.readouterr().out
+    assert "tau" in table and "gsm8k" in table and "held-out-prose" in table and "ECE" in table
+    for name in ("acceptance_by_position.png", "confidence_reliability.png"):
+        data = (out_dir / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    out = run_json(capsys, argv + ["--json"])
+    results = {r["domain"]: r for r in out["results"]}
+    assert set(results) == {"gsm8k", "held-out-prose"}
+    r = results["gsm8k"]
+    assert r["rounds"] > 0 and r["tau"] >= 1.0 and len(r["accept_rate_by_position"]) == 3
+    assert all(x["n"] > 0 for x in r["reliability"][:1])
