@@ -215,11 +215,21 @@ def _hf_dtype_name(tensors: Mapping[str, np.ndarray]) -> str:
     return {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(str(dt), str(dt))
 
 
-def save_qwen3(model_dir: str | os.PathLike, params: Qwen3Params, cfg: Qwen3Config, extra_config: Mapping | None = None):
+def cast_tree(tree, dtype):
+    """Every floating array of a pytree in ``dtype`` (None: unchanged), e.g. bfloat16 for a
+    compact checkpoint; loading computes in whatever dtype is asked for."""
+    if dtype is None:
+        return tree
+    dtype = resolve_dtype(dtype)
+    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
+def save_qwen3(model_dir: str | os.PathLike, params: Qwen3Params, cfg: Qwen3Config, extra_config: Mapping | None = None,
+               dtype=None):
     """Export to a directory that ``transformers.Qwen3ForCausalLM.from_pretrained`` opens."""
     model_dir = os.fspath(model_dir)
     os.makedirs(model_dir, exist_ok=True)
-    tensors = qwen3_to_hf_tensors(params)
+    tensors = qwen3_to_hf_tensors(cast_tree(params, dtype))
     config = cfg.to_hf() | {"dtype": _hf_dtype_name(tensors)} | dict(extra_config or {})
     save_file(tensors, os.path.join(model_dir, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(model_dir, "config.json"), "w") as f:
@@ -387,11 +397,11 @@ def draft_to_hf_tensors(params, target: Qwen3Params) -> dict[str, np.ndarray]:
     return tensors
 
 
-def save_draft(draft_dir: str | os.PathLike, params, dcfg, target: Qwen3Params):
+def save_draft(draft_dir: str | os.PathLike, params, dcfg, target: Qwen3Params, dtype=None):
     """Export a drafter to the DeepSpec format (embed_tokens / lm_head copied from the target)."""
     draft_dir = os.fspath(draft_dir)
     os.makedirs(draft_dir, exist_ok=True)
-    tensors = draft_to_hf_tensors(params, target)
+    tensors = draft_to_hf_tensors(cast_tree(params, dtype), cast_tree(target, dtype))
     save_file(tensors, os.path.join(draft_dir, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(draft_dir, "config.json"), "w") as f:
         json.dump(dcfg.to_hf() | {"dtype": _hf_dtype_name(tensors)}, f, indent=2)

@@ -203,6 +203,8 @@ def _add_optim_args(p, lr, steps, batch, seq_len):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-parallel", type=int, default=1, help="split each batch over N devices")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--export-dtype", choices=("float32", "bfloat16"),
+                   help="dtype of the exported safetensors (default: the training dtype, float32)")
 
 
 def cmd_calibrate(args):

@@ -126,7 +126,7 @@ def train_target_recipe(args):
     )
     if step >= args.steps:
         export_dir = os.path.join(workdir, "model")
-        save_qwen3(export_dir, jax.device_get(state.params), cfg)
+        save_qwen3(export_dir, jax.device_get(state.params), cfg, dtype=args.export_dtype)
         with open(os.path.join(workdir, "tokenizer.json")) as src, open(os.path.join(export_dir, "tokenizer.json"), "w") as dst:
             dst.write(src.read())
         _write_json(os.path.join(export_dir, "manifest.json"), {
@@ -246,7 +246,7 @@ def train_draft_recipe(args):
     )
     if step >= args.steps:
         export_dir = os.path.join(workdir, "draft")
-        save_draft(export_dir, jax.device_get(state.params), dcfg, target)
+        save_draft(export_dir, jax.device_get(state.params), dcfg, target, dtype=args.export_dtype)
         _write_json(os.path.join(export_dir, "manifest.json"), {
             "recipe": meta["command"], "config": dcfg.to_hf(), "target": os.path.abspath(args.target),
             "steps": step, "batch_size": args.batch_size, "seq_len": args.seq_len, "learning_rate": args.lr,

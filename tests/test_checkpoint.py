@@ -395,3 +395,15 @@ def test_eos_ids_are_the_union_of_config_and_generation_config(tmp_path):
     (tmp_path / "generation_config.json").write_text(json.dumps(gen))
     _, cfg = load_qwen3(tmp_path)
     assert cfg.eos_token_ids == (5, 9)
+
+
+def test_bfloat16_export_halves_the_file_and_loads_back_as_the_rounded_weights(hf_dirs, tmp_path):
+    params, cfg = load_qwen3(hf_dirs[False][0])
+    save_qwen3(tmp_path / "f32", params, cfg)
+    save_qwen3(tmp_path / "bf16", params, cfg, dtype="bfloat16")
+    size32 = os.path.getsize(tmp_path / "f32" / "model.safetensors")
+    size16 = os.path.getsize(tmp_path / "bf16" / "model.safetensors")
+    assert size16 < 0.55 * size32
+    again, _ = load_qwen3(tmp_path / "bf16", dtype="float32")
+    rounded = jax.tree.map(lambda a: np.asarray(a.astype(jnp.bfloat16).astype(jnp.float32)), params)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, again), rounded)
