@@ -418,7 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # recorded in training manifests as the re-runnable recipe
     args.func(args)
 
 

@@ -44,8 +44,9 @@ def _last_metrics(workdir: str) -> dict:
     return json.loads(lines[-1]) if lines else {}
 
 
-def _command_line() -> str:
-    return "dspark-jax " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+def _command_line(args) -> str:
+    argv = getattr(args, "argv", None)
+    return "dspark-jax " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
 
 
 def _corpus_docs(sources, split):
@@ -116,7 +117,7 @@ def train_target_recipe(args):
         def eval_fn(state):
             return {"loss": train_lib.target_eval_loss(state.params, eval_rows, cfg=cfg)}
 
-    meta = {"kind": "target", "config": cfg.to_hf(), "command": _command_line()}
+    meta = {"kind": "target", "config": cfg.to_hf(), "command": _command_line(args)}
     t0 = time.time()
     state, step = run_training(
         state=state, step_fn=step_fn, batches=data_lib.BatchStream({"tokens": train_rows}, args.batch_size, args.seed),
@@ -237,7 +238,7 @@ def train_draft_recipe(args):
 
     print(f"drafter head={dcfg.head_type} block={dcfg.block_size} layers={args.layers} "
           f"target_layer_ids={layer_ids}: {len(arrays['tokens'])} sequences, {args.steps} steps of {args.batch_size}")
-    meta = {"kind": "draft", "config": dcfg.to_hf(), "command": _command_line()}
+    meta = {"kind": "draft", "config": dcfg.to_hf(), "command": _command_line(args)}
     t0 = time.time()
     state, step = run_training(
         state=state, step_fn=step_fn, batches=data_lib.BatchStream(arrays, args.batch_size, args.seed),

@@ -129,3 +129,27 @@ def test_eval_prints_table_and_json_and_writes_png_figures(model_dirs, tmp_path,
     r = results["gsm8k"]
     assert r["rounds"] > 0 and r["tau"] >= 1.0 and len(r["accept_rate_by_position"]) == 3
     assert all(x["n"] > 0 for x in r["reliability"][:1])
+
+
+def test_train_draft_regenerates_trains_exports_and_resumes(model_dirs, tmp_path, capsys):
+    from dspark_jax.checkpoint import load_draft, load_qwen3
+
+    root, _, _ = model_dirs
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"text": t}) for t in ["def f(x):", "the quick", "return x", "brown fox"] * 2))
+    out = tmp_path / "run"
+    argv = ["train-draft", "--target", str(root / "target"), "--out", str(out), "--prompts", str(prompts),
+            "--num-prompts", "8", "--answer-tokens", "12", "--seq-len", "24", "--batch-size", "4", "--layers", "1",
+            "--block-size", "3", "--markov-rank", "8", "--num-anchors", "4", "--save-every", "2", "--log-every", "1",
+            "--no-progress", "--target-layer-ids", "0,1"]
+    cli.main(argv + ["--steps", "3"])
+    cli.main(argv + ["--steps", "5"])
+    printed = capsys.readouterr().out
+    assert "resuming from step 3" in printed
+    steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+    target, tcfg = load_qwen3(root / "target")
+    draft, dcfg = load_draft(out / "draft", target, tcfg)
+    assert dcfg.block_size == 3 and dcfg.markov_rank == 8 and dcfg.target_layer_ids == (0, 1)
+    manifest = json.loads((out / "draft" / "manifest.json").read_text())
+    assert manifest["steps"] == 5 and "train-draft" in manifest["recipe"]
