@@ -25,7 +25,8 @@ def _parse_ids(text: str) -> list[int]:
 
 def _add_generate_args(p: argparse.ArgumentParser):
     p.add_argument("--mode", choices=("ar", "speculative"), help="default: speculative when --draft is given, else ar")
-    p.add_argument("--target", required=True, help="Qwen3 directory (Hugging Face format) or an orbax checkpoint of ours")
+    p.add_argument("--target", help="Qwen3 directory (Hugging Face format) or an orbax checkpoint of ours "
+                   "(default: the embedded target in checkpoints/, with the embedded DSpark drafter)")
     p.add_argument("--draft", help="DSpark/DFlash draft directory (DeepSpec format) or an orbax checkpoint of ours")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (needs tokenizer.json in the target directory or --tokenizer)")
@@ -50,6 +51,7 @@ def _add_generate_args(p: argparse.ArgumentParser):
     p.add_argument("--trace", action="store_true", help="record every round (speculative)")
     p.add_argument("--no-warmup", action="store_true",
                    help="time the first call (compile included) instead of a second, compiled call")
+    p.add_argument("--compare-ar", action="store_true", help="also decode with ar and report the speedup")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -60,6 +62,11 @@ def run_generate(args) -> dict:
     from .speculative import speculative_generate
     from .tokenizer import Tokenizer
 
+    if args.target is None:
+        args.target = _target_or_embedded(None)
+        embedded_draft = os.path.join(EMBEDDED_DIR, "dspark")
+        if args.draft is None and args.mode != "ar" and os.path.isdir(embedded_draft):
+            args.draft = embedded_draft
     mode = args.mode or ("speculative" if args.draft else "ar")
     if mode == "speculative" and not args.draft:
         raise SystemExit("--mode speculative needs --draft DIR")
@@ -126,6 +133,11 @@ def run_generate(args) -> dict:
     }
     if tokenizer is not None:
         out["texts"] = [tokenizer.decode(s) for s in samples]
+    if args.compare_ar and mode != "ar":
+        ar = run_generate(argparse.Namespace(**{**vars(args), "mode": "ar", "compare_ar": False}))
+        out["ar_tokens_per_second"] = ar["tokens_per_second"]
+        out["speedup_over_ar"] = out["tokens_per_second"] / ar["tokens_per_second"]
+        out["matches_ar"] = ar["samples"] == samples
     if res is not None:
         out.update(res.stats)
         if args.trace:
@@ -141,6 +153,8 @@ def _print_human(out: dict):
     if "tau" in out:
         rates = ", ".join("-" if r is None else f"{r:.2f}" for r in out["accept_rate_by_position"])
         line += f"  rounds={out['rounds']}  tau={out['tau']:.2f}  accept@k=[{rates}]"
+    if "speedup_over_ar" in out:
+        line += f"\nar: {out['ar_tokens_per_second']:.1f} tokens/s -> speedup {out['speedup_over_ar']:.2f}x"
     print(line)
 
 

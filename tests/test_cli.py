@@ -153,3 +153,17 @@ def test_train_draft_regenerates_trains_exports_and_resumes(model_dirs, tmp_path
     assert dcfg.block_size == 3 and dcfg.markov_rank == 8 and dcfg.target_layer_ids == (0, 1)
     manifest = json.loads((out / "draft" / "manifest.json").read_text())
     assert manifest["steps"] == 5 and "train-draft" in manifest["recipe"]
+
+
+def test_compare_ar_reports_speedup_and_identical_greedy_output(model_dirs, capsys):
+    root, _, _ = model_dirs
+    out = run_json(capsys, ["generate", "--target", str(root / "target"), "--draft", str(root / "draft"),
+                            "--prompt-ids", "5,6,7", "--max-new-tokens", "9", "--compare-ar", "--json"])
+    assert out["matches_ar"] is True
+    assert out["speedup_over_ar"] == pytest.approx(out["tokens_per_second"] / out["ar_tokens_per_second"])
+
+
+def test_generate_without_a_target_names_the_missing_embedded_checkpoint(monkeypatch, tmp_path):
+    monkeypatch.setattr(cli, "EMBEDDED_DIR", str(tmp_path / "checkpoints"))
+    with pytest.raises(SystemExit, match="no --target given and no embedded target"):
+        cli.main(["generate", "--prompt-ids", "1,2", "--json"])
