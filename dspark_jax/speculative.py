@@ -32,7 +32,7 @@ from .decoding import bucket, is_eos, prefill, prepare_prompts, run_target
 from .sharding import Mesh, check_batch, constrain_cache, shard_target, sharded_forward_packed
 from .draft import DraftConfig, DraftParams
 from . import schedule as schedule_lib
-from .sampling import Sampling, distribution, sample
+from .sampling import Sampling, distribution, sample, sample_logits
 from .target import Qwen3Params
 
 
@@ -369,10 +369,7 @@ def speculative_prefill(
         target, scfg.target, prompt_tokens, prompt_lengths, cache, scfg.draft.target_layer_ids, mesh=scfg.mesh
     )
     key, sub = jax.random.split(key)
-    if scfg.sampling.greedy:
-        first = jnp.argmax(logits, -1).astype(jnp.int32)
-    else:
-        first = sample(sub, distribution(logits, scfg.sampling))
+    first = sample_logits(sub, logits, scfg.sampling)
     draft_cache = draft_model.init_context_cache(scfg.draft, B, cache_len, dtype)
     draft_cache = draft_model.append_context(draft, scfg.draft, draft_cache, out.features, prompt_lengths)
     K, R = scfg.num_drafts, scfg.trace_rounds
