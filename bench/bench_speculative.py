@@ -19,11 +19,18 @@ Measured (median of ``--repeats`` after a warm-up run that compiles):
     statistics); plus one AR step (target forward of 1 token) for scale.
 
     python bench/bench_speculative.py [--layers 6 --hidden 256 --vocab 4096 --batch 1 8]
+
+With ``--embedded`` (or ``--target DIR --draft DIR``) it measures trained checkpoints instead, on
+held-out prompts (``--prompts held-out-code|held-out-prose|FILE.jsonl``); samples then stop at
+EOS as in real use, and tokens/s counts the tokens actually generated:
+
+    python bench/bench_speculative.py --embedded --batch 1 --block-size 7 [--draft checkpoints/dflash]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import statistics
@@ -52,12 +59,16 @@ def parse_args(argv=None):
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--draft-layers", type=int, default=1)
-    ap.add_argument("--block-size", type=int, default=5)
+    ap.add_argument("--block-size", type=int, help="drafts per round (default: 5, or a trained drafter's block size)")
     ap.add_argument("--alpha", type=float, default=1.0, help="Markov bias = alpha * bigram logits")
     ap.add_argument("--context", type=float, default=0.03, help="scale of the target's residual writes")
     ap.add_argument("--threshold", type=float, default=0.0, help="static confidence threshold")
     ap.add_argument("--scheduler", choices=spec_schedulers(), default=None,
                     help="verification scheduler (default: 'threshold' if --threshold > 0, else 'fixed')")
+    ap.add_argument("--embedded", action="store_true", help="the embedded pair: checkpoints/target + checkpoints/dspark")
+    ap.add_argument("--target", help="a trained target directory (instead of the random one)")
+    ap.add_argument("--draft", help="a trained drafter directory (with --target or --embedded)")
+    ap.add_argument("--prompts", default="held-out-code", help="with a trained pair: held-out-code|held-out-prose|FILE.jsonl")
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--prompt-len", type=int, default=32)
@@ -171,8 +182,29 @@ def prepared_state(target, tcfg, draft, dcfg, prompts, sampling, K, scheduler, t
     return block(state), scfg
 
 
+def trained_pair(args):
+    """(target, tcfg, draft, dcfg, prompts_for(B), description) from checkpoint directories."""
+    from dspark_jax.checkpoint import embedded_path, load_drafter, load_target
+    from dspark_jax.evaluate import load_prompt_set
+    from dspark_jax.tokenizer import Tokenizer
+
+    target_dir = args.target or embedded_path("target")
+    draft_dir = args.draft or embedded_path("dspark")
+    target, tcfg = load_target(target_dir)
+    draft, dcfg = load_drafter(draft_dir, target, tcfg)
+    _, pool = load_prompt_set(args.prompts, Tokenizer(target_dir).encode, args.prompt_len, max(args.batch))
+    desc = (f"target {target_dir} ({tcfg.num_hidden_layers} layers, hidden {tcfg.hidden_size}, vocab {tcfg.vocab_size}) | "
+            f"drafter {draft_dir} ({dcfg.layers.num_hidden_layers} layers, block {dcfg.block_size}, head {dcfg.head_type}) | "
+            f"prompts {args.prompts}, temperature {args.temperature}")
+    return target, tcfg, draft, dcfg, (lambda B: pool[:B]), desc
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.embedded or args.target:
+        target, tcfg, draft, dcfg, prompts_for, desc = trained_pair(args)
+        return run(args, target, tcfg, draft, dcfg, prompts_for, desc, stops_at_eos=True)
+    args.block_size = args.block_size or 5
     tcfg = target_config(
         vocab=args.vocab, hidden=args.hidden, layers=args.layers, heads=args.heads,
         kv_heads=args.kv_heads, head_dim=args.hidden // args.heads, intermediate=3 * args.hidden,
@@ -183,24 +215,27 @@ def main(argv=None):
     )
     target = make_target(tcfg, 0, context=args.context)
     draft = make_draft(target, tcfg, dcfg, 1, alpha=args.alpha)
+    desc = (f"target: {args.layers} layers, hidden {args.hidden}, heads {args.heads}/{args.kv_heads}, vocab {args.vocab} | "
+            f"drafter: {args.draft_layers} layer(s), block {args.block_size}, vanilla Markov head = {args.alpha} x bigram "
+            f"logits (rank {args.hidden}), target_layer_ids {ids} | context {args.context}, temperature {args.temperature}")
+    prompts_for = lambda B: random_prompts(B, args.vocab, args.prompt_len, args.prompt_len, seed=B)
+    return run(args, target, tcfg, draft, dcfg, prompts_for, desc, stops_at_eos=False)
+
+
+def run(args, target, tcfg, draft, dcfg, prompts_for, desc, stops_at_eos):
     sampling = Sampling(temperature=args.temperature)
-    K = args.block_size
+    K = args.block_size or dcfg.block_size
     scheduler = args.scheduler or ("threshold" if args.threshold > 0 else "fixed")
-    print(
-        f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} CPUs) | target: {args.layers} layers, "
-        f"hidden {args.hidden}, heads {args.heads}/{args.kv_heads}, vocab {args.vocab} | drafter: {args.draft_layers} "
-        f"layer(s), block {K}, vanilla Markov head = {args.alpha} x bigram logits (rank {args.hidden}), "
-        f"target_layer_ids {ids} | context {args.context}, scheduler {scheduler}, threshold {args.threshold}, "
-        f"temperature {args.temperature}"
-    )
-    print(f"prompts of {args.prompt_len} tokens, {args.new_tokens} new tokens per sample, no EOS; "
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} CPUs) | {desc} | "
+          f"scheduler {scheduler}, threshold {args.threshold}, {K} drafts per round")
+    print(f"prompts of {args.prompt_len} tokens, {args.new_tokens} new tokens per sample"
+          f"{' (or up to EOS)' if stops_at_eos else ', no EOS'}; "
           f"median of {args.repeats} runs (end to end) / of {args.round_repeats} loops of {args.round_iters} "
           f"iterations (per round, ms per iteration) after a warm-up\n")
 
     rows = []
     for B in args.batch:
-        prompts = random_prompts(B, args.vocab, args.prompt_len, args.prompt_len, seed=B)
-        total = B * args.new_tokens
+        prompts = prompts_for(B)
 
         def run_spec():
             return spec.speculative_generate(
@@ -213,15 +248,19 @@ def main(argv=None):
 
         t_spec = median_time(run_spec, args.repeats)
         t_ar = median_time(run_ar, args.repeats)
-        res = run_spec()
-        assert all(len(s) == args.new_tokens for s in res.samples)
+        res, ar = run_spec(), run_ar()
+        if not stops_at_eos:
+            assert all(len(s) == args.new_tokens for s in res.samples)
         if sampling.greedy:
-            assert res.samples == run_ar(), "greedy speculative output differs from AR"
+            assert res.samples == ar, "greedy speculative output differs from AR"
+        spec_total, ar_total = sum(map(len, res.samples)), sum(map(len, ar))
 
         # a prefilled state with room for n full rounds (no sequence finishes inside the loop)
         n = args.round_iters
+        # (no EOS here, so every round of the loop does full work)
         state, scfg = prepared_state(
-            target, tcfg, draft, dcfg, prompts, sampling, K, scheduler, args.threshold, n * (K + 1) + 2
+            target, dataclasses.replace(tcfg, eos_token_ids=()), draft, dcfg, prompts, sampling, K, scheduler,
+            args.threshold, n * (K + 1) + 2,
         )
         copy = lambda tree: jax.tree.map(jnp.copy, tree)
         key = jax.random.key(1)
@@ -238,7 +277,7 @@ def main(argv=None):
             lambda *a: ar_step_loop(*a, cfg=tcfg, n=n), lambda: (target, state.anchor, copy(state.target_cache)), n, reps
         )
         rows.append(dict(
-            B=B, spec_tps=total / t_spec, ar_tps=total / t_ar, tau=res.stats["tau"],
+            B=B, spec_tps=spec_total / t_spec, ar_tps=ar_total / t_ar, tau=res.stats["tau"],
             rates=res.stats["accept_rate_by_position"], draft=t_draft, verify=t_verify, round=t_round, step=t_step,
         ))
 

@@ -369,7 +369,7 @@ def load_draft(draft_dir: str | os.PathLike, target: Qwen3Params, target_cfg: Qw
     return params, dcfg
 
 
-def draft_to_hf_tensors(params, target: Qwen3Params) -> dict[str, np.ndarray]:
+def draft_to_hf_tensors(params, target: Qwen3Params, embedding_copies: bool = True) -> dict[str, np.ndarray]:
     def hf(w, n_in=1):
         return np.ascontiguousarray(ours_to_hf(np.asarray(w), n_in))
 
@@ -377,10 +377,12 @@ def draft_to_hf_tensors(params, target: Qwen3Params) -> dict[str, np.ndarray]:
         "fc.weight": hf(params.fc),
         "hidden_norm.weight": np.asarray(params.hidden_norm),
         "norm.weight": np.asarray(params.final_norm),
-        "embed_tokens.weight": np.asarray(target.embed),
-        "lm_head.weight": np.ascontiguousarray(np.asarray(target.embed if target.lm_head is None else target.lm_head.T)),
         **layers_to_hf(params.layers, _draft_layer_name),
     }
+    if embedding_copies:
+        tensors["embed_tokens.weight"] = np.asarray(target.embed)
+        tensors["lm_head.weight"] = np.ascontiguousarray(
+            np.asarray(target.embed if target.lm_head is None else target.lm_head.T))
     mk = params.markov
     if mk is not None:
         tensors["markov_head.markov_w1.weight"] = np.asarray(mk.w1)
@@ -397,11 +399,14 @@ def draft_to_hf_tensors(params, target: Qwen3Params) -> dict[str, np.ndarray]:
     return tensors
 
 
-def save_draft(draft_dir: str | os.PathLike, params, dcfg, target: Qwen3Params, dtype=None):
-    """Export a drafter to the DeepSpec format (embed_tokens / lm_head copied from the target)."""
+def save_draft(draft_dir: str | os.PathLike, params, dcfg, target: Qwen3Params, dtype=None,
+               embedding_copies: bool = True):
+    """Export a drafter to the DeepSpec format (embed_tokens / lm_head copied from the target, as
+    DeepSpec writes them; ``embedding_copies=False`` leaves them out: ``load_draft`` always uses
+    the target's arrays, and the file is 2 x vocab x hidden smaller)."""
     draft_dir = os.fspath(draft_dir)
     os.makedirs(draft_dir, exist_ok=True)
-    tensors = draft_to_hf_tensors(cast_tree(params, dtype), cast_tree(target, dtype))
+    tensors = draft_to_hf_tensors(cast_tree(params, dtype), cast_tree(target, dtype), embedding_copies)
     save_file(tensors, os.path.join(draft_dir, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(draft_dir, "config.json"), "w") as f:
         json.dump(dcfg.to_hf() | {"dtype": _hf_dtype_name(tensors)}, f, indent=2)
@@ -430,3 +435,24 @@ def load_drafter(path, target: Qwen3Params, target_cfg: Qwen3Config, dtype=None)
         check_compatible(dcfg, target_cfg, where=os.path.join(path, "config.json"))
         return params, dcfg
     return load_draft(path, target, target_cfg, dtype)
+
+
+# ---------------------------------------------------------------------------- embedded pair
+
+EMBEDDED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints")
+EMBEDDED_MODELS = ("target", "dspark", "dflash")
+
+
+def embedded_path(name: str = "target", root: str | os.PathLike | None = None) -> str:
+    """Directory of an embedded checkpoint (``target``, ``dspark`` or ``dflash``) in ``checkpoints/``.
+
+    They ship with a clone of the repository (``pip install -e .``); a wheel built without the
+    repository has none, and the error says so instead of failing later on a missing file.
+    """
+    if name not in EMBEDDED_MODELS:
+        raise ValueError(f"unknown embedded checkpoint {name!r}; choose one of {', '.join(EMBEDDED_MODELS)}")
+    path = os.path.join(os.fspath(root) if root is not None else EMBEDDED_DIR, name)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"no embedded {name} checkpoint at {path} (it ships with a clone of the "
+                                "repository: git clone ... && pip install -e .)")
+    return path

@@ -172,7 +172,8 @@ def plot_reliability(results: Sequence[DomainResult], path: str, bins: int = 10)
         ax.set_xlabel("confidence")
         if k == 0:
             ax.set_ylabel("observed acceptance")
-        ax.legend(fontsize=5)
+        if ax.get_legend_handles_labels()[1]:  # a position no round reached has no curves
+            ax.legend(fontsize=5)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -44,6 +44,25 @@ def _last_metrics(workdir: str) -> dict:
     return json.loads(lines[-1]) if lines else {}
 
 
+def _training_seconds(workdir: str) -> float:
+    """Wall time of the whole training, all resumed runs together, from the logged seconds per step
+    (a step logged twice, before an interruption and after the resume, counts once)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0.0
+    per_step = {}
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line) if line.strip() else {}
+            if "seconds_per_step" in row:
+                per_step[row["step"]] = row["seconds_per_step"]
+    total, prev = 0.0, 0
+    for step in sorted(per_step):
+        total += per_step[step] * (step - prev)
+        prev = step
+    return total
+
+
 def _command_line(args) -> str:
     argv = getattr(args, "argv", None)
     return "dspark-jax " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
@@ -133,7 +152,8 @@ def train_target_recipe(args):
         _write_json(os.path.join(export_dir, "manifest.json"), {
             "recipe": meta["command"], "config": cfg.to_hf(), "steps": step, "batch_size": args.batch_size,
             "seq_len": args.seq_len, "learning_rate": args.lr, "corpus": args.corpus,
-            "train_tokens": int(train_rows.size), "seconds_this_run": time.time() - t0,
+            "train_tokens": int(train_rows.size), "training_seconds": round(_training_seconds(workdir)),
+            "seconds_this_run": round(time.time() - t0),
             "final_metrics": _last_metrics(workdir),
         })
         print(f"exported {export_dir}")
@@ -247,11 +267,13 @@ def train_draft_recipe(args):
     )
     if step >= args.steps:
         export_dir = os.path.join(workdir, "draft")
-        save_draft(export_dir, jax.device_get(state.params), dcfg, target, dtype=args.export_dtype)
+        save_draft(export_dir, jax.device_get(state.params), dcfg, target, dtype=args.export_dtype,
+                   embedding_copies=not getattr(args, "no_embedding_copies", False))
         _write_json(os.path.join(export_dir, "manifest.json"), {
-            "recipe": meta["command"], "config": dcfg.to_hf(), "target": os.path.abspath(args.target),
+            "recipe": meta["command"], "config": dcfg.to_hf(), "target": args.target,
             "steps": step, "batch_size": args.batch_size, "seq_len": args.seq_len, "learning_rate": args.lr,
-            "sequences": int(len(arrays["tokens"])), "seconds_this_run": time.time() - t0,
+            "sequences": int(len(arrays["tokens"])), "training_seconds": round(_training_seconds(workdir)),
+            "seconds_this_run": round(time.time() - t0),
             "final_metrics": _last_metrics(workdir),
         })
         print(f"exported {export_dir}")

@@ -165,5 +165,5 @@ def test_compare_ar_reports_speedup_and_identical_greedy_output(model_dirs, caps
 
 def test_generate_without_a_target_names_the_missing_embedded_checkpoint(monkeypatch, tmp_path):
     monkeypatch.setattr(cli, "EMBEDDED_DIR", str(tmp_path / "checkpoints"))
-    with pytest.raises(SystemExit, match="no --target given and no embedded target"):
+    with pytest.raises(SystemExit, match="no --target given, and no embedded target checkpoint"):
         cli.main(["generate", "--prompt-ids", "1,2", "--json"])

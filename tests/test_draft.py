@@ -766,6 +766,22 @@ def test_random_draft_survives_deepspec_export_and_reload(tiny_target, tmp_path,
     assert_same_tree(params, dp)
 
 
+def test_draft_export_without_embedding_copies_is_smaller_and_loads_the_same(tiny_target, tmp_path):
+    from safetensors import safe_open
+
+    dp, dcfg = tiny_draft("vanilla")
+    save_draft(tmp_path / "full", dp, dcfg, tiny_target.params)
+    save_draft(tmp_path / "slim", dp, dcfg, tiny_target.params, embedding_copies=False)
+    with safe_open(str(tmp_path / "full" / "model.safetensors"), "np") as f:
+        full = set(f.keys())
+    with safe_open(str(tmp_path / "slim" / "model.safetensors"), "np") as f:
+        slim = set(f.keys())
+    assert full - slim == {"embed_tokens.weight", "lm_head.weight"}
+    params, loaded_cfg = load_draft(tmp_path / "slim", tiny_target.params, TINY, dtype=jnp.float32)
+    assert loaded_cfg == dcfg
+    assert_same_tree(params, dp)
+
+
 @pytest.mark.parametrize("variant", ["gated", "rnn", "dflash"])
 def test_random_draft_survives_orbax_save_and_restore(tiny_target, tmp_path, variant):
     dp, dcfg = tiny_draft(variant)
