@@ -246,13 +246,16 @@ def cmd_calibrate(args):
     from .speculative import speculative_generate
     from .tokenizer import Tokenizer
 
+    args.target = _target_or_embedded(args.target)
     target, tcfg = load_target(args.target, args.dtype)
     draft, dcfg = load_drafter(args.draft, target, tcfg, args.dtype)
     if draft.confidence is None:
         raise SystemExit(f"error: {args.draft}: the drafter has no confidence head to calibrate")
     tok = Tokenizer(args.tokenizer or args.target)
-    if args.prompts == "held-out":
-        prompts = prompts_from_documents(stdlib_corpus("held-out"), args.prompt_tokens, tok.encode)
+    if args.prompts in ("held-out", "train"):
+        docs = stdlib_corpus(args.prompts)
+        prompts = prompts_from_documents(docs, args.prompt_tokens, tok.encode)
+        prompts = [prompts[i] for i in np.random.default_rng(args.seed).permutation(len(prompts))]
     else:
         prompts = [tok.encode(p)[-args.prompt_tokens:] for p in read_prompts(args.prompts)]
     prompts = [p for p in prompts if p][: args.num_prompts]
@@ -364,9 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     c = sub.add_parser("calibrate", help="STS calibration of the confidence head (writes sts_calibration.json)")
-    c.add_argument("--target", required=True)
+    c.add_argument("--target", help="default: the embedded target in checkpoints/")
     c.add_argument("--draft", required=True)
-    c.add_argument("--prompts", default="held-out", help="JSONL prompts, or 'held-out' (stdlib held-out documents)")
+    c.add_argument("--prompts", default="held-out",
+                   help="JSONL prompts, 'held-out' (stdlib held-out documents) or 'train' (the training split: keeps "
+                        "the held-out documents for `eval`)")
     c.add_argument("--tokenizer")
     c.add_argument("--num-prompts", type=int, default=64)
     c.add_argument("--prompt-tokens", type=int, default=64)

@@ -152,6 +152,7 @@ def train_target_recipe(args):
         _write_json(os.path.join(export_dir, "manifest.json"), {
             "recipe": meta["command"], "config": cfg.to_hf(), "steps": step, "batch_size": args.batch_size,
             "seq_len": args.seq_len, "learning_rate": args.lr, "corpus": args.corpus,
+            "python": sys.version.split()[0], "jax": jax.__version__,
             "train_tokens": int(train_rows.size), "training_seconds": round(_training_seconds(workdir)),
             "seconds_this_run": round(time.time() - t0),
             "final_metrics": _last_metrics(workdir),
@@ -273,6 +274,7 @@ def train_draft_recipe(args):
             "recipe": meta["command"], "config": dcfg.to_hf(), "target": args.target,
             "steps": step, "batch_size": args.batch_size, "seq_len": args.seq_len, "learning_rate": args.lr,
             "sequences": int(len(arrays["tokens"])), "training_seconds": round(_training_seconds(workdir)),
+            "python": sys.version.split()[0], "jax": jax.__version__,
             "seconds_this_run": round(time.time() - t0),
             "final_metrics": _last_metrics(workdir),
         })
