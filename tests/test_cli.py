@@ -167,3 +167,14 @@ def test_generate_without_a_target_names_the_missing_embedded_checkpoint(monkeyp
     monkeypatch.setattr(cli, "EMBEDDED_DIR", str(tmp_path / "checkpoints"))
     with pytest.raises(SystemExit, match="no --target given, and no embedded target checkpoint"):
         cli.main(["generate", "--prompt-ids", "1,2", "--json"])
+
+
+def test_training_seconds_counts_each_step_once_across_resumed_runs(tmp_path):
+    from dspark_jax.recipes import _training_seconds
+
+    rows = [{"step": 10, "seconds_per_step": 1.0}, {"step": 20, "seconds_per_step": 2.0, "eval_loss": 3.0},
+            {"step": 30, "seconds_per_step": 9.0},  # logged, then interrupted before a checkpoint at 30
+            {"step": 30, "seconds_per_step": 3.0}, {"step": 40, "seconds_per_step": 1.0}]  # resumed from 20
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert _training_seconds(str(tmp_path)) == pytest.approx(10 * 1.0 + 10 * 2.0 + 10 * 3.0 + 10 * 1.0)
+    assert _training_seconds(str(tmp_path / "missing")) == 0.0
