@@ -69,6 +69,7 @@ def parse_args(argv=None):
     ap.add_argument("--target", help="a trained target directory (instead of the random one)")
     ap.add_argument("--draft", help="a trained drafter directory (with --target or --embedded)")
     ap.add_argument("--prompts", default="held-out-code", help="with a trained pair: held-out-code|held-out-prose|FILE.jsonl")
+    ap.add_argument("--num-prompts", type=int, default=8, help="with a trained pair: prompts decoded, --batch at a time")
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--prompt-len", type=int, default=32)
@@ -154,6 +155,20 @@ def round_loop(target, draft, state, *, scfg, n):
     return jax.lax.fori_loop(0, n, lambda _, s: spec.speculative_round(target, draft, s, scfg=scfg), state)
 
 
+def merge_stats(stats: list[dict]) -> dict:
+    """Run statistics of several calls as one: tau over all rounds, acceptance at k over all
+    rounds that reached k."""
+    if len(stats) == 1:
+        return stats[0]
+    rounds = sum(s["rounds"] for s in stats)
+    accepted = sum((s["tau"] - 1) * s["rounds"] for s in stats)
+    K = len(stats[0]["reached_by_position"])
+    reached = [sum(s["reached_by_position"][k] for s in stats) for k in range(K)]
+    acc = [sum(s["accepted_by_position"][k] for s in stats) for k in range(K)]
+    return {"rounds": rounds, "tau": 1 + accepted / max(rounds, 1),
+            "accept_rate_by_position": [a / r if r else None for a, r in zip(acc, reached)]}
+
+
 def per_iteration(loop, make_args, n: int, repeats: int) -> float:
     """Median seconds per loop iteration; ``make_args()`` builds fresh (donatable) inputs
     outside the timed region."""
@@ -192,11 +207,13 @@ def trained_pair(args):
     draft_dir = args.draft or embedded_path("dspark")
     target, tcfg = load_target(target_dir)
     draft, dcfg = load_drafter(draft_dir, target, tcfg)
-    _, pool = load_prompt_set(args.prompts, Tokenizer(target_dir).encode, args.prompt_len, max(args.batch))
+    _, pool = load_prompt_set(args.prompts, Tokenizer(target_dir).encode, args.prompt_len,
+                              max(args.num_prompts, max(args.batch)))
     desc = (f"target {target_dir} ({tcfg.num_hidden_layers} layers, hidden {tcfg.hidden_size}, vocab {tcfg.vocab_size}) | "
             f"drafter {draft_dir} ({dcfg.layers.num_hidden_layers} layers, block {dcfg.block_size}, head {dcfg.head_type}) | "
             f"prompts {args.prompts}, temperature {args.temperature}")
-    return target, tcfg, draft, dcfg, (lambda B: pool[:B]), desc
+    # every batch size decodes the same prompts, B at a time (one prompt is not a fair sample)
+    return target, tcfg, draft, dcfg, (lambda B: [pool[i : i + B] for i in range(0, len(pool), B)]), desc
 
 
 def main(argv=None):
@@ -218,7 +235,7 @@ def main(argv=None):
     desc = (f"target: {args.layers} layers, hidden {args.hidden}, heads {args.heads}/{args.kv_heads}, vocab {args.vocab} | "
             f"drafter: {args.draft_layers} layer(s), block {args.block_size}, vanilla Markov head = {args.alpha} x bigram "
             f"logits (rank {args.hidden}), target_layer_ids {ids} | context {args.context}, temperature {args.temperature}")
-    prompts_for = lambda B: random_prompts(B, args.vocab, args.prompt_len, args.prompt_len, seed=B)
+    prompts_for = lambda B: [random_prompts(B, args.vocab, args.prompt_len, args.prompt_len, seed=B)]
     return run(args, target, tcfg, draft, dcfg, prompts_for, desc, stops_at_eos=False)
 
 
@@ -235,16 +252,22 @@ def run(args, target, tcfg, draft, dcfg, prompts_for, desc, stops_at_eos):
 
     rows = []
     for B in args.batch:
-        prompts = prompts_for(B)
+        chunks = prompts_for(B)
+        prompts = chunks[0]
 
         def run_spec():
-            return spec.speculative_generate(
-                target, tcfg, draft, dcfg, prompts, max_new_tokens=args.new_tokens, sampling=sampling,
+            results = [spec.speculative_generate(
+                target, tcfg, draft, dcfg, chunk, max_new_tokens=args.new_tokens, sampling=sampling,
                 block_size=K, confidence_threshold=args.threshold, scheduler=scheduler,
+            ) for chunk in chunks]
+            return spec.SpecResult(
+                samples=[s for r in results for s in r.samples],
+                stats=merge_stats([r.stats for r in results]), trace=None,
             )
 
         def run_ar():
-            return generate_ar(target, tcfg, prompts, max_new_tokens=args.new_tokens, sampling=sampling)
+            return [s for chunk in chunks for s in generate_ar(
+                target, tcfg, chunk, max_new_tokens=args.new_tokens, sampling=sampling)]
 
         t_spec = median_time(run_spec, args.repeats)
         t_ar = median_time(run_ar, args.repeats)

@@ -437,6 +437,8 @@ def summarize_stats(stats: SpecStats, rows: int) -> dict:
         "accept_rate_by_position": [
             float(a / r) if r else None for a, r in zip(st.accepted_at.sum(0), reached)
         ],
+        "reached_by_position": reached.tolist(),
+        "accepted_by_position": st.accepted_at.sum(0).tolist(),
         "proposed_tokens": int(st.proposed.sum()),
         "verified_tokens": int(st.verified.sum()),
         "accepted_tokens": int(st.accepted.sum()),
