@@ -356,6 +356,16 @@ def cmd_train_draft(args):
     train_draft_recipe(args)
 
 
+def _add_prompt_run_args(p):
+    """Options shared by calibrate and eval: which prompts, and how each is decoded."""
+    p.add_argument("--tokenizer")
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--temperature", type=float, default=1.0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dspark-jax", description="DSpark speculative decoding in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -372,12 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prompts", default="held-out",
                    help="JSONL prompts, 'held-out' (stdlib held-out documents) or 'train' (the training split: keeps "
                         "the held-out documents for `eval`)")
-    c.add_argument("--tokenizer")
-    c.add_argument("--num-prompts", type=int, default=64)
-    c.add_argument("--prompt-tokens", type=int, default=64)
-    c.add_argument("--max-new-tokens", type=int, default=128)
-    c.add_argument("--batch-size", type=int, default=16)
-    c.add_argument("--temperature", type=float, default=1.0)
+    _add_prompt_run_args(c)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--dtype", default="auto")
     c.add_argument("--out", help="directory for sts_calibration.json (default: the draft directory)")
@@ -388,12 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--draft", action="append", required=True, help="a drafter directory (repeatable)")
     e.add_argument("--prompts", nargs="+", default=["held-out-code", "held-out-prose"],
                    help="held-out-code, held-out-prose, or DeepSpec-format JSONL files")
-    e.add_argument("--tokenizer")
-    e.add_argument("--num-prompts", type=int, default=64)
-    e.add_argument("--prompt-tokens", type=int, default=64)
-    e.add_argument("--max-new-tokens", type=int, default=128)
-    e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--temperature", type=float, default=1.0)
+    _add_prompt_run_args(e)
     e.add_argument("--block-size", type=int)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--dtype", default="auto")
