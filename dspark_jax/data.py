@@ -185,6 +185,30 @@ def prompts_from_documents(docs: Sequence[Document], prompt_tokens: int, encode,
     return out
 
 
+def domain_mixed_prompts(docs: Sequence[Document], prompt_tokens: int, encode, num_prompts: int,
+                         prose_fraction: float, rng: np.random.Generator) -> list[list[int]]:
+    """``num_prompts`` prompts of which ``prose_fraction`` are cut from the prose documents and
+    the rest from the code, shuffled. Prose is a few percent of the standard library, so its
+    documents are cut at a finer stride (overlapping prompts) until there are enough."""
+    if not 0.0 <= prose_fraction <= 1.0:
+        raise ValueError(f"prose_fraction must be in [0, 1], got {prose_fraction}")
+    num_prose = round(prose_fraction * num_prompts)
+    by_domain = {}
+    for domain, count in (("prose", num_prose), ("code", num_prompts - num_prose)):
+        domain_docs = [d for d in docs if d.domain == domain]
+        lengths = [len(encode(d.text)) for d in domain_docs]
+        token_count = sum(lengths)
+        room = sum(max(n - prompt_tokens, 0) for n in lengths)  # where a prompt may start
+        stride = max(1, min(prompt_tokens * 4, room // max(count + len(domain_docs), 1)))
+        prompts = prompts_from_documents(domain_docs, prompt_tokens, encode, stride)
+        if len(prompts) < count:
+            raise ValueError(f"{domain}: asked for {count} prompts of {prompt_tokens} tokens, the corpus has "
+                             f"{len(prompts)} ({token_count} tokens in {len(domain_docs)} documents)")
+        by_domain[domain] = [prompts[i] for i in rng.permutation(len(prompts))[:count]]
+    mixed = by_domain["prose"] + by_domain["code"]
+    return [mixed[i] for i in rng.permutation(len(mixed))]
+
+
 def answers_dataset(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], seq_len: int, pad_id: int):
     """Rows of [prompt ; answer] with a loss mask on the answer, padded/cut to ``seq_len``."""
     tokens = np.full((len(prompts), seq_len), pad_id, np.int32)

@@ -195,17 +195,28 @@ def prepare_draft_data(args, workdir, target, tcfg, tok: Tokenizer):
     if os.path.exists(path):
         with np.load(path) as z:
             return {k: z[k] for k in z.files}
-    if args.prompts == ["stdlib"]:
-        docs = data_lib.stdlib_corpus("train")
-        prompts = data_lib.prompts_from_documents(docs, args.prompt_tokens, tok.encode)
-    else:
-        prompts = [tok.encode(p) for f in args.prompts for p in data_lib.read_prompts(f)]
-        prompts = [p[-args.prompt_tokens :] for p in prompts if p]
     rng = np.random.default_rng(args.seed)
-    prompts = [prompts[i] for i in rng.permutation(len(prompts))[: args.num_prompts]]
-    print(f"regenerating {len(prompts)} answers of {args.answer_tokens} tokens with the target")
-    answers = regenerate_answers(target, tcfg, prompts, args.answer_tokens, args.regen_temperature,
-                                 args.regen_batch, args.seed, not args.no_progress)
+    prose_fraction = getattr(args, "prose_fraction", None)
+    if args.prompts == ["stdlib"] and prose_fraction is not None:
+        prompts = data_lib.domain_mixed_prompts(data_lib.stdlib_corpus("train"), args.prompt_tokens, tok.encode,
+                                                args.num_prompts, prose_fraction, rng)
+    else:
+        if prose_fraction is not None:
+            raise ValueError("--prose-fraction applies to --prompts stdlib only (JSONL prompts have no domain)")
+        if args.prompts == ["stdlib"]:
+            docs = data_lib.stdlib_corpus("train")
+            prompts = data_lib.prompts_from_documents(docs, args.prompt_tokens, tok.encode)
+        else:
+            prompts = [tok.encode(p) for f in args.prompts for p in data_lib.read_prompts(f)]
+            prompts = [p[-args.prompt_tokens :] for p in prompts if p]
+        prompts = [prompts[i] for i in rng.permutation(len(prompts))[: args.num_prompts]]
+    temperatures = np.atleast_1d(args.regen_temperature).tolist()
+    answers = []
+    for temperature, part in zip(temperatures, np.array_split(np.arange(len(prompts)), len(temperatures))):
+        print(f"regenerating {len(part)} answers of {args.answer_tokens} tokens with the target at temperature {temperature}")
+        answers += regenerate_answers(target, tcfg, [prompts[i] for i in part], args.answer_tokens, temperature,
+                                      args.regen_batch, args.seed + int(part[0]) if len(part) else args.seed,
+                                      not args.no_progress)
     pad = tok.token_id(data_lib.PAD_TOKEN)
     arrays = data_lib.answers_dataset(prompts, answers, args.seq_len, pad if pad is not None else 0)
     np.savez(path, **arrays)

@@ -141,7 +141,7 @@ def test_train_draft_regenerates_trains_exports_and_resumes(model_dirs, tmp_path
     argv = ["train-draft", "--target", str(root / "target"), "--out", str(out), "--prompts", str(prompts),
             "--num-prompts", "8", "--answer-tokens", "12", "--seq-len", "24", "--batch-size", "4", "--layers", "1",
             "--block-size", "3", "--markov-rank", "8", "--num-anchors", "4", "--save-every", "2", "--log-every", "1",
-            "--no-progress", "--target-layer-ids", "0,1"]
+            "--no-progress", "--target-layer-ids", "0,1", "--regen-temperature", "1", "0"]
     cli.main(argv + ["--steps", "3"])
     cli.main(argv + ["--steps", "5"])
     printed = capsys.readouterr().out
@@ -153,6 +153,17 @@ def test_train_draft_regenerates_trains_exports_and_resumes(model_dirs, tmp_path
     assert dcfg.block_size == 3 and dcfg.markov_rank == 8 and dcfg.target_layer_ids == (0, 1)
     manifest = json.loads((out / "draft" / "manifest.json").read_text())
     assert manifest["steps"] == 5 and "train-draft" in manifest["recipe"]
+    # two temperatures split the prompts: the first half sampled at T=1, the second half greedy
+    assert "4 answers of 12 tokens with the target at temperature 1.0" in printed
+    assert "4 answers of 12 tokens with the target at temperature 0.0" in printed
+    data = np.load(out / "regenerated.npz")
+    matches_greedy = []
+    for tokens, mask in zip(data["tokens"], data["loss_mask"]):
+        start = int(np.argmax(mask))
+        answer = tokens[mask == 1].tolist()
+        greedy = generate_ar(target, tcfg, [tokens[:start].tolist()], max_new_tokens=len(answer))[0]
+        matches_greedy.append(list(greedy) == answer)
+    assert matches_greedy[4:] == [True] * 4 and not all(matches_greedy[:4])
 
 
 def test_compare_ar_reports_speedup_and_identical_greedy_output(model_dirs, capsys):
