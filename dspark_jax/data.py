@@ -185,6 +185,15 @@ def prompts_from_documents(docs: Sequence[Document], prompt_tokens: int, encode,
     return out
 
 
+def prompts_for_count(docs: Sequence[Document], prompt_tokens: int, encode, count: int) -> list[list[int]]:
+    """Prompts cut from ``docs`` at the usual stride, or at a finer one (overlapping prompts)
+    where the documents are too short to give ``count`` prompts that way."""
+    lengths = [len(encode(d.text)) for d in docs]
+    room = sum(max(n - prompt_tokens, 0) for n in lengths)  # where a prompt may start
+    stride = max(1, min(prompt_tokens * 4, room // max(count + len(docs), 1)))
+    return prompts_from_documents(docs, prompt_tokens, encode, stride)
+
+
 def domain_mixed_prompts(docs: Sequence[Document], prompt_tokens: int, encode, num_prompts: int,
                          prose_fraction: float, rng: np.random.Generator) -> list[list[int]]:
     """``num_prompts`` prompts of which ``prose_fraction`` are cut from the prose documents and
@@ -196,14 +205,10 @@ def domain_mixed_prompts(docs: Sequence[Document], prompt_tokens: int, encode, n
     by_domain = {}
     for domain, count in (("prose", num_prose), ("code", num_prompts - num_prose)):
         domain_docs = [d for d in docs if d.domain == domain]
-        lengths = [len(encode(d.text)) for d in domain_docs]
-        token_count = sum(lengths)
-        room = sum(max(n - prompt_tokens, 0) for n in lengths)  # where a prompt may start
-        stride = max(1, min(prompt_tokens * 4, room // max(count + len(domain_docs), 1)))
-        prompts = prompts_from_documents(domain_docs, prompt_tokens, encode, stride)
+        prompts = prompts_for_count(domain_docs, prompt_tokens, encode, count)
         if len(prompts) < count:
             raise ValueError(f"{domain}: asked for {count} prompts of {prompt_tokens} tokens, the corpus has "
-                             f"{len(prompts)} ({token_count} tokens in {len(domain_docs)} documents)")
+                             f"{len(prompts)} (in {len(domain_docs)} documents)")
         by_domain[domain] = [prompts[i] for i in rng.permutation(len(prompts))[:count]]
     mixed = by_domain["prose"] + by_domain["code"]
     return [mixed[i] for i in rng.permutation(len(mixed))]

@@ -181,13 +181,14 @@ def plot_reliability(results: Sequence[DomainResult], path: str, bins: int = 10)
 
 def load_prompt_set(spec: str, encode, prompt_tokens: int, limit: int) -> tuple[str, list[list[int]]]:
     """``held-out-code`` / ``held-out-prose`` (stdlib documents never trained on) or a JSONL file
-    in DeepSpec's format (domain = file name)."""
-    from .data import prompts_from_documents, pydoc_prose, read_prompts, stdlib_code
+    in DeepSpec's format (domain = file name). The few held-out prose documents are cut into
+    overlapping prompts until there are ``limit`` of them (code has plenty at the usual stride)."""
+    from .data import prompts_for_count, pydoc_prose, read_prompts, stdlib_code
 
     if spec == "held-out-code":
-        prompts = prompts_from_documents(stdlib_code("held-out"), prompt_tokens, encode)
+        prompts = prompts_for_count(stdlib_code("held-out"), prompt_tokens, encode, limit)
     elif spec == "held-out-prose":
-        prompts = prompts_from_documents(pydoc_prose("held-out"), prompt_tokens, encode)
+        prompts = prompts_for_count(pydoc_prose("held-out"), prompt_tokens, encode, limit)
     else:
         prompts = [encode(p)[-prompt_tokens:] for p in read_prompts(spec)]
         spec = os.path.splitext(os.path.basename(spec))[0]

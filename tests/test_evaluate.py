@@ -38,3 +38,21 @@ def test_table_lists_tau_per_domain_and_the_ratio_between_drafters():
     assert "dspark/dflash" in table
     assert "1.200x" in table and "1.250x" in table
     assert "ECE" in table
+
+
+def test_held_out_prose_gives_the_asked_number_of_distinct_prompts_from_held_out_topics_only():
+    from dspark_jax.checkpoint import embedded_path
+    from dspark_jax.data import pydoc_prose
+    from dspark_jax.evaluate import load_prompt_set
+    from dspark_jax.tokenizer import Tokenizer
+
+    encode = Tokenizer(embedded_path("target")).encode
+    name, prompts = load_prompt_set("held-out-prose", encode, 64, 64)
+    assert name == "held-out-prose" and len(prompts) == 64 and len({tuple(p) for p in prompts}) == 64
+    held_out = [encode(d.text) for d in pydoc_prose("held-out")]
+    assert len(held_out) < 10  # a handful of topics: the prompts overlap
+
+    def inside(p, doc):
+        return any(doc[i : i + len(p)] == p for i in range(len(doc) - len(p) + 1))
+
+    assert all(len(p) == 64 and any(inside(p, doc) for doc in held_out) for p in prompts)
