@@ -7,7 +7,8 @@ DSpark vanilla Markov head whose bias for previous token t is ``alpha * M[t]``, 
 target's bigram logits, through the exact factorisation M = H @ lm_head (markov_rank =
 hidden). Its drafts are partly accepted, so tau > 1 (printed).
 
-Measured (median of ``--repeats`` after a warm-up run that compiles):
+Measured (after a warm-up run that compiles; speculative and AR end-to-end runs alternate, and the
+speedup is the median of the back-to-back ratios, robust to bursts of load on a shared machine):
   * end-to-end tokens/s of ``speculative_generate`` and ``generate_ar`` (greedy by default,
     no EOS, so every sample produces ``--new-tokens``), per batch size;
   * one round, each part jitted alone on a prepared (prefilled) state and repeated inside a
@@ -86,16 +87,21 @@ def spec_schedulers():
     return SCHEDULERS
 
 
-def median_time(fn, repeats: int) -> float:
-    """Median wall time (s) of ``fn()`` (which must block until its result is ready),
-    after one warm-up call."""
-    fn()
-    times = []
+def paired_times(fn_a, fn_b, repeats: int) -> tuple[float, float, float]:
+    """Wall times (s) of ``fn_a()`` and ``fn_b()`` (each must block until its result is ready),
+    run alternately after one warm-up call each, so a burst of load on this noisy machine hits
+    both. Returns (median a, median b, median of the per-pair ratios b / a)."""
+    fn_a(), fn_b()
+    pairs = []
     for _ in range(repeats):
         t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        fn_a()
+        t_a = time.perf_counter() - t
+        t = time.perf_counter()
+        fn_b()
+        pairs.append((t_a, time.perf_counter() - t))
+    return (statistics.median(a for a, _ in pairs), statistics.median(b for _, b in pairs),
+            statistics.median(b / a for a, b in pairs))
 
 
 def block(x):
@@ -269,8 +275,7 @@ def run(args, target, tcfg, draft, dcfg, prompts_for, desc, stops_at_eos):
             return [s for chunk in chunks for s in generate_ar(
                 target, tcfg, chunk, max_new_tokens=args.new_tokens, sampling=sampling)]
 
-        t_spec = median_time(run_spec, args.repeats)
-        t_ar = median_time(run_ar, args.repeats)
+        t_spec, t_ar, paired = paired_times(run_spec, run_ar, args.repeats)
         res, ar = run_spec(), run_ar()
         if not stops_at_eos:
             assert all(len(s) == args.new_tokens for s in res.samples)
@@ -301,6 +306,7 @@ def run(args, target, tcfg, draft, dcfg, prompts_for, desc, stops_at_eos):
         )
         rows.append(dict(
             B=B, spec_tps=spec_total / t_spec, ar_tps=ar_total / t_ar, tau=res.stats["tau"],
+            speedup=paired * spec_total / ar_total,
             rates=res.stats["accept_rate_by_position"], draft=t_draft, verify=t_verify, round=t_round, step=t_step,
         ))
 
@@ -309,7 +315,7 @@ def run(args, target, tcfg, draft, dcfg, prompts_for, desc, stops_at_eos):
     for r in rows:
         overhead = r["round"] - r["draft"] - r["verify"]
         print(
-            f"{r['B']:>5} {r['spec_tps']:>11.1f} {r['ar_tps']:>9.1f} {r['spec_tps'] / r['ar_tps']:>7.2f}x {r['tau']:>5.2f} | "
+            f"{r['B']:>5} {r['spec_tps']:>11.1f} {r['ar_tps']:>9.1f} {r['speedup']:>7.2f}x {r['tau']:>5.2f} | "
             f"{1e3 * r['round']:>8.2f} {1e3 * r['draft']:>8.2f} {1e3 * r['verify']:>9.2f} {1e3 * overhead:>11.2f} | "
             f"{1e3 * r['step']:>10.2f} {r['round'] / r['step']:>10.2f} {r['tau'] * r['step'] / r['round']:>14.2f}"
         )
@@ -319,7 +325,7 @@ def run(args, target, tcfg, draft, dcfg, prompts_for, desc, stops_at_eos):
         shares = ", ".join(f"{name} {100 * t / r['round']:.0f}%" for name, t in (("draft", r["draft"]), ("verify", r["verify"]), ("overhead", overhead)))
         rates = ", ".join("-" if a is None else f"{a:.2f}" for a in r["rates"])
         print(f"batch {r['B']}: round = {shares}; acceptance by position [{rates}]")
-    print("\nspeedup = spec tok/s / AR tok/s; tau*step/round = the speedup the per-round timings predict "
+    print("\nspeedup = spec tok/s / AR tok/s, the median over back-to-back pairs of runs; tau*step/round = the speedup the per-round timings predict "
           "(tau tokens per round vs one token per AR step)")
 
 
