@@ -60,6 +60,13 @@ def test_drafters_were_trained_identically_except_for_the_markov_head(pair):
     for key in ("steps", "batch_size", "seq_len", "learning_rate", "sequences"):
         assert manifests[0][key] == manifests[1][key], key
 
+    def recipe_without_head(recipe):  # the commands differ in --out and the head options only
+        words = recipe.split()
+        drop = {i + j for i, w in enumerate(words) if w in ("--out", "--head", "--markov-rank") for j in (0, 1)}
+        return [w for i, w in enumerate(words) if i not in drop]
+
+    assert recipe_without_head(manifests[0]["recipe"]) == recipe_without_head(manifests[1]["recipe"])
+
 
 def test_greedy_speculative_equals_ar_on_held_out_code_for_both_drafters(pair):
     target, tcfg, drafters, tok = pair
