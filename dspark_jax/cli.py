@@ -311,8 +311,7 @@ def cmd_eval(args):
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     results = []
-    for path, draft, dcfg in drafters:
-        name = os.path.basename(os.path.normpath(path))
+    for (path, draft, dcfg), name in zip(drafters, drafter_names(args.draft)):
         for domain, prompts in sets:
             results.append(evaluate_drafter(
                 target, tcfg, draft, dcfg, prompts, name=name, domain=domain, sampling=Sampling(args.temperature),
@@ -330,6 +329,17 @@ def cmd_eval(args):
     else:
         print(format_table(results))
         print(f"\nfigures: {figures['acceptance']}, {figures['reliability']}")
+
+
+def drafter_names(paths: list[str]) -> list[str]:
+    """Table labels for drafter directories: the directory name, or as many trailing path
+    components as it takes to tell apart directories of the same name (``run-a/draft``)."""
+    parts = [os.path.normpath(os.path.abspath(p)).split(os.sep) for p in paths]
+    for depth in range(1, max(map(len, parts)) + 1):
+        names = ["/".join(p[-depth:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    raise SystemExit(f"error: the same drafter directory is given twice: {', '.join(paths)}")
 
 
 def cmd_profile_sps(args):

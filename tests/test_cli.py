@@ -189,3 +189,10 @@ def test_training_seconds_counts_each_step_once_across_resumed_runs(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     assert _training_seconds(str(tmp_path)) == pytest.approx(10 * 1.0 + 10 * 2.0 + 10 * 3.0 + 10 * 1.0)
     assert _training_seconds(str(tmp_path / "missing")) == 0.0
+
+
+def test_eval_labels_drafters_by_directory_name_or_enough_of_their_paths():
+    assert cli.drafter_names(["checkpoints/dspark", "checkpoints/dflash/"]) == ["dspark", "dflash"]
+    assert cli.drafter_names(["runs/dspark-v3/draft", "runs/dflash-v3/draft"]) == ["dspark-v3/draft", "dflash-v3/draft"]
+    with pytest.raises(SystemExit, match="given twice"):
+        cli.drafter_names(["runs/a/draft", "runs/a/draft/"])
