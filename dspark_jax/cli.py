@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -55,6 +56,8 @@ def _add_generate_args(p: argparse.ArgumentParser):
     p.add_argument("--trace", action="store_true", help="record every round (speculative)")
     p.add_argument("--no-warmup", action="store_true",
                    help="time the first call (compile included) instead of a second, compiled call")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed calls after the compiling one; tokens/s is their median (default 3)")
     p.add_argument("--compare-ar", action="store_true", help="also decode with ar and report the speedup")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -127,9 +130,12 @@ def run_generate(args, on_first_result=None) -> dict:
     if on_first_result is not None:
         on_first_result(samples, [tokenizer.decode(s) for s in samples] if tokenizer else None, first_call)
     if not args.no_warmup:
-        t0 = time.perf_counter()
-        samples, res = call()
-        elapsed = time.perf_counter() - t0
+        times = []
+        for _ in range(max(args.repeats, 1)):  # a short decode is milliseconds: one timing is noise
+            t0 = time.perf_counter()
+            samples, res = call()
+            times.append(time.perf_counter() - t0)
+        elapsed = statistics.median(times)
     generated = sum(len(s) for s in samples)
     out = {
         "mode": mode,
