@@ -58,7 +58,8 @@ def _add_generate_args(p: argparse.ArgumentParser):
                    help="time the first call (compile included) instead of a second, compiled call")
     p.add_argument("--repeats", type=int, default=3,
                    help="timed calls after the compiling one; tokens/s is their median (default 3)")
-    p.add_argument("--compare-ar", action="store_true", help="also decode with ar and report the speedup")
+    p.add_argument("--compare-ar", action="store_true",
+                   help="also decode with ar (timed calls alternating with the speculative ones) and report the speedup")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -94,10 +95,12 @@ def run_generate(args, on_first_result=None) -> dict:
 
         mesh = make_mesh(model=args.tensor_parallel, data=args.data_parallel)
 
+    def ar_call():
+        return generate_ar(target, tcfg, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                           seed=args.seed, cache_len=args.cache_len, mesh=mesh), None
+
     if mode == "ar":
-        def call():
-            return generate_ar(target, tcfg, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                               seed=args.seed, cache_len=args.cache_len, mesh=mesh), None
+        call = ar_call
     else:
         draft, dcfg = load_drafter(args.draft, target, tcfg, args.dtype)
         from .schedule import Calibration, SPSProfile
@@ -123,19 +126,28 @@ def run_generate(args, on_first_result=None) -> dict:
             )
             return res.samples, res
 
-    t0 = time.perf_counter()
-    samples, res = call()
-    first_call = time.perf_counter() - t0
-    elapsed = first_call
+    def timed(fn):
+        t0 = time.perf_counter()
+        result = fn()
+        return result, time.perf_counter() - t0
+
+    (samples, res), first_call = timed(call)
     if on_first_result is not None:
         on_first_result(samples, [tokenizer.decode(s) for s in samples] if tokenizer else None, first_call)
-    if not args.no_warmup:
-        times = []
+    compare = args.compare_ar and mode != "ar"
+    times, ar_times = [first_call], []
+    if compare:
+        (ar_samples, _), t = timed(ar_call)
+        ar_times.append(t)
+    if not args.no_warmup:  # timed compiled calls; with --compare-ar the two modes alternate
+        times, ar_times = [], []
         for _ in range(max(args.repeats, 1)):  # a short decode is milliseconds: one timing is noise
-            t0 = time.perf_counter()
-            samples, res = call()
-            times.append(time.perf_counter() - t0)
-        elapsed = statistics.median(times)
+            (samples, res), t = timed(call)
+            times.append(t)
+            if compare:
+                (ar_samples, _), t = timed(ar_call)
+                ar_times.append(t)
+    elapsed = statistics.median(times)
     generated = sum(len(s) for s in samples)
     out = {
         "mode": mode,
@@ -147,11 +159,13 @@ def run_generate(args, on_first_result=None) -> dict:
     }
     if tokenizer is not None:
         out["texts"] = [tokenizer.decode(s) for s in samples]
-    if args.compare_ar and mode != "ar":
-        ar = run_generate(argparse.Namespace(**{**vars(args), "mode": "ar", "compare_ar": False}))
-        out["ar_tokens_per_second"] = ar["tokens_per_second"]
-        out["speedup_over_ar"] = out["tokens_per_second"] / ar["tokens_per_second"]
-        out["matches_ar"] = ar["samples"] == samples
+    if compare:
+        ar_generated = sum(len(s) for s in ar_samples)
+        out["ar_tokens_per_second"] = ar_generated / statistics.median(ar_times)
+        # the median of back-to-back ratios: robust to a burst of load during one of the runs
+        out["speedup_over_ar"] = statistics.median(a / s for s, a in zip(times, ar_times)) * generated / ar_generated
+        out["matches_ar"] = ar_samples == samples
+        out["timed_seconds"], out["ar_timed_seconds"] = times, ar_times
     if res is not None:
         out.update(res.stats)
         if args.trace:
