@@ -461,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--target", required=True, help="target directory (Hugging Face format, with tokenizer.json)")
     r.add_argument("--out", required=True, help="work directory: regenerated data, checkpoints, metrics, final draft")
     r.add_argument("--head", choices=("vanilla", "gated", "rnn", "none"), default="vanilla", help="none = DFlash")
-    r.add_argument("--markov-rank", type=int, default=64)
+    r.add_argument("--markov-rank", type=int, default=256, help="Markov head rank r (DeepSpec default 256)")
     r.add_argument("--no-confidence", action="store_true", help="no confidence head")
     r.add_argument("--block-size", type=int, default=7)
     r.add_argument("--layers", type=int, default=2, help="draft decoder layers")
