@@ -201,3 +201,15 @@ def test_eval_labels_drafters_by_directory_name_or_enough_of_their_paths():
     assert cli.drafter_names(["runs/dspark-v3/draft", "runs/dflash-v3/draft"]) == ["dspark-v3/draft", "dflash-v3/draft"]
     with pytest.raises(SystemExit, match="given twice"):
         cli.drafter_names(["runs/a/draft", "runs/a/draft/"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--prose-fraction", "0.3"], "--prose-fraction applies to --prompts stdlib only"),
+    (["--prompts", "stdlib", "--prose-fraction", "1.5"], r"--prose-fraction must be in \[0, 1\], got 1.5"),
+    (["--regen-temperature", "1", "-0.5"], "--regen-temperature values must be >= 0"),
+])
+def test_train_draft_names_bad_data_options_before_loading_anything(tmp_path, extra, message):
+    argv = ["train-draft", "--target", str(tmp_path / "missing"), "--out", str(tmp_path / "run"),
+            "--prompts", str(tmp_path / "p.jsonl")]
+    with pytest.raises(SystemExit, match=message):
+        cli.main(argv + extra)
