@@ -167,10 +167,9 @@ def merge_stats(stats: list[dict]) -> dict:
     if len(stats) == 1:
         return stats[0]
     rounds = sum(s["rounds"] for s in stats)
-    accepted = sum((s["tau"] - 1) * s["rounds"] for s in stats)
-    K = len(stats[0]["reached_by_position"])
-    reached = [sum(s["reached_by_position"][k] for s in stats) for k in range(K)]
-    acc = [sum(s["accepted_by_position"][k] for s in stats) for k in range(K)]
+    accepted = sum(s["accepted_tokens"] for s in stats)
+    reached = [sum(col) for col in zip(*(s["reached_by_position"] for s in stats))]
+    acc = [sum(col) for col in zip(*(s["accepted_by_position"] for s in stats))]
     return {"rounds": rounds, "tau": 1 + accepted / max(rounds, 1),
             "accept_rate_by_position": [a / r if r else None for a, r in zip(acc, reached)]}
 

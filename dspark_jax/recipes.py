@@ -196,13 +196,10 @@ def prepare_draft_data(args, workdir, target, tcfg, tok: Tokenizer):
         with np.load(path) as z:
             return {k: z[k] for k in z.files}
     rng = np.random.default_rng(args.seed)
-    prose_fraction = getattr(args, "prose_fraction", None)
-    if args.prompts == ["stdlib"] and prose_fraction is not None:
+    if args.prose_fraction is not None:  # stdlib prompts only (check_draft_data_args)
         prompts = data_lib.domain_mixed_prompts(data_lib.stdlib_corpus("train"), args.prompt_tokens, tok.encode,
-                                                args.num_prompts, prose_fraction, rng)
+                                                args.num_prompts, args.prose_fraction, rng)
     else:
-        if prose_fraction is not None:
-            raise ValueError("--prose-fraction applies to --prompts stdlib only (JSONL prompts have no domain)")
         if args.prompts == ["stdlib"]:
             docs = data_lib.stdlib_corpus("train")
             prompts = data_lib.prompts_from_documents(docs, args.prompt_tokens, tok.encode)
@@ -233,7 +230,18 @@ def precompute_features(target, tcfg, dcfg, arrays, batch):
     return {**arrays, "features": np.concatenate(feats), "last_hidden": np.concatenate(last)}
 
 
+def check_draft_data_args(args):
+    """The regeneration options, checked before anything loads."""
+    if args.prose_fraction is not None and args.prompts != ["stdlib"]:
+        raise ValueError("--prose-fraction applies to --prompts stdlib only (JSONL prompts have no domain)")
+    if args.prose_fraction is not None and not 0.0 <= args.prose_fraction <= 1.0:
+        raise ValueError(f"--prose-fraction must be in [0, 1], got {args.prose_fraction}")
+    if any(t < 0 for t in np.atleast_1d(args.regen_temperature)):
+        raise ValueError(f"--regen-temperature values must be >= 0, got {args.regen_temperature}")
+
+
 def train_draft_recipe(args):
+    check_draft_data_args(args)
     workdir = args.out
     os.makedirs(workdir, exist_ok=True)
     target, tcfg = load_target(args.target, "float32")

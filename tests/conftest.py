@@ -3,6 +3,8 @@
 import os
 import sys
 
+import pytest
+
 # Eight fake CPU devices for the sharding tests; must be set before jax is imported.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
@@ -10,9 +12,6 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
