@@ -425,14 +425,42 @@ def restore_draft_orbax(path, dtype=None):
     return restore_orbax(path, abstract), dcfg
 
 
+def restore_training_drafter(workdir, dtype=None):
+    """The drafter of the latest checkpoint of a ``train-draft`` run (``workdir/checkpoints``),
+    finished or still training: its parameters in ``dtype`` and its config."""
+    from . import train as train_lib
+    from .draft import DraftConfig, init_draft_params
+    from .trainer import restore_latest_params
+
+    workdir = os.fspath(workdir)
+    configs = {}
+
+    def abstract_state(meta):
+        if meta.get("kind") != "draft":
+            raise ValueError(f"{workdir}: the training checkpoints are a {meta.get('kind')!r} run, not a drafter")
+        configs["draft"] = DraftConfig.from_hf(meta["config"], where=f"{workdir}/checkpoints metadata")
+        # The optimiser's state has the same structure whatever its hyperparameters.
+        optimizer = train_lib.make_optimizer(train_lib.OptimConfig())
+        return jax.eval_shape(lambda: train_lib.init_train_state(
+            init_draft_params(jax.random.key(0), configs["draft"]), optimizer))
+
+    params, _ = restore_latest_params(workdir, abstract_state)
+    return cast_tree(params, resolve_dtype(dtype)), configs["draft"]
+
+
 def load_drafter(path, target: Qwen3Params, target_cfg: Qwen3Config, dtype=None):
-    """A drafter from a DeepSpec directory or one of our orbax checkpoints."""
+    """A drafter from a DeepSpec directory, one of our orbax checkpoints, or the work directory
+    of a ``train-draft`` run (its latest checkpoint, so a run can be evaluated while it trains)."""
     from .draft import check_compatible
 
     path = os.fspath(path)
     if os.path.isdir(os.path.join(path, "params")):
         params, dcfg = restore_draft_orbax(path, dtype)
         check_compatible(dcfg, target_cfg, where=os.path.join(path, "config.json"))
+        return params, dcfg
+    if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "checkpoints")):
+        params, dcfg = restore_training_drafter(path, dtype)
+        check_compatible(dcfg, target_cfg, where=os.path.join(path, "checkpoints"))
         return params, dcfg
     return load_draft(path, target, target_cfg, dtype)
 

@@ -32,7 +32,8 @@ def _add_generate_args(p: argparse.ArgumentParser):
     p.add_argument("--mode", choices=("ar", "speculative"), help="default: speculative when --draft is given, else ar")
     p.add_argument("--target", help="Qwen3 directory (Hugging Face format) or an orbax checkpoint of ours "
                    "(default: the embedded target in checkpoints/, with the embedded DSpark drafter)")
-    p.add_argument("--draft", help="DSpark/DFlash draft directory (DeepSpec format) or an orbax checkpoint of ours")
+    p.add_argument("--draft", help="DSpark/DFlash draft directory (DeepSpec format), an orbax checkpoint of ours, "
+                   "or a train-draft --out directory (its latest checkpoint)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (needs tokenizer.json in the target directory or --tokenizer)")
     src.add_argument("--prompt-ids", help="comma-separated prompt token ids")
@@ -423,7 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="tau and acceptance per domain and drafter (Table 1), Figure 2 and 6 plots")
     e.add_argument("--target", help="default: the embedded target in checkpoints/")
-    e.add_argument("--draft", action="append", required=True, help="a drafter directory (repeatable)")
+    e.add_argument("--draft", action="append", required=True,
+                   help="a drafter directory, or a train-draft --out directory to evaluate its latest "
+                        "checkpoint while it trains (repeatable)")
     e.add_argument("--prompts", nargs="+", default=["held-out-code", "held-out-prose"],
                    help="held-out-code, held-out-prose, or DeepSpec-format JSONL files")
     _add_prompt_run_args(e)

@@ -50,6 +50,26 @@ def restore_checkpoint(manager, abstract_state) -> tuple[Any, dict] | None:
     return restored.state, dict(restored.meta)
 
 
+def restore_latest_params(workdir: str, abstract_state_from_meta: Callable[[dict], Any]) -> tuple[Any, dict]:
+    """The parameters and metadata of the latest checkpoint in ``workdir/checkpoints``, read
+    without touching the directory, so a run that is still training can be evaluated.
+    ``abstract_state_from_meta(meta)`` gives the abstract train state the metadata describes."""
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{workdir}: no training checkpoints here (expected {directory})")
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    manager = ocp.CheckpointManager(directory, options=options)
+    step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{directory}: no finished checkpoint yet")
+    meta = dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+    abstract = abstract_state_from_meta(meta)
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
+    return state.params, meta
+
+
 def data_parallel_mesh(n: int):
     if n <= 1:
         return None

@@ -132,7 +132,7 @@ def test_eval_prints_table_and_json_and_writes_png_figures(model_dirs, tmp_path,
 
 
 def test_train_draft_regenerates_trains_exports_and_resumes(model_dirs, tmp_path, capsys):
-    from dspark_jax.checkpoint import load_draft, load_qwen3
+    from dspark_jax.checkpoint import load_draft, load_drafter, load_qwen3
 
     root, _, _ = model_dirs
     prompts = tmp_path / "p.jsonl"
@@ -143,14 +143,21 @@ def test_train_draft_regenerates_trains_exports_and_resumes(model_dirs, tmp_path
             "--block-size", "3", "--markov-rank", "8", "--num-anchors", "4", "--save-every", "2", "--log-every", "1",
             "--no-progress", "--target-layer-ids", "0,1", "--regen-temperature", "1", "0"]
     cli.main(argv + ["--steps", "3"])
+    target, tcfg = load_qwen3(root / "target")
+    # a run's work directory loads as a drafter: its latest checkpoint, here step 3
+    at_step_3, cfg_3 = load_drafter(out, target, tcfg)
     cli.main(argv + ["--steps", "5"])
     printed = capsys.readouterr().out
     assert "resuming from step 3" in printed
     steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5]
-    target, tcfg = load_qwen3(root / "target")
     draft, dcfg = load_draft(out / "draft", target, tcfg)
     assert dcfg.block_size == 3 and dcfg.markov_rank == 8 and dcfg.target_layer_ids == (0, 1)
+    assert cfg_3 == dcfg
+    at_step_5, _ = load_drafter(out, target, tcfg)
+    for exported, restored in zip(jax.tree.leaves(draft), jax.tree.leaves(at_step_5)):
+        np.testing.assert_array_equal(np.asarray(exported), np.asarray(restored))
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(at_step_5), jax.tree.leaves(at_step_3)))
     manifest = json.loads((out / "draft" / "manifest.json").read_text())
     assert manifest["steps"] == 5 and "train-draft" in manifest["recipe"]
     # two temperatures split the prompts: the first half sampled at T=1, the second half greedy

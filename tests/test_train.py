@@ -12,7 +12,7 @@ from dspark_jax import data as data_lib
 from dspark_jax import draft as draft_model
 from dspark_jax import target as target_model
 from dspark_jax import train as train_lib
-from dspark_jax.checkpoint import load_draft, load_qwen3
+from dspark_jax.checkpoint import load_draft, load_qwen3, restore_training_drafter
 from dspark_jax.config import Qwen3Config
 from dspark_jax.decoding import generate_ar
 from dspark_jax.sampling import Sampling
@@ -249,3 +249,9 @@ def test_target_lm_training_lowers_loss_and_resumes_exactly(tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), resumed.params, straight.params)
     log = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert log[-1]["loss"] < 0.5 * log[0]["loss"]
+    # a target run's work directory is not a drafter, and one without a finished checkpoint has nothing to load
+    with pytest.raises(ValueError, match="a 'target' run, not a drafter"):
+        restore_training_drafter(tmp_path / "a")
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no finished checkpoint yet"):
+        restore_training_drafter(tmp_path / "empty")
