@@ -9,6 +9,7 @@ checkpoint holds params, optimiser state and step, and metadata (data position, 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import time
@@ -60,7 +61,13 @@ def restore_latest_params(workdir: str, abstract_state_from_meta: Callable[[dict
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{workdir}: no training checkpoints here (expected {directory})")
     options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
-    manager = ocp.CheckpointManager(directory, options=options)
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # orbax warns that a read-only manager's directory is read only
+    try:
+        manager = ocp.CheckpointManager(directory, options=options)
+    finally:
+        absl_logger.setLevel(level)
     step = manager.latest_step()
     if step is None:
         raise FileNotFoundError(f"{directory}: no finished checkpoint yet")
