@@ -318,7 +318,8 @@ def _target_or_embedded(path):
 def cmd_eval(args):
     """Table 1 / Figure 2 / Figure 6 for one or more drafters on one or more prompt sets."""
     from .checkpoint import load_drafter, load_target
-    from .evaluate import evaluate_drafter, format_table, load_prompt_set, plot_acceptance, plot_reliability
+    from .evaluate import (evaluate_drafter, format_table, load_prompt_set, plot_acceptance, plot_reliability,
+                           tau_ratios)
     from .sampling import Sampling
     from .schedule import Calibration
     from .tokenizer import Tokenizer
@@ -345,8 +346,8 @@ def cmd_eval(args):
     plot_acceptance(results, figures["acceptance"])
     plot_reliability(results, figures["reliability"])
     if args.json:
-        print(json.dumps({"results": [r.to_json() for r in results], "figures": figures,
-                          "temperature": args.temperature}))
+        print(json.dumps({"results": [r.to_json() for r in results], "tau_ratios": tau_ratios(results),
+                          "figures": figures, "temperature": args.temperature}))
     else:
         print(format_table(results))
         print(f"\nfigures: {figures['acceptance']}, {figures['reliability']}")

@@ -27,6 +27,8 @@ class DomainResult:
     reached: list
     confidences: list  # per position: calibrated confidence of rounds that reached k
     outcomes: list  # per position: whether draft k was accepted in those rounds
+    rounds_per_prompt: list = dataclasses.field(default_factory=list)  # for intervals: prompts resampled
+    accepted_per_prompt: list = dataclasses.field(default_factory=list)
 
     def reliability(self, bins: int = 10) -> list[dict]:
         out = []
@@ -42,8 +44,59 @@ class DomainResult:
     def to_json(self) -> dict:
         return {
             "drafter": self.drafter, "domain": self.domain, "rounds": self.rounds, "tau": self.tau,
+            "prompts": len(self.rounds_per_prompt), "tau_ci95": tau_interval(self),
             "accept_rate_by_position": self.accept_rate_by_position, "reliability": self.reliability(),
         }
+
+
+def _bootstrap_taus(result: DomainResult, draws: np.ndarray) -> np.ndarray:
+    rounds = np.asarray(result.rounds_per_prompt, np.float64)[draws].sum(-1)
+    accepted = np.asarray(result.accepted_per_prompt, np.float64)[draws].sum(-1)
+    return (accepted + rounds) / np.maximum(rounds, 1)
+
+
+def _resampled_prompts(n: int, resamples: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, n, (resamples, n))
+
+
+def tau_interval(result: DomainResult, level: float = 0.95, resamples: int = 2000, seed: int = 0) -> list | None:
+    """Percentile bootstrap interval of tau, resampling prompts (rounds of one prompt are not
+    independent, so prompts are the unit); None without per-prompt counts."""
+    n = len(result.rounds_per_prompt)
+    if n < 2:
+        return None
+    taus = _bootstrap_taus(result, _resampled_prompts(n, resamples, seed))
+    return [float(x) for x in np.quantile(taus, [(1 - level) / 2, (1 + level) / 2])]
+
+
+def ratio_interval(result: DomainResult, baseline: DomainResult, level: float = 0.95, resamples: int = 2000,
+                   seed: int = 0) -> list | None:
+    """Paired bootstrap interval of tau(result) / tau(baseline): both drafters ran the same
+    prompts, so each resample draws the same prompts for both."""
+    n = len(result.rounds_per_prompt)
+    if n < 2 or len(baseline.rounds_per_prompt) != n:
+        return None
+    draws = _resampled_prompts(n, resamples, seed)
+    ratios = _bootstrap_taus(result, draws) / _bootstrap_taus(baseline, draws)
+    return [float(x) for x in np.quantile(ratios, [(1 - level) / 2, (1 + level) / 2])]
+
+
+def tau_ratios(results: Sequence[DomainResult]) -> list[dict]:
+    """Every drafter's tau over the last drafter's (the baseline) per domain, with a paired
+    95% bootstrap interval."""
+    drafters = list(dict.fromkeys(r.drafter for r in results))
+    if len(drafters) < 2:
+        return []
+    by_key = {(r.drafter, r.domain): r for r in results}
+    base, out = drafters[-1], []
+    for dr in drafters[:-1]:
+        for domain in dict.fromkeys(r.domain for r in results):
+            a, b = by_key.get((dr, domain)), by_key.get((base, domain))
+            if a is None or b is None:
+                continue
+            out.append({"drafter": dr, "baseline": base, "domain": domain, "ratio": a.tau / b.tau,
+                        "ci95": ratio_interval(a, b)})
+    return out
 
 
 def summarize_trace(trace: Sequence[Sequence[dict]], block: int, temperatures=None) -> tuple[int, int, np.ndarray, np.ndarray, list, list]:
@@ -85,31 +138,38 @@ def evaluate_drafter(target, tcfg, draft, dcfg, prompts, *, name, domain, sampli
     if draft.confidence is None:
         conf, out = [[] for _ in range(K)], [[] for _ in range(K)]
     return DomainResult(name, domain, rounds, float((accepted + rounds) / max(rounds, 1)), rates,
-                        reached.tolist(), conf, out)
+                        reached.tolist(), conf, out, rounds_per_prompt=[len(t) for t in traces],
+                        accepted_per_prompt=[sum(r["accepted"] for r in t) for t in traces])
 
 
 def format_table(results: Sequence[DomainResult]) -> str:
     """Table 1 style: tau per domain and drafter, then per-position acceptance."""
     domains = list(dict.fromkeys(r.domain for r in results))
     drafters = list(dict.fromkeys(r.drafter for r in results))
-    lines = ["tau (accepted drafts + 1 per round)", f"{'drafter':<16}" + "".join(f"{d:>16}" for d in domains) + f"{'mean':>10}"]
+    w = max(16, 2 + max(len(f"{d}/{drafters[-1]}") for d in drafters))  # label column: fits drafter/baseline
+    lines = ["tau (accepted drafts + 1 per round)", f"{'drafter':<{w}}" + "".join(f"{d:>16}" for d in domains) + f"{'mean':>10}"]
     for dr in drafters:
         taus = [next((r.tau for r in results if r.drafter == dr and r.domain == d), float("nan")) for d in domains]
-        lines.append(f"{dr:<16}" + "".join(f"{t:16.3f}" for t in taus) + f"{np.nanmean(taus):10.3f}")
-    if len(drafters) > 1:
-        base = drafters[-1]
-        for dr in drafters[:-1]:
-            ratios = []
-            for d in domains:
-                a = next((r.tau for r in results if r.drafter == dr and r.domain == d), np.nan)
-                b = next((r.tau for r in results if r.drafter == base and r.domain == d), np.nan)
-                ratios.append(a / b)
-            lines.append(f"{dr + '/' + base:<16}" + "".join(f"{x:15.3f}x" for x in ratios))
+        lines.append(f"{dr:<{w}}" + "".join(f"{t:16.3f}" for t in taus) + f"{np.nanmean(taus):10.3f}")
+    ratios = tau_ratios(results)
+    for dr in drafters[:-1]:
+        row = {x["domain"]: x["ratio"] for x in ratios if x["drafter"] == dr}
+        lines.append(f"{dr + '/' + drafters[-1]:<{w}}" + "".join(f"{row.get(d, np.nan):15.3f}x" for d in domains))
+    intervals = {(r.drafter, r.domain): tau_interval(r) for r in results}
+    intervals.update({(x["drafter"] + "/" + x["baseline"], x["domain"]): x["ci95"] for x in ratios})
+    if any(v is not None for v in intervals.values()):
+        lines.append("")
+        lines.append("95% intervals (bootstrap over prompts; ratios paired on the same prompts)")
+        labels = list(dict.fromkeys(label for label, _ in intervals))
+        for label in labels:
+            cells = [intervals.get((label, d)) for d in domains]
+            lines.append(f"{label:<{w}}" + "".join(
+                f"{'-':>16}" if c is None else f"{f'{c[0]:.3f}-{c[1]:.3f}':>16}" for c in cells))
     lines.append("")
     lines.append("per-position conditional acceptance (accepted at k given all before accepted)")
     for r in results:
         rates = " ".join("  -  " if x is None else f"{x:.3f}" for x in r.accept_rate_by_position)
-        lines.append(f"{r.drafter:<16}{r.domain:<16}{rates}")
+        lines.append(f"{r.drafter:<{w}}{r.domain:<16}{rates}")
     rel = [r for r in results if any(len(c) for c in r.confidences)]
     if rel:
         lines.append("")
@@ -118,7 +178,7 @@ def format_table(results: Sequence[DomainResult]) -> str:
             cells = " ".join(
                 "   -   " if x["ece"] is None else f"{x['ece']:.3f}/{x['auroc']:.2f}" for x in r.reliability()
             )
-            lines.append(f"{r.drafter:<16}{r.domain:<16}{cells}")
+            lines.append(f"{r.drafter:<{w}}{r.domain:<16}{cells}")
     return "\n".join(lines)
 
 

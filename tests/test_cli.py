@@ -128,6 +128,8 @@ def test_eval_prints_table_and_json_and_writes_png_figures(model_dirs, tmp_path,
     assert set(results) == {"gsm8k", "held-out-prose"}
     r = results["gsm8k"]
     assert r["rounds"] > 0 and r["tau"] >= 1.0 and len(r["accept_rate_by_position"]) == 3
+    assert r["prompts"] == 3 and r["tau_ci95"][0] <= r["tau"] <= r["tau_ci95"][1]
+    assert out["tau_ratios"] == []  # one drafter: nothing to compare
     assert all(x["n"] > 0 for x in r["reliability"][:1])
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from dspark_jax.evaluate import DomainResult, format_table, summarize_trace
+from dspark_jax.evaluate import DomainResult, format_table, ratio_interval, summarize_trace, tau_interval, tau_ratios
 
 
 def test_trace_counts_give_conditional_acceptance_and_reliability_inputs():
@@ -38,6 +38,38 @@ def test_table_lists_tau_per_domain_and_the_ratio_between_drafters():
     assert "dspark/dflash" in table
     assert "1.200x" in table and "1.250x" in table
     assert "ECE" in table
+
+
+def per_prompt_result(drafter, domain, rounds, accepted):
+    tau = (sum(accepted) + sum(rounds)) / sum(rounds)
+    return DomainResult(drafter, domain, sum(rounds), tau, [], [], [], [], rounds_per_prompt=list(rounds),
+                        accepted_per_prompt=list(accepted))
+
+
+def test_tau_intervals_resample_prompts_and_ratios_pair_them():
+    rng = np.random.default_rng(1)
+    rounds = rng.integers(20, 60, 40)
+    accepted = (rounds * rng.uniform(0.5, 2.5, 40)).astype(int)  # prompts differ a lot in acceptance
+    a = per_prompt_result("dspark", "code", rounds, accepted)
+    lo, hi = tau_interval(a)
+    assert lo < a.tau < hi
+    # four times the prompts (same spread): the interval is about half as wide
+    a4 = per_prompt_result("dspark", "code", np.tile(rounds, 4), np.tile(accepted, 4))
+    lo4, hi4 = tau_interval(a4)
+    assert 0.35 < (hi4 - lo4) / (hi - lo) < 0.65
+    # the same per-prompt counts for both drafters: the paired ratio is exactly 1 in every resample
+    same = per_prompt_result("dflash", "code", rounds, accepted)
+    assert ratio_interval(a, same) == [1.0, 1.0]
+    # a drafter that accepts one more draft per round on every prompt: the interval excludes 1
+    better = per_prompt_result("dspark", "code", rounds, accepted + rounds)
+    lo_r, hi_r = ratio_interval(better, same)
+    assert 1.0 < lo_r < better.tau / same.tau < hi_r
+    rows = tau_ratios([better, same])
+    assert rows == [{"drafter": "dspark", "baseline": "dflash", "domain": "code", "ratio": better.tau / same.tau,
+                     "ci95": [lo_r, hi_r]}]
+    assert tau_interval(per_prompt_result("x", "code", [5], [3])) is None  # one prompt: no interval
+    table = format_table([better, same])
+    assert "95% intervals" in table and f"{lo_r:.3f}-{hi_r:.3f}" in table
 
 
 def test_held_out_prose_gives_the_asked_number_of_distinct_prompts_from_held_out_topics_only():
