@@ -166,6 +166,7 @@ def run_generate(args, on_first_result=None) -> dict:
         # the median of back-to-back ratios: robust to a burst of load during one of the runs
         out["speedup_over_ar"] = statistics.median(a / s for s, a in zip(times, ar_times)) * generated / ar_generated
         out["matches_ar"] = ar_samples == samples
+        out["greedy"] = args.temperature == 0
         out["timed_seconds"], out["ar_timed_seconds"] = times, ar_times
     if res is not None:
         out.update(res.stats)
@@ -188,6 +189,10 @@ def _print_human(out: dict):
         line += f"  rounds={out['rounds']}  tau={out['tau']:.2f}  accept@k=[{rates}]"
     if "speedup_over_ar" in out:
         line += f"\nar: {out['ar_tokens_per_second']:.1f} tokens/s -> speedup {out['speedup_over_ar']:.2f}x"
+        if out["greedy"]:  # lossless: greedy speculative decoding must reproduce ar token for token
+            line += f"; output identical to ar: {'yes' if out['matches_ar'] else 'NO'}"
+        else:
+            line += " (sampling: ar draws its own tokens, so the texts may differ)"
     print(line)
 
 

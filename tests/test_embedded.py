@@ -79,7 +79,7 @@ def test_greedy_speculative_equals_ar_on_held_out_code_for_both_drafters(pair):
         assert res.samples == ar, name
         taus[name] = res.stats["tau"]
     # trained drafters: well above the tau = 1 of a drafter that is never accepted
-    assert taus["dspark"] > 1.8 and taus["dflash"] > 1.6, taus  # measured: 2.14 and 1.88
+    assert taus["dspark"] > 2.5 and taus["dflash"] > 1.9, taus  # measured: 2.98 and 2.22
 
 
 def test_main_job_prints_text_first_then_tau_speed_and_speedup(capsys):
@@ -87,9 +87,10 @@ def test_main_job_prints_text_first_then_tau_speed_and_speedup(capsys):
     out = capsys.readouterr().out
     assert out.startswith("[sample 0] import os")
     assert out.index("[sample 0]") < out.index("tau=") < out.index("speedup")
+    assert "output identical to ar: yes" in out
     out = json.loads(_run_json(capsys, ["generate", "--prompt", "import os\n\ndef ", "--max-new-tokens", "24",
                                         "--compare-ar", "--json"]))
-    assert out["mode"] == "speculative" and out["matches_ar"] is True and out["tau"] > 2.0  # measured: 2.5
+    assert out["mode"] == "speculative" and out["matches_ar"] is True and out["tau"] > 1.8  # measured: 2.09
     assert out["texts"][0] and out["tokens_per_second"] > 0 and out["speedup_over_ar"] > 0
 
 
