@@ -433,19 +433,20 @@ def restore_training_drafter(workdir, dtype=None):
     from .trainer import restore_latest_params
 
     workdir = os.fspath(workdir)
-    configs = {}
 
-    def abstract_state(meta):
+    def draft_config(meta):
         if meta.get("kind") != "draft":
             raise ValueError(f"{workdir}: the training checkpoints are a {meta.get('kind')!r} run, not a drafter")
-        configs["draft"] = DraftConfig.from_hf(meta["config"], where=f"{workdir}/checkpoints metadata")
+        return DraftConfig.from_hf(meta["config"], where=f"{workdir}/checkpoints metadata")
+
+    def abstract_state(meta):
         # The optimiser's state has the same structure whatever its hyperparameters.
         optimizer = train_lib.make_optimizer(train_lib.OptimConfig())
         return jax.eval_shape(lambda: train_lib.init_train_state(
-            init_draft_params(jax.random.key(0), configs["draft"]), optimizer))
+            init_draft_params(jax.random.key(0), draft_config(meta)), optimizer))
 
-    params, _ = restore_latest_params(workdir, abstract_state)
-    return cast_tree(params, resolve_dtype(dtype)), configs["draft"]
+    params, meta = restore_latest_params(workdir, abstract_state)
+    return cast_tree(params, resolve_dtype(dtype)), draft_config(meta)
 
 
 def load_drafter(path, target: Qwen3Params, target_cfg: Qwen3Config, dtype=None):

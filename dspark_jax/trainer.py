@@ -24,11 +24,22 @@ class Stop(Exception):
     pass
 
 
-def checkpoint_manager(directory: str, save_every: int, max_to_keep: int = 2):
+def checkpoint_manager(directory: str, save_every: int = 0, max_to_keep: int = 2, read_only: bool = False):
+    """An orbax CheckpointManager; ``read_only`` reads a directory another process may be
+    writing to (a run still training) without saving, creating or deleting anything."""
     import orbax.checkpoint as ocp
 
-    options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=max_to_keep, create=True)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    if not read_only:
+        options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=max_to_keep, create=True)
+        return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # orbax warns that a read-only manager's directory is read only
+    try:
+        return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    finally:
+        absl_logger.setLevel(level)
 
 
 def save_checkpoint(manager, step: int, state, meta: dict, force: bool = False):
@@ -60,20 +71,12 @@ def restore_latest_params(workdir: str, abstract_state_from_meta: Callable[[dict
     directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{workdir}: no training checkpoints here (expected {directory})")
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
-    absl_logger = logging.getLogger("absl")
-    level = absl_logger.level
-    absl_logger.setLevel(logging.ERROR)  # orbax warns that a read-only manager's directory is read only
-    try:
-        manager = ocp.CheckpointManager(directory, options=options)
-    finally:
-        absl_logger.setLevel(level)
+    manager = checkpoint_manager(directory, read_only=True)
     step = manager.latest_step()
     if step is None:
         raise FileNotFoundError(f"{directory}: no finished checkpoint yet")
     meta = dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
-    abstract = abstract_state_from_meta(meta)
-    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
+    state, meta = restore_checkpoint(manager, abstract_state_from_meta(meta))
     return state.params, meta
 
 
