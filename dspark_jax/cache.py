@@ -1,8 +1,10 @@
 """Key/value caches as explicit pytrees, with ragged writes and the masks that read them.
 
 Layout: ``k, v [layers, batch, max_len, kv_heads, head_dim]`` and ``lengths [batch]``.
-Layers lead so a ``lax.scan`` over layers takes one cache slice per step; kv_heads is its own
-axis so tensor parallelism can split it. Entry ``[l, b, s]`` holds the key of token position
+A forward only reads the cache (``attention.Context`` takes blocks of layer l straight from
+the stacked arrays) and writes a chunk's keys once after the layer stack (``write_layers``),
+so no cache-sized buffer is ever copied; kv_heads is its own axis so tensor parallelism can
+split it. Entry ``[l, b, s]`` holds the key of token position
 ``s`` of sequence ``b``; entries at ``s >= lengths[b]`` are garbage that is never read and may be
 overwritten. Rolling back rejected draft tokens is therefore free: do not advance ``lengths``.
 """
@@ -57,8 +59,10 @@ def write_chunk(cache_layer: jax.Array, new: jax.Array, positions: jax.Array) ->
     return cache_layer.at[batch_index, positions].set(new.astype(cache_layer.dtype), mode="drop")
 
 
-def causal_cache_mask(positions: jax.Array, max_len: int) -> jax.Array:
-    """Mask ``[B, T, S]`` for queries at ``positions [B, T]`` reading a cache that already holds
-    their own chunk: key s is visible iff s <= the query's position. This covers each
-    sequence's committed prefix (its own length) plus causality inside the chunk."""
-    return jnp.arange(max_len, dtype=jnp.int32)[None, None, :] <= positions[:, :, None]
+def write_layers(cache: KVCache, new_k: jax.Array, new_v: jax.Array, positions: jax.Array) -> KVCache:
+    """Write a chunk's keys/values of every layer, ``[L, B, T, K, Dh]``, at ``positions [B, T]``.
+
+    One scatter per array after the layer stack, on a buffer the caller donates or carries
+    through a loop: XLA updates it in place (tests/test_inplace_cache.py checks the HLO)."""
+    write = jax.vmap(write_chunk, in_axes=(0, 0, None))
+    return dataclasses.replace(cache, k=write(cache.k, new_k, positions), v=write(cache.v, new_v, positions))

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -51,6 +52,7 @@ def _add_generate_args(p: argparse.ArgumentParser):
                    help="how many drafts each request verifies (default: threshold if a threshold is given, else fixed)")
     p.add_argument("--sps-profile", help="saved SPS profile JSON (dspark-jax profile-sps); default: measured at start-up")
     p.add_argument("--cache-len", type=int, help="KV cache positions (default: prompt + max-new-tokens, bucketed)")
+    _add_context_args(p)
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | auto (float32 on CPU, bfloat16 elsewhere)")
     p.add_argument("--tensor-parallel", type=int, default=1, help="split the target over N devices (model axis)")
     p.add_argument("--data-parallel", type=int, default=1, help="split the batch over N devices (data axis)")
@@ -64,10 +66,45 @@ def _add_generate_args(p: argparse.ArgumentParser):
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+def _add_context_args(p: argparse.ArgumentParser):
+    from .attention import BACKENDS
+    from .decoding import PREFILL_CHUNK
+
+    p.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK,
+                   help=f"prompt tokens per prefill forward (default {PREFILL_CHUNK}; memory grows with chunk x context)")
+    p.add_argument("--allow-long-context", action="store_true",
+                   help="run a prompt + max-new-tokens longer than the model's max_position_embeddings")
+    p.add_argument("--attention-backend", default="auto", choices=("auto",) + tuple(BACKENDS),
+                   help="attention kernel (default auto: blockwise over the used cache, per platform)")
+
+
+def with_attention_backend(cfg, backend: str):
+    """A target or drafter config whose attention runs on ``backend``."""
+    if hasattr(cfg, "layers"):  # a DraftConfig: its layers carry the backend
+        return dataclasses.replace(cfg, layers=with_attention_backend(cfg.layers, backend))
+    return dataclasses.replace(cfg, attention_backend=backend)
+
+
+def check_request_fits(args, prompt_len: int, tcfg):
+    """Prompt + --max-new-tokens against the model's context and --cache-len, before loading."""
+    from .decoding import check_context
+
+    if args.prefill_chunk < 1:
+        raise SystemExit(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
+    check_context(prompt_len, args.max_new_tokens, tcfg.max_position_embeddings, args.allow_long_context)
+    need = prompt_len + args.max_new_tokens
+    if args.cache_len is not None and args.cache_len < need:
+        raise SystemExit(
+            f"--cache-len {args.cache_len} is shorter than the prompt ({prompt_len} tokens) + --max-new-tokens "
+            f"({args.max_new_tokens}) = {need}: generation would stop early; raise --cache-len or leave it out"
+        )
+
+
 def run_generate(args, on_first_result=None) -> dict:
     """Decode as ``args`` say; ``on_first_result(samples, texts, seconds)`` is called as soon as the
     first (compiling) call returns, before the timed second call and the ``--compare-ar`` run."""
     from .checkpoint import load_drafter, load_target
+    from .config import load_qwen3_config
     from .decoding import generate_ar
     from .sampling import Sampling
     from .speculative import speculative_generate
@@ -83,12 +120,15 @@ def run_generate(args, on_first_result=None) -> dict:
         raise SystemExit("--mode speculative needs --draft DIR")
     if args.num_samples < 1:
         raise SystemExit(f"--num-samples must be >= 1, got {args.num_samples}")
-    target, tcfg = load_target(args.target, args.dtype)
     tokenizer = None
     if args.prompt is not None or args.tokenizer:
         tokenizer = Tokenizer(args.tokenizer or args.target)
     prompt = tokenizer.encode(args.prompt) if args.prompt is not None else _parse_ids(args.prompt_ids)
+    check_request_fits(args, len(prompt), load_qwen3_config(args.target))
+    target, tcfg = load_target(args.target, args.dtype)
+    tcfg = with_attention_backend(tcfg, args.attention_backend)
     prompts = [prompt] * args.num_samples
+    context_kw = dict(prefill_chunk=args.prefill_chunk, allow_long_context=args.allow_long_context)
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     mesh = None
     if args.tensor_parallel > 1 or args.data_parallel > 1:
@@ -98,12 +138,13 @@ def run_generate(args, on_first_result=None) -> dict:
 
     def ar_call():
         return generate_ar(target, tcfg, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                           seed=args.seed, cache_len=args.cache_len, mesh=mesh), None
+                           seed=args.seed, cache_len=args.cache_len, mesh=mesh, **context_kw), None
 
     if mode == "ar":
         call = ar_call
     else:
         draft, dcfg = load_drafter(args.draft, target, tcfg, args.dtype)
+        dcfg = with_attention_backend(dcfg, args.attention_backend)
         from .schedule import Calibration, SPSProfile
 
         calibration = Calibration.load(args.draft)
@@ -123,7 +164,7 @@ def run_generate(args, on_first_result=None) -> dict:
                 target, tcfg, draft, dcfg, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
                 block_size=args.block_size, confidence_threshold=args.confidence_threshold, seed=args.seed,
                 cache_len=args.cache_len, trace=args.trace, scheduler=args.scheduler,
-                sps_profile=profile, calibration=calibration, mesh=mesh,
+                sps_profile=profile, calibration=calibration, mesh=mesh, **context_kw,
             )
             return res.samples, res
 

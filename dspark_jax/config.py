@@ -84,6 +84,9 @@ def _eos_ids(value: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
 @dataclasses.dataclass(frozen=True)
 class Qwen3Config:
     """Architecture of a Qwen3 decoder (the target, and the shape of draft layers)."""
@@ -100,6 +103,12 @@ class Qwen3Config:
     tie_word_embeddings: bool = False
     eos_token_ids: tuple[int, ...] = ()
     max_position_embeddings: int = 32768
+    # sliding-window layers (transformers' layer_types): layer i reads only the last
+    # sliding_window keys when layer_types[i] == "sliding_attention" and sliding_window is set
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None  # None: every layer full attention
+    # not part of the checkpoint: which attention.py backend runs ("auto": per platform)
+    attention_backend: str = "auto"
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -107,6 +116,21 @@ class Qwen3Config:
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_hidden_layers:
+                raise ConfigError(
+                    f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers"
+                )
+            bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+            if bad:
+                raise ConfigError(f"layer_types {bad} not supported ({', '.join(LAYER_TYPES)})")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ConfigError(f"sliding_window must be >= 1, got {self.sliding_window}")
+
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """Per-layer attention window (None = full attention)."""
+        types = self.layer_types or ("full_attention",) * self.num_hidden_layers
+        return tuple(self.sliding_window if t == "sliding_attention" else None for t in types)
 
     @property
     def kv_groups(self) -> int:
@@ -129,8 +153,15 @@ class Qwen3Config:
             raise ConfigError(f"{where}: missing field(s) {', '.join(missing)}")
         if raw.get("attention_bias"):
             raise ConfigError(f"{where}: attention_bias=true is not a Qwen3 layout (unsupported)")
-        if raw.get("use_sliding_window"):
-            raise ConfigError(f"{where}: use_sliding_window=true is not supported")
+        # transformers' rule: the window applies only with use_sliding_window, to the layers
+        # layer_types marks (default: layers >= max_window_layers)
+        sliding_window = raw.get("sliding_window") if raw.get("use_sliding_window") else None
+        layers = int(raw["num_hidden_layers"])
+        # without a window every layer is full attention whatever layer_types says
+        layer_types = raw.get("layer_types") if sliding_window is not None else None
+        if layer_types is None and sliding_window is not None:
+            first = int(raw.get("max_window_layers", 28))
+            layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
         act = raw.get("hidden_act", "silu")
         if act != "silu":
             raise ConfigError(f"{where}: hidden_act {act!r} is not supported (Qwen3 uses silu)")
@@ -148,6 +179,8 @@ class Qwen3Config:
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             eos_token_ids=_eos_ids(raw.get("eos_token_id")),
             max_position_embeddings=int(raw.get("max_position_embeddings", 32768)),
+            sliding_window=None if sliding_window is None else int(sliding_window),
+            layer_types=None if layer_types is None else tuple(str(t) for t in layer_types),
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -172,8 +205,10 @@ class Qwen3Config:
             "max_position_embeddings": self.max_position_embeddings,
             "rope_parameters": self.rope.to_hf(),
             "rope_theta": self.rope.theta,
-            "use_sliding_window": False,
-            "sliding_window": None,
+            "use_sliding_window": self.sliding_window is not None,
+            "sliding_window": self.sliding_window,
+            "max_window_layers": self.num_hidden_layers,
+            "layer_types": list(self.layer_types or ("full_attention",) * self.num_hidden_layers),
             "dtype": "float32",
         }
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,16 +21,76 @@ from .sampling import Sampling, sample_logits
 from .sharding import constrain_cache
 from . import target as target_model
 
-PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+PREFILL_CHUNK = 512  # prompt tokens per prefill forward (memory O(chunk x context))
+# Capacities: powers of two up to 2048, then multiples of 2048, so a long prompt's cache is at
+# most 2047 positions too long (a 16,400-token request gets 18,432, not 32,768).
+CACHE_STEP = 2048
 
 
-def bucket(n: int, buckets: Sequence[int] = PROMPT_BUCKETS) -> int:
-    """The smallest bucket >= n (multiples of the largest bucket beyond it)."""
+def bucket(n: int, buckets: Sequence[int] | None = None, step: int = CACHE_STEP) -> int:
+    """The smallest power of two >= n (from 16) up to ``step``, then a multiple of ``step``.
+    With explicit ``buckets``: the smallest bucket >= n (multiples of the largest beyond it)."""
+    if buckets is None:
+        if n > step:
+            return -(-n // step) * step
+        return max(16, 1 << max(int(n) - 1, 0).bit_length())
     for b in buckets:
         if n <= b:
             return b
     top = buckets[-1]
     return -(-n // top) * top
+
+
+def prompt_bucket(n: int, chunk_size: int) -> int:
+    """Padded prompt length: a power-of-two bucket for one chunk, else whole chunks."""
+    return bucket(n, step=chunk_size) if n > chunk_size else min(bucket(n), max(chunk_size, 16))
+
+
+class ContextError(ValueError):
+    """A request that does not fit the model's context or the cache."""
+
+
+def check_context(longest: int, max_new_tokens: int, max_positions: int, allow_long_context: bool = False):
+    """A request must fit the positions the model was trained for, unless the user insists."""
+    need = longest + max_new_tokens
+    if need > max_positions and not allow_long_context:
+        raise ContextError(
+            f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} = {need} positions exceeds the "
+            f"model's context of {max_positions} (max_position_embeddings); shorten the prompt, lower "
+            f"max_new_tokens, or pass allow_long_context=True (CLI: --allow-long-context)"
+        )
+
+
+def available_memory_bytes() -> int | None:
+    """Free memory of the default device (accelerators: bytes_limit - in use; CPU: MemAvailable)."""
+    device = jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_cache_memory(nbytes: int, what: str):
+    """Fail before compiling when the KV caches alone cannot fit in memory."""
+    free = available_memory_bytes()
+    if free is not None and nbytes > free:
+        raise ContextError(
+            f"{what} needs {nbytes / 2**30:.2f} GiB but the device has {free / 2**30:.2f} GiB free; "
+            f"shorten the prompt, lower max_new_tokens or the batch"
+        )
+
+
+def cache_bytes(cfg: Qwen3Config, batch: int, cache_len: int, dtype) -> int:
+    """Bytes of a target KV cache (keys and values of every layer)."""
+    per_entry = cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+    return 2 * batch * cache_len * per_entry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,15 +106,24 @@ def prepare_prompts(
     max_new_tokens: int,
     cache_len: int | None = None,
     extra_cache: int = 0,
+    *,
+    max_positions: int | None = None,
+    allow_long_context: bool = False,
+    chunk_size: int = PREFILL_CHUNK,
 ) -> PreparedPrompts:
     """Validate and pad ragged prompts on the host, before anything is compiled.
 
-    ``cache_len`` defaults to a bucket of (longest prompt + max_new_tokens + extra_cache).
+    ``cache_len`` defaults to a bucket of (longest prompt + max_new_tokens + extra_cache); an
+    explicit one caps generation (decoding stops when the cache is full). Prompts are padded
+    to a bucket that whole prefill chunks of ``chunk_size`` cover. With ``max_positions``
+    (the model's context) a longer request is an error unless ``allow_long_context``.
     """
     if not prompts:
         raise ValueError("no prompts given")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if chunk_size < 1:
+        raise ValueError(f"prefill chunk size must be >= 1, got {chunk_size}")
     lengths = [len(p) for p in prompts]
     if min(lengths) == 0:
         raise ValueError(f"prompt {lengths.index(0)} is empty; every prompt needs at least one token")
@@ -63,6 +132,8 @@ def prepare_prompts(
         if bad:
             raise ValueError(f"prompt {i}: token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
     longest = max(lengths)
+    if max_positions is not None:
+        check_context(longest, max_new_tokens, max_positions, allow_long_context)
     if cache_len is None:
         cache_len = bucket(longest + max_new_tokens + extra_cache)
     if longest > cache_len:
@@ -70,7 +141,7 @@ def prepare_prompts(
             f"prompt of {longest} tokens does not fit the KV cache of {cache_len} positions; "
             f"raise the cache length or shorten the prompt"
         )
-    padded = np.zeros((len(prompts), bucket(longest)), np.int32)
+    padded = np.zeros((len(prompts), prompt_bucket(longest, chunk_size)), np.int32)
     for i, p in enumerate(prompts):
         padded[i, : len(p)] = np.asarray(p, np.int32)
     return PreparedPrompts(padded, np.asarray(lengths, np.int32), int(cache_len))
@@ -85,16 +156,48 @@ def run_target(params, cfg: Qwen3Config, tokens: jax.Array, cache: KVCache, *, f
     return sharded_forward(mesh, params, cfg, tokens, cache, feature_layers=feature_layers, with_logits=with_logits)
 
 
-def prefill(params, cfg: Qwen3Config, tokens: jax.Array, lengths: jax.Array, cache: KVCache, feature_layers=(), mesh=None):
-    """Run right-padded prompts ``tokens [B, P]`` (valid lengths ``[B]``) into an empty cache.
+def prefill(
+    params,
+    cfg: Qwen3Config,
+    tokens: jax.Array,
+    lengths: jax.Array,
+    cache: KVCache,
+    *,
+    chunk_size: int = PREFILL_CHUNK,
+    feature_layers=(),
+    mesh=None,
+    on_chunk: Callable | None = None,
+    carry=None,
+):
+    """Run right-padded prompts ``tokens [B, P]`` (valid lengths ``[B]``) into an empty cache,
+    ``chunk_size`` tokens per forward inside one ``lax.scan`` (memory O(chunk x context)).
 
-    Returns the ForwardOutput of the whole padded chunk (padding rows are garbage), the float32
-    logits ``[B, V]`` at each prompt's last token, and the cache advanced to ``lengths``.
+    ``on_chunk(carry, features [B, C, F], num_new [B]) -> carry`` folds each chunk's
+    ``feature_layers`` outputs (e.g. into the drafter's context cache); ``num_new`` counts the
+    chunk's prompt tokens per row. Returns the float32 logits ``[B, V]`` at each prompt's last
+    token, the cache advanced to ``lengths``, and the carry.
     """
-    out, cache = run_target(params, cfg, tokens, cache, feature_layers=feature_layers, with_logits=False, mesh=mesh)
-    last_hidden = jnp.take_along_axis(out.hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    last_logits = target_model.compute_logits(params, last_hidden)
-    return out, last_logits, cache.advance(lengths)
+    B, P = tokens.shape
+    C = min(chunk_size, P)
+    n = -(-P // C)
+    chunks = jnp.pad(tokens, ((0, 0), (0, n * C - P))).reshape(B, n, C).swapaxes(0, 1)  # [n, B, C]
+
+    def body(state, scanned):
+        cache, last_hidden, carry = state
+        chunk, index = scanned
+        start = index * C
+        out, cache = run_target(params, cfg, chunk, cache, feature_layers=feature_layers, with_logits=False, mesh=mesh)
+        num_new = jnp.clip(lengths - start, 0, C)
+        last = lengths - 1 - start  # the prompt's last token, if this chunk holds it
+        picked = jnp.take_along_axis(out.hidden, jnp.clip(last, 0, C - 1)[:, None, None], axis=1)[:, 0]
+        last_hidden = jnp.where(((last >= 0) & (last < C))[:, None], picked, last_hidden)
+        if on_chunk is not None:
+            carry = on_chunk(carry, out.features, num_new)
+        return (cache.advance(num_new), last_hidden, carry), None
+
+    last_hidden = jnp.zeros((B, cfg.hidden_size), params.embed.dtype)
+    (cache, last_hidden, carry), _ = jax.lax.scan(body, (cache, last_hidden, carry), (chunks, jnp.arange(n)))
+    return target_model.compute_logits(params, last_hidden), cache, carry
 
 
 def is_eos(tokens: jax.Array, eos_ids: Sequence[int]) -> jax.Array:
@@ -114,7 +217,7 @@ class ARState:
     key: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "buffer_len", "cache_len", "eos_ids", "mesh"))
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "buffer_len", "cache_len", "eos_ids", "mesh", "prefill_chunk"))
 def ar_decode(
     params,
     prompt_tokens: jax.Array,
@@ -128,6 +231,7 @@ def ar_decode(
     cache_len: int,
     eos_ids: tuple[int, ...],
     mesh=None,
+    prefill_chunk: int = PREFILL_CHUNK,
 ) -> tuple[jax.Array, jax.Array]:
     """Prefill ragged prompts and decode until EOS, ``max_new_tokens`` or a full cache.
 
@@ -137,7 +241,7 @@ def ar_decode(
     """
     B = prompt_tokens.shape[0]
     cache = constrain_cache(target_model.init_cache(cfg, B, cache_len, params.embed.dtype), mesh)
-    _, logits, cache = prefill(params, cfg, prompt_tokens, prompt_lengths, cache, mesh=mesh)
+    logits, cache, _ = prefill(params, cfg, prompt_tokens, prompt_lengths, cache, chunk_size=prefill_chunk, mesh=mesh)
     key, sub = jax.random.split(key)
     first = sample_logits(sub, logits, sampling)
     done = is_eos(first, eos_ids) | (max_new_tokens <= 1) | (cache.lengths >= cache_len)
@@ -178,11 +282,17 @@ def generate_ar(
     seed: int = 0,
     cache_len: int | None = None,
     mesh=None,
+    prefill_chunk: int = PREFILL_CHUNK,
+    allow_long_context: bool = False,
 ) -> list[list[int]]:
     """Host-side convenience: validate, bucket, decode, and return each sample's new ids.
 
-    With a ``(data, model)`` mesh (``sharding.make_mesh``) the target runs tensor-parallel."""
-    prepared = prepare_prompts(prompts, cfg.vocab_size, max_new_tokens, cache_len)
+    With a ``(data, model)`` mesh (``sharding.make_mesh``) the target runs tensor-parallel.
+    Prompts are prefilled ``prefill_chunk`` tokens at a time. A prompt + max_new_tokens past
+    the model's ``max_position_embeddings`` is an error unless ``allow_long_context``."""
+    prepared = prepare_prompts(prompts, cfg.vocab_size, max_new_tokens, cache_len, chunk_size=prefill_chunk,
+                               max_positions=cfg.max_position_embeddings, allow_long_context=allow_long_context)
+    check_cache_memory(cache_bytes(cfg, len(prompts), prepared.cache_len, params.embed.dtype), "the KV cache")
     if mesh is not None:
         from .sharding import check_batch, shard_target
 
@@ -200,6 +310,7 @@ def generate_ar(
         cache_len=prepared.cache_len,
         eos_ids=cfg.eos_token_ids,
         mesh=mesh,
+        prefill_chunk=prefill_chunk,
     )
     tokens, counts = np.asarray(tokens), np.asarray(counts)
     return [tokens[i, : counts[i]].tolist() for i in range(len(prompts))]

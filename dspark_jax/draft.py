@@ -20,11 +20,11 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from .cache import KVCache, chunk_positions, write_chunk
+from .attention import AttentionMask, Context, attend
+from .cache import KVCache, chunk_positions, write_layers
 from .config import ConfigError, Qwen3Config
 from .layers import (
     DecoderLayerParams,
-    attention,
     decoder_layer,
     init_decoder_layers,
     project_kv,
@@ -227,40 +227,35 @@ def append_context(
     """
     positions = chunk_positions(cache.lengths, features.shape[1])
     k, v = context_kv(params, dcfg, features, positions)
-    write = jax.vmap(write_chunk, in_axes=(0, 0, None))
-    return KVCache(write(cache.k, k, positions), write(cache.v, v, positions), cache.lengths + num_new)
+    return write_layers(cache, k, v, positions).advance(num_new)
 
 
 def draft_layers(
     params: DraftParams,
     dcfg: DraftConfig,
     x: jax.Array,
-    positions: jax.Array,
+    mask: AttentionMask,
     ctx_k: jax.Array,
     ctx_v: jax.Array,
-    mask: jax.Array,
+    backend: str | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Run block inputs ``x [B, T, D]`` at ``positions [B, T]`` through the draft layers.
+    """Run block inputs ``x [B, T, D]`` at positions ``mask.q_pos`` through the draft layers.
 
-    Layer l attends to [ctx_k[l] ; its own block keys] (``[B, S + T]``) under ``mask
-    [B, T, S + T]``. Returns the final-normed hidden ``[B, T, D]`` and each layer's residual
-    output ``[L, B, T, D]``.
+    Layer l attends to the context ``ctx_k[l], ctx_v[l]`` (``[L, B, S, K, Dh]``, read in
+    place) and the block's own keys, as ``mask`` says. Returns the final-normed hidden
+    ``[B, T, D]`` and each layer's residual output ``[L, B, T, D]``.
     """
     c = dcfg.layers
-    cos, sin = rope_cos_sin(c, positions)
+    backend = backend or c.attention_backend
+    cos, sin = rope_cos_sin(c, mask.q_pos)
 
     def body(x, scanned):
-        layer, k_ctx, v_ctx = scanned
-
-        def attend(q, k, v):
-            k_all = jnp.concatenate([k_ctx, k.astype(k_ctx.dtype)], axis=1)
-            v_all = jnp.concatenate([v_ctx, v.astype(v_ctx.dtype)], axis=1)
-            return attention(q, k_all, v_all, mask), None
-
-        x, _ = decoder_layer(layer, c, x, cos, sin, attend)
+        layer, index = scanned
+        context = Context(ctx_k, ctx_v, index)
+        x, _ = decoder_layer(layer, c, x, cos, sin, lambda q, k, v: (attend(q, k, v, mask, context, backend), None))
         return x, x
 
-    x, layer_out = jax.lax.scan(body, x, (params.layers, ctx_k, ctx_v))
+    x, layer_out = jax.lax.scan(body, x, (params.layers, jnp.arange(c.num_hidden_layers, dtype=jnp.int32)))
     return rms_norm(x, params.final_norm, c.rms_norm_eps), layer_out
 
 
@@ -287,18 +282,10 @@ def backbone(
     """
     block_size = block_size or dcfg.block_size
     tokens = block_inputs(dcfg, anchor, block_size)
-    positions = chunk_positions(cache.lengths, block_size)
-    S = cache.max_len
-    ctx_visible = jnp.arange(S)[None, :] < cache.lengths[:, None]  # [B, S]
-    mask = jnp.concatenate(
-        [
-            jnp.broadcast_to(ctx_visible[:, None, :], (anchor.shape[0], block_size, S)),
-            jnp.ones((anchor.shape[0], block_size, block_size), bool),
-        ],
-        axis=-1,
-    )
+    # the block is bidirectional and reads the context before its anchor
+    mask = AttentionMask.make(chunk_positions(cache.lengths, block_size), context_len=cache.lengths, causal=False)
     x = target.embed[tokens]
-    return draft_layers(params, dcfg, x, positions, cache.k, cache.v, mask)
+    return draft_layers(params, dcfg, x, mask, cache.k, cache.v)
 
 
 # ---------------------------------------------------------------------------- heads

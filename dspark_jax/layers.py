@@ -18,9 +18,6 @@ import numpy as np
 
 from .config import Qwen3Config, RopeConfig
 
-MASKED_SCORE = float(np.finfo(np.float32).min)
-
-
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class DecoderLayerParams:
@@ -147,25 +144,6 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention, the one attention of the package.
-
-    q ``[B, T, H, Dh]``; k, v ``[B, S, K, Dh]`` with H a multiple of K; mask ``[B, T, S]``
-    bool, True where query t may read key s. Scores and softmax in float32. A row with no
-    allowed key yields a uniform average (as eager PyTorch with a finfo.min mask does); callers
-    never read such rows.
-    """
-    B, T, H, Dh = q.shape
-    K = k.shape[2]
-    q = q.reshape(B, T, K, H // K, Dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (Dh**-0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, MASKED_SCORE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(B, T, H, Dh)
-
-
 def tp_sum(x: jax.Array, tp_axis: str | None) -> jax.Array:
     """Sum partial results of row-split projections over the tensor-parallel axis."""
     return x if tp_axis is None else jax.lax.psum(x, tp_axis)
@@ -201,9 +179,10 @@ def decoder_layer(
 ):
     """One Qwen3 decoder layer over ``x [B, T, D]``.
 
-    ``attend(q, k, v) -> (out [B, T, H, Dh], aux)`` decides which keys the new queries see
-    (the target's cache, the drafter's context + block, a packed batch) and returns whatever
-    it updated (``aux``, e.g. the cache layer). Returns ``(x, aux)``.
+    ``attend(q, k, v) -> (out [B, T, H, Dh], aux)`` runs ``attention.attend`` with the
+    caller's mask and context (the target's cache, the drafter's context + block, a packed
+    batch) and returns whatever the caller keeps (``aux``, e.g. the chunk's keys/values for
+    the cache). Returns ``(x, aux)``.
     """
     h = rms_norm(x, p.input_norm, cfg.rms_norm_eps)
     q = project_q(p, cfg, h, cos, sin)

@@ -28,7 +28,7 @@ from . import draft as draft_model
 from . import target as target_model
 from .cache import KVCache
 from .config import Qwen3Config
-from .decoding import bucket, is_eos, prefill, prepare_prompts, run_target
+from .decoding import PREFILL_CHUNK, bucket, cache_bytes, check_cache_memory, is_eos, prefill, prepare_prompts, run_target
 from .sharding import Mesh, check_batch, constrain_cache, shard_target, sharded_forward_packed
 from .draft import DraftConfig, DraftParams
 from . import schedule as schedule_lib
@@ -118,6 +118,7 @@ class SpecConfig:
     trace_rounds: int = 0  # 0 = no trace
     mesh: Mesh | None = None  # (data, model) mesh: the target runs tensor-parallel
     scheduler: str = "fixed"  # fixed | threshold | algorithm1 | async
+    prefill_chunk: int = PREFILL_CHUNK  # prompt tokens per prefill forward
 
     @property
     def num_drafts(self) -> int:
@@ -365,13 +366,15 @@ def speculative_prefill(
     B = prompt_tokens.shape[0]
     dtype = target.embed.dtype
     cache = constrain_cache(target_model.init_cache(scfg.target, B, cache_len, dtype), scfg.mesh)
-    out, logits, cache = prefill(
-        target, scfg.target, prompt_tokens, prompt_lengths, cache, scfg.draft.target_layer_ids, mesh=scfg.mesh
+    # every prefill chunk's target features go straight into the drafter's context cache
+    draft_cache = draft_model.init_context_cache(scfg.draft, B, cache_len, dtype)
+    logits, cache, draft_cache = prefill(
+        target, scfg.target, prompt_tokens, prompt_lengths, cache, chunk_size=scfg.prefill_chunk,
+        feature_layers=scfg.draft.target_layer_ids, mesh=scfg.mesh,
+        on_chunk=functools.partial(draft_model.append_context, draft, scfg.draft), carry=draft_cache,
     )
     key, sub = jax.random.split(key)
     first = sample_logits(sub, logits, scfg.sampling)
-    draft_cache = draft_model.init_context_cache(scfg.draft, B, cache_len, dtype)
-    draft_cache = draft_model.append_context(draft, scfg.draft, draft_cache, out.features, prompt_lengths)
     K, R = scfg.num_drafts, scfg.trace_rounds
     zeros = jnp.zeros((B,), jnp.int32)
     trace = None
@@ -487,6 +490,8 @@ def speculative_generate(
     scheduler: str | None = None,
     sps_profile=None,
     calibration=None,
+    prefill_chunk: int = PREFILL_CHUNK,
+    allow_long_context: bool = False,
 ) -> SpecResult:
     """Speculative decoding of ragged prompts; the output distribution is the target's.
 
@@ -498,8 +503,10 @@ def speculative_generate(
     async (default: a synthetic linear-cost curve); ``calibration`` (schedule.Calibration) holds
     the STS temperatures (default: the drafter's, none = 1).
 
-    Validates on the host (prompt vs cache length, vocab, block size, threshold, scheduler)
-    before any compile; pads prompts and batch to buckets so similar calls reuse one compilation.
+    Validates on the host (prompt vs the model's context and the cache, vocab, block size,
+    threshold, scheduler) before any compile; pads prompts and batch to buckets so similar
+    calls reuse one compilation. Prompts are prefilled ``prefill_chunk`` tokens at a time, the
+    drafter's context cache chunk by chunk alongside.
     """
     draft_model.check_compatible(dcfg, tcfg)
     K = block_size or dcfg.block_size
@@ -516,8 +523,14 @@ def speculative_generate(
         raise ValueError(f"scheduler {scheduler!r} needs a drafter with a confidence head (enable_confidence_head)")
     if scheduler != "fixed" and mesh is not None and mesh.shape["data"] != 1:
         raise ValueError(f"scheduler {scheduler!r} verifies a packed token axis: use a mesh with data=1 (tensor parallel only)")
-    prepared = prepare_prompts(prompts, tcfg.vocab_size, max_new_tokens, cache_len, extra_cache=K + 1)
+    prepared = prepare_prompts(prompts, tcfg.vocab_size, max_new_tokens, cache_len, extra_cache=K + 1,
+                               chunk_size=prefill_chunk, max_positions=tcfg.max_position_embeddings,
+                               allow_long_context=allow_long_context)
     tokens, lengths, active = pad_batch(prepared.tokens, prepared.lengths)
+    dtype = target.embed.dtype
+    check_cache_memory(cache_bytes(tcfg, tokens.shape[0], prepared.cache_len, dtype)
+                       + cache_bytes(dcfg.layers, tokens.shape[0], prepared.cache_len, dtype),
+                       "the target and drafter KV caches")
     if mesh is not None:
         check_batch(tokens.shape[0], mesh)
         target, tcfg = shard_target(target, tcfg, mesh)
@@ -531,6 +544,7 @@ def speculative_generate(
         trace_rounds=buffer_len if trace else 0,
         mesh=mesh,
         scheduler=scheduler,
+        prefill_chunk=prefill_chunk,
     )
     B = tokens.shape[0]
     table = None

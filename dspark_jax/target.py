@@ -9,14 +9,16 @@ commits as many entries as it accepts (``KVCache.advance``), so rejected drafts 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 
-from .cache import KVCache, causal_cache_mask, chunk_positions, write_chunk
+from .attention import NO_WINDOW, AttentionMask, Context, attend
+from .cache import KVCache, chunk_positions, write_layers
 from .config import Qwen3Config
-from .layers import DecoderLayerParams, attention, decoder_layer, init_decoder_layers, rms_norm, rope_cos_sin
+from .layers import DecoderLayerParams, decoder_layer, init_decoder_layers, rms_norm, rope_cos_sin
 
 
 @jax.tree_util.register_dataclass
@@ -80,10 +82,24 @@ def check_feature_layers(cfg: Qwen3Config, feature_layers: Sequence[int]) -> tup
     return ids
 
 
-def _run_layers(params, cfg, tokens, cos, sin, layer_caches, attend_fn, feature_layers, with_logits, tp_axis, remat):
+def _attend_by_config(cfg: Qwen3Config, q, k, v, mask, context):
+    return attend(q, k, v, mask, context, cfg.attention_backend)
+
+
+def layer_windows(cfg: Qwen3Config) -> jax.Array:
+    """Per-layer attention windows ``[L]`` (``NO_WINDOW`` for full-attention layers)."""
+    return jnp.asarray([NO_WINDOW if w is None else w for w in cfg.layer_windows()], jnp.int32)
+
+
+def _run_layers(params, cfg, tokens, cos, sin, mask, context, feature_layers, with_logits, tp_axis, remat,
+                attend_fn=None):
     """The decoder stack shared by every entry point: embed, a ``lax.scan`` over layers (each
-    attending through ``attend_fn(q, k, v, layer_cache) -> (out, new_layer_cache)``), feature
-    collection, final norm and logits."""
+    attending through ``attention.attend`` with ``mask`` over the read-only ``context``
+    (k, v) arrays or None; ``attend_fn(q, k, v, mask, context)`` replaces that call, e.g. to
+    lay packed tokens out on a grid), feature collection, final norm and logits. Returns
+    the ForwardOutput and the chunk's keys/values of every layer ``[L, B, T, K, Dh]``."""
+    if attend_fn is None:
+        attend_fn = functools.partial(_attend_by_config, cfg)
     B, T = tokens.shape
     x = params.embed[tokens]
     # Feature collection inside the layer scan: slot_of_layer[l] is where layer l's output
@@ -96,18 +112,24 @@ def _run_layers(params, cfg, tokens, cos, sin, layer_caches, attend_fn, feature_
 
     def body(carry, scanned):
         x, collected = carry
-        layer, layer_cache, slot = scanned
-        x, new_layer_cache = decoder_layer(
-            layer, cfg, x, cos, sin, lambda q, k, v: attend_fn(q, k, v, layer_cache), tp_axis
-        )
+        layer, index, window, slot = scanned
+        layer_mask = mask.with_window(window)
+        layer_context = None if context is None else Context(context[0], context[1], index)
+
+        def layer_attend(q, k, v):
+            return attend_fn(q, k, v, layer_mask, layer_context), (k, v)
+
+        x, new_kv = decoder_layer(layer, cfg, x, cos, sin, layer_attend, tp_axis)
         safe_slot = jnp.maximum(slot, 0)
         kept = jnp.where(slot >= 0, x, collected[safe_slot])
         collected = jax.lax.dynamic_update_index_in_dim(collected, kept, safe_slot, 0)
-        return (x, collected), new_layer_cache
+        return (x, collected), new_kv
 
     if remat:
         body = jax.checkpoint(body)
-    (x, collected), new_kv = jax.lax.scan(body, (x, collected), (params.layers, layer_caches, slot_of_layer))
+    L = cfg.num_hidden_layers
+    scanned = (params.layers, jnp.arange(L, dtype=jnp.int32), layer_windows(cfg), slot_of_layer)
+    (x, collected), new_kv = jax.lax.scan(body, (x, collected), scanned)
     embed_out = params.embed[tokens]
     parts = [embed_out if i == -1 else collected[decoder_ids.index(i)] for i in feature_layers]
     features = jnp.concatenate(parts, axis=-1) if parts else jnp.zeros((B, T, 0), x.dtype)
@@ -131,7 +153,9 @@ def forward(
 
     Returns the final-normed hidden states, the concatenated outputs of ``feature_layers``
     (id i = output of decoder layer i, -1 = embedding output), float32 logits when
-    ``with_logits``, and the cache with the chunk written (lengths unchanged).
+    ``with_logits``, and the cache with the chunk written (lengths unchanged). The chunk
+    reads the committed cache (positions < lengths) and itself causally; attention reads
+    only the used part of the cache and the chunk is written after the layers, in place.
     With ``cache=None`` the chunk is a whole sequence at positions 0..T-1 under a causal
     mask (training, feature extraction) and no cache is returned. ``remat`` recomputes
     each layer in the backward pass instead of storing its activations.
@@ -141,19 +165,10 @@ def forward(
     lengths = jnp.zeros((B,), jnp.int32) if cache is None else cache.lengths
     positions = chunk_positions(lengths, T)
     cos, sin = rope_cos_sin(cfg, positions)
-    mask = causal_cache_mask(positions, T if cache is None else cache.max_len)
-
-    def attend(q, k, v, layer_cache):
-        if layer_cache is None:
-            return attention(q, k, v, mask), None
-        k_cache, v_cache = layer_cache
-        k_all = write_chunk(k_cache, k, positions)
-        v_all = write_chunk(v_cache, v, positions)
-        return attention(q, k_all, v_all, mask), (k_all, v_all)
-
-    cache_kv = None if cache is None else (cache.k, cache.v)
-    out, new_kv = _run_layers(params, cfg, tokens, cos, sin, cache_kv, attend, feature_layers, with_logits, tp_axis, remat)
-    new_cache = None if cache is None else dataclasses.replace(cache, k=new_kv[0], v=new_kv[1])
+    mask = AttentionMask.make(positions, context_len=lengths)
+    context = None if cache is None else (cache.k, cache.v)
+    out, (new_k, new_v) = _run_layers(params, cfg, tokens, cos, sin, mask, context, feature_layers, with_logits, tp_axis, remat)
+    new_cache = None if cache is None else write_layers(cache, new_k, new_v, positions)
     return out, new_cache
 
 
@@ -172,40 +187,29 @@ def forward_packed(
 ) -> tuple[ForwardOutput, tuple[jax.Array, jax.Array]]:
     """Ragged (packed) chunk: ``tokens [N]`` of several sequences on one flat axis; token i is
     the ``slots[i]``-th new token of sequence ``seq_ids[i]`` (position ``lengths + slot``),
-    ``slots < chunk_len``. Projections and MLPs run on the N packed tokens (they dominate the
-    cost of a short chunk). Attention scatters queries and the chunk's own keys into a
-    ``[batch, chunk_len]`` grid and reads [cache ; chunk] per sequence, so the cache is only
-    read here: the new keys/values come back packed, ``[L, N, K, Dh]`` each, for
-    ``write_packed`` (which keeps the big cache out of control-flow operands that would copy
-    it). Padding tokens carry ``seq_ids == batch``. Outputs have shape ``[N, 1, ...]``.
+    ``slots < chunk_len``, each sequence's slots a prefix 0..l_b. Projections and MLPs run on
+    the N packed tokens (they dominate the cost of a short chunk). Attention scatters queries
+    and the chunk's own keys into a ``[batch, chunk_len]`` grid that reads the committed
+    cache and itself causally (empty grid slots lie after every real one, so no real query
+    reads them). The cache is only read: the new keys/values come back packed,
+    ``[L, N, K, Dh]`` each, for ``write_packed``. Padding tokens carry ``seq_ids == batch``.
+    Outputs have shape ``[N, 1, ...]``.
     """
     feature_layers = check_feature_layers(cfg, feature_layers)
-    B, S = cache.batch, cache.max_len
+    B = cache.batch
     rows = jnp.minimum(seq_ids, B - 1)
     cos, sin = rope_cos_sin(cfg, (cache.lengths[rows] + slots)[:, None])
-    t = jnp.arange(chunk_len)
-    # a grid query (b, t) reads the committed cache of b and the chunk's slots <= t
-    in_grid = jnp.zeros((B, chunk_len), bool).at[seq_ids, slots].set(True, mode="drop")
-    mask = jnp.concatenate(
-        [
-            jnp.broadcast_to((jnp.arange(S)[None, :] < cache.lengths[:, None])[:, None, :], (B, chunk_len, S)),
-            (t[None, None, :] <= t[None, :, None]) & in_grid[:, None, :],
-        ],
-        axis=-1,
-    )
+    grid_mask = AttentionMask.make(chunk_positions(cache.lengths, chunk_len), context_len=cache.lengths)
 
     def grid(x):
         return jnp.zeros((B, chunk_len) + x.shape[2:], x.dtype).at[seq_ids, slots].set(x[:, 0], mode="drop")
 
-    def attend(q, k, v, layer_cache):
-        k_cache, v_cache = layer_cache
-        k_all = jnp.concatenate([k_cache, grid(k).astype(k_cache.dtype)], axis=1)
-        v_all = jnp.concatenate([v_cache, grid(v).astype(v_cache.dtype)], axis=1)
-        out = attention(grid(q), k_all, v_all, mask)
-        return out[rows, slots][:, None], (k[:, 0], v[:, 0])
+    def attend_grid(q, k, v, mask, context):
+        return _attend_by_config(cfg, grid(q), grid(k), grid(v), mask, context)[rows, slots][:, None]
 
-    out, new_kv = _run_layers(params, cfg, tokens[:, None], cos, sin, (cache.k, cache.v), attend, feature_layers, with_logits, tp_axis, False)
-    return out, new_kv
+    out, (new_k, new_v) = _run_layers(params, cfg, tokens[:, None], cos, sin, grid_mask, (cache.k, cache.v),
+                                      feature_layers, with_logits, tp_axis, False, attend_grid)
+    return out, (new_k[:, :, 0], new_v[:, :, 0])
 
 
 def write_packed(cache: KVCache, new_k: jax.Array, new_v: jax.Array, seq_ids: jax.Array, slots: jax.Array) -> KVCache:

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from . import draft as draft_model
+from .attention import AttentionMask
 from . import target as target_model
 from .config import Qwen3Config
 from .draft import DraftConfig, DraftParams
@@ -125,15 +126,16 @@ def sample_anchors(key: jax.Array, loss_mask: jax.Array, num_anchors: int) -> tu
     return jnp.where(keep, anchors, 0).astype(jnp.int32), keep
 
 
-def training_attention_mask(anchors: jax.Array, keep: jax.Array, seq_len: int, block: int) -> jax.Array:
-    """``[B, n*K, S + n*K]``: block b's queries read context j < anchor_b and their own block."""
+def training_attention_mask(anchors: jax.Array, keep: jax.Array, block: int) -> AttentionMask:
+    """Packed training blocks ``[B, n*K]``: block j sits at positions anchor_j + 0..K-1, reads
+    the context before its anchor and its own block (bidirectional), nothing of other blocks.
+    A block that is not kept reads nothing (its rows come out as DeepSpec's: a uniform
+    average) and the loss ignores it."""
     B, n = anchors.shape
-    q_block = jnp.repeat(jnp.arange(n), block)  # [n*K]
-    q_anchor = jnp.repeat(anchors, block, axis=1)  # [B, n*K]
-    q_keep = jnp.repeat(keep, block, axis=1)
-    ctx = jnp.arange(seq_len)[None, None, :] < q_anchor[:, :, None]
-    own = (q_block[:, None] == q_block[None, :])[None]
-    return jnp.concatenate([ctx, jnp.broadcast_to(own, (B, n * block, n * block))], -1) & q_keep[:, :, None]
+    q_pos = (anchors[..., None] + jnp.arange(block)).reshape(B, n * block)
+    context_len = jnp.repeat(jnp.where(keep, anchors, 0), block, axis=1)
+    segment = jnp.repeat(jnp.where(keep, jnp.arange(n)[None, :], -1), block, axis=1)
+    return AttentionMask.make(q_pos, context_len=context_len, segment=segment, causal=False)
 
 
 @jax.tree_util.register_dataclass
@@ -166,12 +168,13 @@ def draft_training_forward(
     n = anchors.shape[1]
     k = jnp.arange(K)
     block_tokens = jnp.where(k == 0, jnp.take_along_axis(tokens, anchors, 1)[..., None], dcfg.mask_token_id)
-    positions = (anchors[..., None] + k).reshape(B, n * K)
     ctx_positions = jnp.broadcast_to(jnp.arange(S), (B, S))
     ctx_k, ctx_v = draft_model.context_kv(params, dcfg, features, ctx_positions)
-    mask = training_attention_mask(anchors, keep, S, K)
+    mask = training_attention_mask(anchors, keep, K)
     x = target.embed[block_tokens.reshape(B, n * K)]
-    hidden, layer_out = draft_model.draft_layers(params, dcfg, x, positions, ctx_k, ctx_v, mask)
+    # the whole context is live in training: the dense backend (differentiable, no loop)
+    backend = "dense" if dcfg.layers.attention_backend == "auto" else dcfg.layers.attention_backend
+    hidden, layer_out = draft_model.draft_layers(params, dcfg, x, mask, ctx_k, ctx_v, backend)
 
     label_pos = anchors[..., None] + k + 1  # [B, n, K]
     label_idx = jnp.minimum(label_pos, S - 1)

@@ -9,10 +9,11 @@ from transformers import Qwen3ForCausalLM
 
 
 def make_hf_qwen3(path, *, tie=False, kv_heads=2, heads=4, layers=3, vocab=97, hidden=32,
-                  head_dim=8, intermediate=48, seed=0, rope_parameters=None, eos_token_id=None):
+                  head_dim=8, intermediate=48, seed=0, rope_parameters=None, eos_token_id=None,
+                  **config_fields):
     """Build a random Qwen3ForCausalLM (weights with non-trivial norms) and save it to ``path``."""
     torch.manual_seed(seed)
-    kwargs = {}
+    kwargs = dict(config_fields)  # e.g. use_sliding_window, sliding_window, layer_types
     if rope_parameters is not None:
         kwargs["rope_parameters"] = rope_parameters
     cfg = HFQwen3Config(

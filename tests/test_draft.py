@@ -179,7 +179,8 @@ def eval_path(deepspec):
 
     # eval prefill with the drafter's feature layers
     cache = T.init_cache(tc, 1, max_len)
-    pre, last_logits, cache = prefill(tp, tc, ids, jnp.array([P]), cache, feature_layers=dc.target_layer_ids)
+    last_logits, cache, _ = prefill(tp, tc, ids, jnp.array([P]), cache)
+    pre, _ = T.forward(tp, tc, ids, None, feature_layers=dc.target_layer_ids, with_logits=False)
     ours["context_features"] = pre.features
     anchor1 = jnp.argmax(last_logits, -1).astype(jnp.int32)
 
@@ -424,7 +425,8 @@ def prefill_features(tp, prompts, lengths, feature_layers):
     """Prefill right-padded prompts (ragged ``lengths``): their target features and anchors
     (the target's greedy next tokens)."""
     cache = T.init_cache(TINY, prompts.shape[0], CTX_LEN)
-    out, last, _ = prefill(tp, TINY, prompts, lengths, cache, feature_layers=feature_layers)
+    last, _, _ = prefill(tp, TINY, prompts, lengths, cache)
+    out, _ = T.forward(tp, TINY, prompts, None, feature_layers=feature_layers, with_logits=False)
     return out.features, jnp.argmax(last, -1).astype(jnp.int32)
 
 

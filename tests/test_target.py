@@ -36,7 +36,7 @@ def run_chunk(params, cfg, tokens, cache, feature_layers=()):
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def run_prefill(params, cfg, tokens, lengths, cache):
-    _, last_logits, cache = decoding.prefill(params, cfg, tokens, lengths, cache)
+    last_logits, cache, _ = decoding.prefill(params, cfg, tokens, lengths, cache)
     return last_logits, cache
 
 

@@ -54,7 +54,7 @@ def test_training_forward_and_losses_match_deepspec(deepspec, case):
     last = jnp.asarray(ref["train_target_last_hidden_states"])
     out = train_lib.draft_training_forward(draft, dcfg, target, tokens, loss_mask, feats, last, anchors, keep)
 
-    mask = train_lib.training_attention_mask(anchors, keep, tokens.shape[1], dcfg.block_size)
+    mask = train_lib.training_attention_mask(anchors, keep, dcfg.block_size).dense(tokens.shape[1])
     np.testing.assert_array_equal(mask, ref[f"train{case}_attn_allowed"][:, 0])
     close = dict(rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(out.layer_out, ref[f"train{case}_layer_out"], **close)
@@ -120,7 +120,7 @@ def test_anchors_of_unkept_blocks_see_nothing_and_are_never_supervised():
     out = train_lib.draft_training_forward(draft, dcfg, target, tokens, loss_mask, feats, last, anchors, keep)
     assert not np.asarray(out.eval_mask)[0, 2].any()
     assert np.asarray(out.eval_mask)[0, :2].all()
-    mask = np.asarray(train_lib.training_attention_mask(anchors, keep, 16, 4))
+    mask = np.asarray(train_lib.training_attention_mask(anchors, keep, 4).dense(16))
     assert not mask[0, 8:].any()
     assert mask[0, 0, :2].all() and not mask[0, 0, 2:16].any()  # block@2 reads context 0, 1 only
 

@@ -1,0 +1,35 @@
+"""Smoke runs of the long-context and accelerator benchmarks on tiny shapes: they run end to
+end and report every figure they promise (nothing timed is asserted)."""
+
+import json
+import os
+import sys
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+sys.path.insert(0, BENCH)
+
+import bench_accelerator  # noqa: E402
+import bench_long_context  # noqa: E402
+
+
+def test_long_context_benchmark_reports_used_length_and_prefill_figures(capsys):
+    bench_long_context.main(["--shape", "tiny", "--parts", "used", "prefill", "--used", "64", "--new-tokens", "2",
+                             "--repeats", "1", "--prefill-len", "300", "--prefill-chunk", "128", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    row = out["used"]["rows"][0]
+    for key in ("ar_ms_per_token", "roofline_ratio", "spec_round_ms", "spec_breakeven_tau",
+                "transformers_ms_per_token", "ours_vs_transformers"):
+        assert row[key] > 0, key
+    prefill = out["prefill"]
+    assert prefill["prefill_len"] == 300 and prefill["peak_rss_bytes"] > prefill["kv_cache_bytes"] > 0
+    assert prefill["within_budget"] is True
+
+
+def test_accelerator_benchmark_reports_ar_verify_and_round(capsys):
+    bench_accelerator.main(["--shape", "tiny", "--contexts", "40", "--batches", "2", "--verify-tokens", "1", "3",
+                            "--repeats", "1", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    (ctx,) = out["contexts"]
+    assert ctx["context"] == 40 and ctx["ar"][0]["roofline_ratio"] > 0
+    assert set(ctx["verify"][0]["ms_by_tokens"]) == {"1", "3"}
+    assert ctx["round"][0]["round_ms"] > 0
