@@ -132,7 +132,7 @@ def test_unsupported_architecture_names_model_type(broken):
     "changes, message",
     [
         ({"attention_bias": True}, r"attention_bias=true is not a Qwen3 layout"),
-        ({"use_sliding_window": True}, r"use_sliding_window=true is not supported"),
+        ({"use_sliding_window": True, "sliding_window": 0}, r"sliding_window must be >= 1, got 0"),
         ({"hidden_act": "gelu"}, r"hidden_act 'gelu' is not supported"),
         ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}},
          r"rope_type 'dynamic' is not supported"),

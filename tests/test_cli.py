@@ -1,6 +1,7 @@
 """The dspark-jax command line: JSON output of generate (ar and speculative), text prompts, errors."""
 
 import json
+import re
 
 import jax
 import numpy as np
@@ -77,7 +78,7 @@ def test_generate_with_text_prompt_uses_the_tokenizer_and_returns_text(model_dir
 
 def test_generate_errors_are_clear(model_dirs, capsys):
     root, _, _ = model_dirs
-    with pytest.raises(SystemExit, match="does not fit the KV cache of 4 positions"):
+    with pytest.raises(SystemExit, match=re.escape("--cache-len 4 is shorter than the prompt (6 tokens)")):
         cli.main(["generate", "--mode", "ar", "--target", str(root / "target"), "--prompt-ids", "1,2,3,4,5,6",
                   "--cache-len", "4", "--json"])
     with pytest.raises(SystemExit, match="outside the vocabulary"):

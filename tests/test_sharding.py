@@ -110,8 +110,13 @@ def test_sampling_with_a_mesh_gives_the_same_samples_for_the_same_seed(pair):
     assert ar_tp == ar_plain
 
 
+def all_reduce_shapes(hlo_text):
+    """The result shape of every all-reduce in a compiled module, e.g. ``f32[2,5,32]``."""
+    return re.findall(r"= (\w+\[[\d,]*\])\S* all-reduce(?:-start)?\(", hlo_text)
+
+
 def count_all_reduces(hlo_text):
-    return len(re.findall(r"\ball-reduce(?:-start)?\(", hlo_text))
+    return len(all_reduce_shapes(hlo_text))
 
 
 def test_compiled_verification_has_two_all_reduces_per_layer_and_none_in_the_drafter(pair):
@@ -130,8 +135,12 @@ def test_compiled_verification_has_two_all_reduces_per_layer_and_none_in_the_dra
                                 jnp.ones(4, bool), jax.random.key(0), jnp.int32(8), init_schedule_state(4, 4),
                                 scfg=spec_cfg, buffer_len=16, cache_len=prepared.cache_len)
     round_fn = jax.jit(functools.partial(speculative_round, scfg=spec_cfg))
-    # the whole round (draft backbone, Markov scan, verify, accept) adds no collective to the verify's
-    assert count_all_reduces(round_fn.lower(sparams, draft, state).compile().as_text()) == 2
+    # the whole round (draft backbone, Markov scan, verify, accept) adds no activation collective
+    # to the verify's two; the only other one is the drafter's scalar trip count (the longest
+    # live context over the data-parallel batch shards, read by the blockwise attention)
+    shapes = all_reduce_shapes(round_fn.lower(sparams, draft, state).compile().as_text())
+    assert len([s for s in shapes if s != "s32[]"]) == 2
+    assert shapes.count("s32[]") <= 1
 
 
 def test_cli_generate_with_tensor_and_data_parallel_equals_unsharded(tmp_path, capsys, pair):
