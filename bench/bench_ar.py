@@ -38,7 +38,7 @@ from transformers import Qwen3Config as HFQwen3Config  # noqa: E402
 from transformers import Qwen3ForCausalLM  # noqa: E402
 
 from dspark_jax.checkpoint import load_qwen3  # noqa: E402
-from dspark_jax.decoding import ar_decode, bucket, prepare_prompts  # noqa: E402
+from dspark_jax.decoding import ar_decode, bucket, new_cache, prepare_prompts  # noqa: E402
 from dspark_jax.sampling import GREEDY  # noqa: E402
 
 
@@ -109,12 +109,12 @@ def bench_ours(params, cfg, prompts: np.ndarray, new_tokens: int, repeats: int):
         cfg=cfg,
         sampling=GREEDY,
         buffer_len=bucket(new_tokens),
-        cache_len=prepared.cache_len,
         eos_ids=cfg.eos_token_ids,
     )
+    cache = [new_cache(cfg, len(prompts), prepared.cache_len, params.embed.dtype)]
 
-    def run(n):
-        out, counts = ar_decode(params, tokens, lengths, key, jnp.int32(n), **static)
+    def run(n):  # the cache is donated and handed back: allocated once, as in a server
+        out, counts, cache[0] = ar_decode(params, tokens, lengths, key, jnp.int32(n), cache[0], **static)
         return jax.block_until_ready((out, counts))
 
     t0 = time.perf_counter()

@@ -217,30 +217,36 @@ class ARState:
     key: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "buffer_len", "cache_len", "eos_ids", "mesh", "prefill_chunk"))
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "buffer_len", "eos_ids", "mesh", "prefill_chunk"),
+                   donate_argnames=("cache",))
 def ar_decode(
     params,
     prompt_tokens: jax.Array,
     prompt_lengths: jax.Array,
     key: jax.Array,
     max_new_tokens: jax.Array,
+    cache: KVCache,
     *,
     cfg: Qwen3Config,
     sampling: Sampling,
     buffer_len: int,
-    cache_len: int,
     eos_ids: tuple[int, ...],
     mesh=None,
     prefill_chunk: int = PREFILL_CHUNK,
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array, KVCache]:
     """Prefill ragged prompts and decode until EOS, ``max_new_tokens`` or a full cache.
 
     prompt_tokens ``[B, P]`` right-padded, prompt_lengths ``[B]``; ``max_new_tokens`` is a
-    traced scalar (<= buffer_len), so changing it does not recompile. Returns generated ids
-    ``[B, buffer_len]`` (the EOS included, garbage after) and their counts ``[B]``.
+    traced scalar (<= buffer_len), so changing it does not recompile. ``cache`` is any
+    ``[layers, B, capacity, ...]`` cache (``new_cache``): its lengths are reset and its
+    entries overwritten. It is donated and returned, so a caller that decodes again with the
+    same shapes passes the returned cache back and never allocates (or zero-fills) one again.
+    Returns generated ids ``[B, buffer_len]`` (the EOS included, garbage after), their counts
+    ``[B]`` and the cache.
     """
     B = prompt_tokens.shape[0]
-    cache = constrain_cache(target_model.init_cache(cfg, B, cache_len, params.embed.dtype), mesh)
+    cache_len = cache.max_len
+    cache = constrain_cache(dataclasses.replace(cache, lengths=jnp.zeros_like(cache.lengths)), mesh)
     logits, cache, _ = prefill(params, cfg, prompt_tokens, prompt_lengths, cache, chunk_size=prefill_chunk, mesh=mesh)
     key, sub = jax.random.split(key)
     first = sample_logits(sub, logits, sampling)
@@ -269,7 +275,17 @@ def ar_decode(
         return ARState(output, num_generated, done, token, cache, key)
 
     state = jax.lax.while_loop(lambda s: ~jnp.all(s.done), step, state)
-    return state.output, state.num_generated
+    return state.output, state.num_generated, state.cache
+
+
+def new_cache(cfg: Qwen3Config, batch: int, cache_len: int, dtype, mesh=None) -> KVCache:
+    """An empty target cache for ``ar_decode``, created with the layout the (sharded) forward reads."""
+    make = functools.partial(target_model.init_cache, cfg, batch, cache_len, dtype)
+    if mesh is None:
+        return make()
+    from .sharding import cache_sharding
+
+    return jax.jit(make, out_shardings=cache_sharding(mesh))()
 
 
 def generate_ar(
@@ -298,16 +314,16 @@ def generate_ar(
 
         params, cfg = shard_target(params, cfg, mesh)
         check_batch(len(prompts), mesh)
-    tokens, counts = ar_decode(
+    tokens, counts, _ = ar_decode(
         params,
         jnp.asarray(prepared.tokens),
         jnp.asarray(prepared.lengths),
         jax.random.key(seed),
         jnp.int32(max_new_tokens),
+        new_cache(cfg, len(prompts), prepared.cache_len, params.embed.dtype, mesh),
         cfg=cfg,
         sampling=sampling,
         buffer_len=bucket(max_new_tokens),
-        cache_len=prepared.cache_len,
         eos_ids=cfg.eos_token_ids,
         mesh=mesh,
         prefill_chunk=prefill_chunk,

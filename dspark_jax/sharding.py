@@ -110,6 +110,11 @@ def shard_target(params: Qwen3Params, cfg: Qwen3Config, mesh: Mesh) -> tuple[Qwe
     return params, sharded_config(cfg, model)
 
 
+def cache_sharding(mesh: Mesh) -> KVCache:
+    """The ``NamedSharding`` of each cache array, as a ``KVCache`` of shardings."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), CACHE_SPEC, is_leaf=lambda x: isinstance(x, P))
+
+
 def constrain_cache(cache: KVCache, mesh: Mesh | None) -> KVCache:
     """Keep a cache created inside a jitted loop laid out as the sharded forward wants it."""
     if mesh is None:

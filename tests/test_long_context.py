@@ -97,6 +97,22 @@ def test_large_capacity_decodes_the_same_tokens(pair):
         target, CFG, prompts, max_new_tokens=12)
 
 
+def test_a_reused_cache_decodes_like_a_fresh_one(pair):
+    """ar_decode hands its (donated) cache back; decoding other prompts into it, over the
+    previous request's entries, gives what a fresh zero cache gives."""
+    target, _ = pair
+    static = dict(cfg=CFG, sampling=Sampling(), buffer_len=16, eos_ids=())
+    cache = target_model.init_cache(CFG, 2, 64)
+    for seed, lengths in [(1, [13, 4]), (2, [3, 9])]:
+        prompts = ragged_prompts(lengths, seed)
+        prepared = prepare_prompts(prompts, CFG.vocab_size, 12, 64)
+        out, counts, cache = ar_decode(target, jnp.asarray(prepared.tokens), jnp.asarray(prepared.lengths),
+                                       jax.random.key(0), jnp.int32(12), cache, **static)
+        got = [np.asarray(out)[i, : int(counts[i])].tolist() for i in range(2)]
+        assert got == generate_ar(target, CFG, prompts, max_new_tokens=12, cache_len=64)
+        assert np.asarray(cache.lengths).tolist() == [n + 11 for n in lengths]  # the last token is not cached
+
+
 # ---------------------------------------------------------------------------- in place
 
 
@@ -141,7 +157,7 @@ def test_ar_step_updates_the_cache_in_place(pair):
     target, _ = pair
     compiled = ar_decode.lower(
         target, jnp.zeros((2, 16), jnp.int32), jnp.array([5, 3]), jax.random.key(0), jnp.int32(8),
-        cfg=CFG, sampling=Sampling(), buffer_len=16, cache_len=512, eos_ids=(),
+        target_model.init_cache(CFG, 2, 512), cfg=CFG, sampling=Sampling(), buffer_len=16, eos_ids=(),
     ).compile().as_text()
     shapes = list(cache_shapes(CFG, 2, 512))
     assert any(shapes[0] in line for line in loop_instructions(compiled))  # the cache is in the loop
