@@ -590,7 +590,6 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 def main(argv=None):
     """Run one command. A user's mistake prints one ``error: ...`` line and exits 2 (usage) or
     1 (data); ``--debug`` shows the traceback instead."""
-    import traceback
     import warnings
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -606,7 +605,7 @@ def main(argv=None):
             raise
         cause = e.__context__  # the error the command turned into this exit
         if args.debug and cause is not None:
-            traceback.print_exception(cause)
+            raise cause
         message = e.code if e.code.startswith("error:") else f"error: {e.code}"
         print(message, file=sys.stderr)
         raise CommandFailed(exit_status(cause) or 1 if cause is not None else 1, message) from None

@@ -53,9 +53,10 @@ def check_float(option: str, value: float, low: float | None = None, high: float
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and value > high
     if too_low or too_high:
-        lo = "-inf" if low is None else low
-        hi = "inf" if high is None else high
-        raise UsageError(f"{option} must be in {'(' if low_open else '['}{lo}, {hi}], got {value}")
+        if high is None:
+            raise UsageError(f"{option} must be {'>' if low_open else '>='} {low:g}, got {value}")
+        lo = "-inf" if low is None else f"{low:g}"
+        raise UsageError(f"{option} must be in {'(' if low_open else '['}{lo}, {high:g}], got {value}")
 
 
 # option dest -> smallest allowed value; a None value (option left out) is not checked
@@ -96,7 +97,8 @@ def check_args(args) -> None:
         value = values.get(dest)
         for v in value if isinstance(value, list) else [value]:
             if v is not None:
-                check_float(option_name(dest), v, low, high, low_open)
+                check_float(option_name(dest) + (" values" if isinstance(value, list) else ""), v, low, high,
+                            low_open)
     heads, kv_heads = values.get("heads"), values.get("kv_heads")
     if heads is not None and kv_heads is not None and heads % kv_heads:
         raise UsageError(f"--kv-heads {kv_heads} must divide --heads {heads} (each key/value head serves a group of "
