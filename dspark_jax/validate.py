@@ -107,6 +107,12 @@ def check_args(args) -> None:
         warnings.warn(f"--sps-profile is read by --scheduler {' or '.join(SPS_SCHEDULERS)} only; ignored with "
                       f"--scheduler {values.get('scheduler') or '(default)'}", DSparkWarning, stacklevel=2)
     check_input_files(values)
+    if values.get("command") == "calibrate":  # every round commits >= 1 token: an upper bound, known now
+        most = values["num_prompts"] * values["max_new_tokens"]
+        if most < values["min_rounds"]:
+            raise UsageError(f"--num-prompts {values['num_prompts']} x --max-new-tokens {values['max_new_tokens']} "
+                             f"records at most {most} rounds, fewer than --min-rounds {values['min_rounds']} "
+                             "that a calibration needs")
     if values.get("command") in ("train-target", "train-draft"):
         check_output_dir("--out", values["out"])
     elif values.get("command") == "eval":
