@@ -33,6 +33,14 @@ CFG = Qwen3Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidd
                   num_key_value_heads=2, head_dim=8, max_position_embeddings=512)
 
 
+def random_params(init, cfg, seed=0):
+    """Random weights (normal, std 0.3) in ``init``'s structure, drawn with numpy: eager jax
+    initialisers compile one program per op, seconds on CPU for a model this small."""
+    rng = np.random.default_rng(seed)
+    abstract = jax.eval_shape(lambda: init(jax.random.key(0), cfg))
+    return jax.tree.map(lambda a: jnp.asarray(rng.normal(0.0, 0.3, a.shape), a.dtype), abstract)
+
+
 def _tokenizer(path, vocab=300):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -47,12 +55,12 @@ def _tokenizer(path, vocab=300):
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("validation")
-    target = target_model.init_params(jax.random.key(0), CFG, std=0.3)
+    target = random_params(target_model.init_params, CFG)
     dcfg = draft_model.DraftConfig(layers=dataclasses.replace(CFG, num_hidden_layers=1), block_size=3,
                                    target_layer_ids=(0, 1), mask_token_id=299, markov_rank=8,
                                    enable_confidence_head=True)
     save_qwen3(root / "target", target, CFG)
-    save_draft(root / "draft", draft_model.init_draft_params(jax.random.key(1), dcfg, std=0.3), dcfg, target)
+    save_draft(root / "draft", random_params(draft_model.init_draft_params, dcfg, 1), dcfg, target)
     (root / "draft" / "manifest.json").write_text(json.dumps({"config": dcfg.to_hf()}))  # as train-draft writes it
     _tokenizer(root / "target" / "tokenizer.json")
     prompts = root / "p.jsonl"
@@ -96,7 +104,7 @@ def test_non_finite_or_out_of_range_sampling_options_are_usage_errors(dirs, caps
 
 
 def test_non_finite_weights_are_found_at_load_and_the_tensor_named(dirs, tmp_path, capsys):
-    target = target_model.init_params(jax.random.key(0), CFG, std=0.3)
+    target = random_params(target_model.init_params, CFG)
     for name, params, tensor in [
         ("nan", dataclasses.replace(target, final_norm=target.final_norm.at[3].set(jnp.nan)), "model.norm.weight"),
         ("inf", dataclasses.replace(target, embed=target.embed.at[7, 1].set(jnp.inf)), "model.embed_tokens.weight"),
@@ -187,7 +195,7 @@ def test_requests_past_the_context_or_memory_fail_with_the_numbers(dirs, capsys)
 
 def test_ids_past_a_smaller_tokenizer_are_reported_not_dropped_silently(dirs, tmp_path, capsys):
     big = dataclasses.replace(CFG, vocab_size=400)  # the tokenizer has 300 tokens
-    save_qwen3(tmp_path / "big", target_model.init_params(jax.random.key(0), big, std=0.3), big)
+    save_qwen3(tmp_path / "big", random_params(target_model.init_params, big), big)
     shutil.copy(dirs / "target" / "tokenizer.json", tmp_path / "big")
     cli.main(["generate", "--target", str(tmp_path / "big"), "--prompt", "def f", "--max-new-tokens", "4",
               "--no-warmup", "--json"])
@@ -293,7 +301,9 @@ def test_kill_9_resume_concurrent_run_and_sigterm_leave_an_honest_run(dirs, tmp_
             "--tokenizer", str(dirs / "target" / "tokenizer.json"), "--layers", "1", "--hidden", "32", "--heads", "4",
             "--kv-heads", "2", "--head-dim", "8", "--intermediate", "64", "--seq-len", "16", "--batch-size", "2",
             "--steps", "100000", "--save-every", "50", "--log-every", "1", "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+    # the runs share one persistent compilation cache: the resumed run does not compile again
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     popen = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     metrics = out / "metrics.jsonl"
 
