@@ -23,10 +23,20 @@ from safetensors.numpy import save_file
 from .config import Qwen3Config, load_qwen3_config, read_json
 from .layers import DecoderLayerParams, decoder_layer_shapes
 from .target import Qwen3Params, init_params
+from .validate import check_finite, check_finite_tree, check_trained_config
 
 
 class CheckpointError(ValueError):
     """A checkpoint that does not match what its config promises; the message names the problem."""
+
+
+def open_safetensors(path: str):
+    """``safe_open`` with a damaged file (truncated, not safetensors) named in a CheckpointError."""
+    try:
+        return safe_open(path, "np")
+    except Exception as e:  # safetensors raises its own SafetensorError (not an OSError)
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); the download or copy may be "
+                              "incomplete") from None
 
 
 # field of DecoderLayerParams -> (Hugging Face name inside a layer, number of leading
@@ -99,7 +109,7 @@ class TensorSource:
                 if not os.path.exists(path):
                     raise FileNotFoundError(f"{path}: shard listed in {index_path} not found")
         elif os.path.exists(single_path):
-            with safe_open(single_path, "np") as f:
+            with open_safetensors(single_path) as f:
                 self.file_of = {name: single_path for name in f.keys()}
         else:
             raise FileNotFoundError(
@@ -121,7 +131,7 @@ class TensorSource:
             raise CheckpointError(f"{self.model_dir}: missing tensor {name!r}")
         path = self.file_of[name]
         if path not in self._handles:
-            self._handles[path] = safe_open(path, "np")
+            self._handles[path] = open_safetensors(path)
         return self._handles[path]
 
 
@@ -145,7 +155,9 @@ class TensorReader:
 
     def read_ours(self, name: str, our_shape: tuple[int, ...], n_in: int = 0) -> jax.Array:
         w = self.read(name, hf_shape(our_shape, n_in))
-        return jnp.asarray(hf_to_ours(w, our_shape, n_in), self.dtype)
+        out = jnp.asarray(hf_to_ours(w, our_shape, n_in), self.dtype)
+        check_finite(name, out, self.source.model_dir)
+        return out
 
     def read_layers(self, layer_name: Callable[[int, str], str], shapes: DecoderLayerParams) -> DecoderLayerParams:
         values = {}
@@ -263,7 +275,9 @@ def restore_orbax(path: str | os.PathLike, abstract_params: Any) -> Any:
     if not os.path.isdir(params_dir):
         raise FileNotFoundError(f"{params_dir}: no orbax checkpoint here")
     with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(params_dir, abstract_params)
+        params = ckptr.restore(params_dir, abstract_params)
+    check_finite_tree(params, params_dir)
+    return params
 
 
 def save_qwen3_orbax(path, params: Qwen3Params, cfg: Qwen3Config):
@@ -300,6 +314,7 @@ def load_draft_config(draft_dir: str | os.PathLike):
     archs = raw.get("architectures") or []
     if archs and not any("DSpark" in a or "DFlash" in a for a in archs):
         raise CheckpointError(f"{path}: architectures {archs} is not a DSpark/DFlash draft")
+    check_trained_config(raw, os.path.join(os.fspath(draft_dir), "manifest.json"), path)
     return DraftConfig.from_hf(raw, path)
 
 
@@ -446,6 +461,7 @@ def restore_training_drafter(workdir, dtype=None):
             init_draft_params(jax.random.key(0), draft_config(meta)), optimizer))
 
     params, meta = restore_latest_params(workdir, abstract_state)
+    check_finite_tree(params, f"{workdir}/checkpoints")
     return cast_tree(params, resolve_dtype(dtype)), draft_config(meta)
 
 

@@ -20,13 +20,14 @@ import tempfile
 import time
 
 from . import checkpoint as _checkpoint_lib
+from .validate import DataError, UsageError, check_args, strict_json, warn_undecodable
 
 
 def _parse_ids(text: str) -> list[int]:
     try:
         return [int(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
-        raise SystemExit(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+        raise UsageError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
 
 
 def _add_generate_args(p: argparse.ArgumentParser):
@@ -90,11 +91,11 @@ def check_request_fits(args, prompt_len: int, tcfg):
     from .decoding import check_context
 
     if args.prefill_chunk < 1:
-        raise SystemExit(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
+        raise UsageError(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
     check_context(prompt_len, args.max_new_tokens, tcfg.max_position_embeddings, args.allow_long_context)
     need = prompt_len + args.max_new_tokens
     if args.cache_len is not None and args.cache_len < need:
-        raise SystemExit(
+        raise UsageError(
             f"--cache-len {args.cache_len} is shorter than the prompt ({prompt_len} tokens) + --max-new-tokens "
             f"({args.max_new_tokens}) = {need}: generation would stop early; raise --cache-len or leave it out"
         )
@@ -117,9 +118,9 @@ def run_generate(args, on_first_result=None) -> dict:
             args.draft = embedded_draft
     mode = args.mode or ("speculative" if args.draft else "ar")
     if mode == "speculative" and not args.draft:
-        raise SystemExit("--mode speculative needs --draft DIR")
+        raise UsageError("--mode speculative needs --draft DIR")
     if args.num_samples < 1:
-        raise SystemExit(f"--num-samples must be >= 1, got {args.num_samples}")
+        raise UsageError(f"--num-samples must be >= 1, got {args.num_samples}")
     tokenizer = None
     if args.prompt is not None or args.tokenizer:
         tokenizer = Tokenizer(args.tokenizer or args.target)
@@ -147,7 +148,7 @@ def run_generate(args, on_first_result=None) -> dict:
         dcfg = with_attention_backend(dcfg, args.attention_backend)
         from .schedule import Calibration, SPSProfile
 
-        calibration = Calibration.load(args.draft)
+        calibration = Calibration.load(args.draft, dcfg.block_size)
         profile = None
         if args.scheduler in ("algorithm1", "async"):
             if args.sps_profile:
@@ -174,6 +175,8 @@ def run_generate(args, on_first_result=None) -> dict:
         return result, time.perf_counter() - t0
 
     (samples, res), first_call = timed(call)
+    if tokenizer is not None:
+        warn_undecodable(samples, tokenizer.vocab_size, tcfg.vocab_size, tokenizer.path)
     if on_first_result is not None:
         on_first_result(samples, [tokenizer.decode(s) for s in samples] if tokenizer else None, first_call)
     compare = args.compare_ar and mode != "ar"
@@ -244,7 +247,7 @@ def cmd_generate(args):
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     if args.json:
-        print(json.dumps(out))
+        print(strict_json(out))
     else:
         _print_human(out)
 
@@ -309,7 +312,7 @@ def cmd_calibrate(args):
     from .checkpoint import load_drafter, load_target
     from .data import read_prompts, prompts_from_documents, stdlib_corpus
     from .sampling import Sampling
-    from .schedule import fit_sts
+    from .schedule import check_sts_fit, fit_sts
     from .speculative import speculative_generate
     from .tokenizer import Tokenizer
 
@@ -326,6 +329,8 @@ def cmd_calibrate(args):
     else:
         prompts = [tok.encode(p)[-args.prompt_tokens:] for p in read_prompts(args.prompts)]
     prompts = [p for p in prompts if p][: args.num_prompts]
+    if not prompts:
+        raise DataError(f"--prompts {args.prompts}: no non-empty prompt to calibrate on")
     K = dcfg.block_size
     logits, accepted = [], []
     for i in range(0, len(prompts), args.batch_size):
@@ -337,12 +342,16 @@ def cmd_calibrate(args):
                 if len(r["proposed"]) == K:  # rounds capped by the cache offered fewer
                     logits.append(r["confidence_logits"])
                     accepted.append(r["accepted"])
+    if len(accepted) < args.min_rounds:  # before the fit: fit_sts needs rounds at all
+        check_sts_fit(None, np.asarray(accepted), args.min_rounds)
     cal = fit_sts(np.asarray(logits), np.asarray(accepted))
+    check_sts_fit(cal, np.asarray(accepted), args.min_rounds)  # refused: the old file stays as it was
     cal.report.update(rounds=len(accepted), prompts=len(prompts), temperature=args.temperature)
-    cal.save(args.out or args.draft)
+    out = args.out or args.draft
+    cal.save(out)
     rep = cal.report
     print(f"STS on {len(accepted)} rounds ({len(prompts)} prompts, T={args.temperature}); "
-          f"saved to {args.out or args.draft}/sts_calibration.json")
+          f"saved to {out if out.endswith('.json') else os.path.join(out, cal.FILENAME)}")
     print(" k   temp   ECE before  ECE after  AUROC(c_k)  AUROC prefix before/after")
     for k in range(K):
         print(f"{k + 1:2d} {rep['temperatures'][k]:6.2f}   {rep['ece_before'][k]:9.4f} {rep['ece_after'][k]:10.4f}"
@@ -384,7 +393,7 @@ def cmd_eval(args):
             results.append(evaluate_drafter(
                 target, tcfg, draft, dcfg, prompts, name=name, domain=domain, sampling=Sampling(args.temperature),
                 block_size=args.block_size, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                seed=args.seed, calibration=Calibration.load(path), progress=not args.json,
+                seed=args.seed, calibration=Calibration.load(path, dcfg.block_size), progress=not args.json,
             ))
     os.makedirs(args.out, exist_ok=True)
     figures = {"acceptance": os.path.join(args.out, "acceptance_by_position.png"),
@@ -392,8 +401,8 @@ def cmd_eval(args):
     plot_acceptance(results, figures["acceptance"])
     plot_reliability(results, figures["reliability"])
     if args.json:
-        print(json.dumps({"results": [r.to_json() for r in results], "tau_ratios": tau_ratios(results),
-                          "figures": figures, "temperature": args.temperature}))
+        print(strict_json({"results": [r.to_json() for r in results], "tau_ratios": tau_ratios(results),
+                           "figures": figures, "temperature": args.temperature}))
     else:
         print(format_table(results))
         print(f"\nfigures: {figures['acceptance']}, {figures['reliability']}")
@@ -424,15 +433,19 @@ def cmd_profile_sps(args):
 
 def cmd_train_target(args):
     from .recipes import train_target_recipe
+    from .trainer import workdir_lock
 
-    train_target_recipe(args)
+    with workdir_lock(args.out):  # taken before the data is prepared: a second run fails at once
+        train_target_recipe(args)
 
 
 def cmd_train_draft(args):
     from .recipes import train_draft_recipe
+    from .trainer import workdir_lock
 
     try:
-        train_draft_recipe(args)
+        with workdir_lock(args.out):
+            train_draft_recipe(args)
     except ValueError as e:  # bad data options, or more prompts of a domain than the corpus holds
         raise SystemExit(f"error: {e}") from None
 
@@ -466,7 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prompt_run_args(c)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--dtype", default="auto")
-    c.add_argument("--out", help="directory for sts_calibration.json (default: the draft directory)")
+    c.add_argument("--out", help="a .json file, or a directory for sts_calibration.json (default: the draft directory)")
+    c.add_argument("--min-rounds", type=int, default=32,
+                   help="refuse to fit (and keep the old file) on fewer rounds with all drafts offered (default 32)")
     c.set_defaults(func=cmd_calibrate)
 
     e = sub.add_parser("eval", help="tau and acceptance per domain and drafter (Table 1), Figure 2 and 6 plots")
@@ -535,14 +550,74 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--precompute", action="store_true", help="precompute target features instead of running the target in the step")
     _add_optim_args(r, lr=6e-4, steps=2000, batch=8, seq_len=256)
     r.set_defaults(func=cmd_train_draft)
+    for command in sub.choices.values():
+        command.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser
 
 
+class CommandFailed(SystemExit):
+    """The exit of a command that failed on the user's input: ``code`` is the exit status
+    (2 usage, 1 data), ``str()`` the one-line message already printed to stderr."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(status)
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+
+def exit_status(error: BaseException) -> int | None:
+    """2 for a usage error, 1 for unusable data or files, 128 + signal for an interrupted
+    run, None for anything else (a bug: its traceback is shown)."""
+    from .trainer import Interrupted
+
+    if isinstance(error, UsageError):
+        return 2
+    if isinstance(error, Interrupted):
+        return 128 + error.signum
+    if isinstance(error, KeyboardInterrupt):
+        return 130
+    if isinstance(error, (ValueError, OSError)):
+        return 1
+    return None
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv=None):
+    """Run one command. A user's mistake prints one ``error: ...`` line and exits 2 (usage) or
+    1 (data); ``--debug`` shows the traceback instead."""
+    import warnings
+
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # recorded in training manifests as the re-runnable recipe
-    args.func(args)
+    show_warning = warnings.showwarning
+    warnings.showwarning = _show_warning
+    try:
+        check_args(args)
+        args.func(args)
+    except SystemExit as e:  # raised by a command with its message (older code paths: exit 1)
+        if isinstance(e, CommandFailed) or not isinstance(e.code, str):
+            raise
+        cause = e.__context__  # the error the command turned into this exit
+        if args.debug and cause is not None:
+            raise cause
+        message = e.code if e.code.startswith("error:") else f"error: {e.code}"
+        print(message, file=sys.stderr)
+        raise CommandFailed(exit_status(cause) or 1 if cause is not None else 1, message) from None
+    except BaseException as e:
+        status = exit_status(e)
+        if status is None or args.debug:
+            raise
+        message = f"error: {str(e).strip() or type(e).__name__}"
+        print(message, file=sys.stderr)
+        raise CommandFailed(status, message) from None
+    finally:
+        warnings.showwarning = show_warning
 
 
 if __name__ == "__main__":

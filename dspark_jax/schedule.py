@@ -13,13 +13,14 @@ non-improvement. That early stop is what keeps it lossless: a global arg-max wou
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from .validate import DataError, finite_list, read_json_file, write_json_atomic
 
 SCHEDULERS = ("fixed", "threshold", "algorithm1", "async")
 
@@ -142,17 +143,21 @@ class SPSProfile:
         return {"table": self.table.tolist(), "measured": self.measured.tolist(), "buckets": list(self.buckets)}
 
     @classmethod
-    def from_json(cls, d: dict) -> "SPSProfile":
-        return cls(np.asarray(d["table"], np.float32), np.asarray(d["measured"], np.float32), tuple(d.get("buckets", ())))
+    def from_json(cls, d: dict, where: str = "SPS profile") -> "SPSProfile":
+        """A profile from its JSON; a table that is missing, too short, or not finite and > 0
+        (Algorithm 1 would compare NaN throughputs and verify nothing) is a DataError."""
+        if not isinstance(d, dict) or "table" not in d:
+            raise DataError(f"{where}: no 'table' (steps/s by token budget); write it with dspark-jax profile-sps")
+        table = finite_list(d["table"], where, "table", positive=True, min_len=2)
+        measured = d.get("measured", table)
+        return cls(np.asarray(table, np.float32), np.asarray(measured, np.float32), tuple(d.get("buckets", ())))
 
     def save(self, path):
-        with open(path, "w") as f:
-            json.dump(self.to_json(), f)
+        write_json_atomic(path, self.to_json(), indent=None)
 
     @classmethod
     def load(cls, path) -> "SPSProfile":
-        with open(path) as f:
-            return cls.from_json(json.load(f))
+        return cls.from_json(read_json_file(path, "SPS profile"), os.fspath(path))
 
 
 def profile_from_bucket_times(seconds_by_bucket: dict[int, float], max_tokens: int) -> SPSProfile:
@@ -222,17 +227,28 @@ class Calibration:
     FILENAME = "sts_calibration.json"
 
     def save(self, draft_dir):
-        with open(os.path.join(os.fspath(draft_dir), self.FILENAME), "w") as f:
-            json.dump({"temperatures": [float(t) for t in self.temperatures], "report": self.report}, f, indent=2)
+        """Write ``sts_calibration.json`` into ``draft_dir`` (or to ``draft_dir`` itself when it
+        names a .json file), atomically: a reader never sees half a file."""
+        path = os.fspath(draft_dir)
+        if not path.endswith(".json"):
+            os.makedirs(path, exist_ok=True)
+            path = os.path.join(path, self.FILENAME)
+        write_json_atomic(path, {"temperatures": [float(t) for t in self.temperatures], "report": self.report})
 
     @classmethod
-    def load(cls, draft_dir) -> "Calibration | None":
+    def load(cls, draft_dir, block_size: int | None = None) -> "Calibration | None":
+        """The drafter's calibration (None without one); with ``block_size``, its temperatures
+        must be one per draft position. A malformed file is a DataError naming it."""
         path = os.path.join(os.fspath(draft_dir), cls.FILENAME)
         if not os.path.exists(path):
             return None
-        with open(path) as f:
-            d = json.load(f)
-        return cls(np.asarray(d["temperatures"], np.float32), d.get("report", {}))
+        d = read_json_file(path, "STS calibration")
+        temps = finite_list(d.get("temperatures") if isinstance(d, dict) else None, path, "temperatures",
+                            positive=True)
+        if block_size is not None and len(temps) != block_size:
+            raise DataError(f"{path}: {len(temps)} temperatures for a drafter of block_size {block_size}; "
+                            "recalibrate with dspark-jax calibrate")
+        return cls(np.asarray(temps, np.float32), d.get("report", {}))
 
 
 def fit_sts(
@@ -282,6 +298,29 @@ def fit_sts(
         report["auroc_prefix_before"].append(auroc(raw_prefix, survived))
         report["auroc_prefix_after"].append(auroc(prefix, survived))
     return Calibration(temps.astype(np.float32), report)
+
+
+STS_GRID_BOUNDS = (0.05, 20.0)  # the temperatures fit_sts searches between
+MIN_CALIBRATION_ROUNDS = 32
+
+
+def check_sts_fit(cal: Calibration, accepted: np.ndarray, min_rounds: int = MIN_CALIBRATION_ROUNDS):
+    """Refuse a fit that would not calibrate anything: too few rounds, a position whose
+    "prefix survived" event never varied (every round accepted it, or none did: no temperature
+    is better than another), or a temperature at the edge of the search grid (the ECE kept
+    falling past it: the data asks for a degenerate, all-0 or all-1 confidence)."""
+    accepted = np.asarray(accepted)
+    if len(accepted) < min_rounds:
+        raise DataError(f"STS needs at least {min_rounds} rounds with all drafts offered, got {len(accepted)}; "
+                        "raise --num-prompts or --max-new-tokens (or lower --min-rounds)")
+    for k, t in enumerate(cal.temperatures):
+        survived = int((accepted >= k + 1).sum())
+        if survived in (0, len(accepted)):
+            raise DataError(f"STS fit is undefined at draft position {k + 1}: {survived} of {len(accepted)} rounds "
+                            "accepted it; record more varied rounds (more prompts or tokens, another --temperature)")
+        if not STS_GRID_BOUNDS[0] * 1.01 < t < STS_GRID_BOUNDS[1] / 1.01:
+            raise DataError(f"STS fit is degenerate at draft position {k + 1}: temperature {t:.3g} at the bound of "
+                            f"the search range {STS_GRID_BOUNDS}; record more rounds")
 
 
 def _sigmoid(x):

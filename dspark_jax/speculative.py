@@ -95,8 +95,8 @@ def init_schedule_state(batch: int, num_drafts: int, threshold: float = 0.0, sps
     if temperatures is None:
         temperatures = np.ones(num_drafts, np.float32)
     temperatures = np.asarray(temperatures, np.float32)
-    if temperatures.shape != (num_drafts,):
-        temperatures = np.resize(temperatures, num_drafts).astype(np.float32)
+    if temperatures.shape != (num_drafts,):  # never stretched to fit: a wrong file is an error
+        raise ValueError(f"{temperatures.shape[0]} STS temperatures for {num_drafts} drafts per round")
     return ScheduleState(
         threshold=jnp.float32(threshold),
         sps_table=jnp.asarray(sps_table, jnp.float32),

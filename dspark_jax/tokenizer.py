@@ -17,7 +17,12 @@ class Tokenizer:
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no tokenizer.json (pass --prompt-ids, or a model directory with a tokenizer)")
         self.path = path
-        self._tok = HFTokenizer.from_file(path)
+        try:
+            self._tok = HFTokenizer.from_file(path)
+        except Exception as e:  # the tokenizers library raises a bare Exception on a malformed file
+            from .validate import DataError
+
+            raise DataError(f"{path}: not a readable tokenizer.json ({e})") from None
 
     @property
     def vocab_size(self) -> int:

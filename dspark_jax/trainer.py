@@ -8,6 +8,7 @@ checkpoint holds params, optimiser state and step, and metadata (data position, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -22,6 +23,102 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 class Stop(Exception):
     pass
+
+
+class Interrupted(Exception):
+    """A run stopped by SIGINT / SIGTERM after saving its checkpoint (not finished: no export)."""
+
+    def __init__(self, signum: int, step: int, workdir: str):
+        self.signum, self.step = signum, step
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved in "
+                         f"{workdir}/checkpoints (run the same command to resume)")
+
+
+class Diverged(ValueError):
+    """A non-finite loss or parameter: the run stops without saving over the last good checkpoint."""
+
+
+class WorkdirLocked(ValueError):
+    """Another live process trains in the same work directory."""
+
+
+LOCK_FILE = ".lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+    """Hold ``workdir/.lock`` (this process's pid) while training: a second run into the same
+    directory fails at once; the lock of a process that died (kill -9) is taken over."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, LOCK_FILE)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    pid = int(f.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                pid = None  # half-written by a process that died while writing it
+            if pid is not None and pid != os.getpid() and _pid_alive(pid):
+                raise WorkdirLocked(f"{workdir}: another run (pid {pid}) is training here ({path}); wait for it "
+                                    "to finish, stop it, or choose another --out") from None
+            print(f"taking over the stale lock of a stopped run (pid {pid}) in {workdir}")
+            os.unlink(path)
+    else:
+        raise WorkdirLocked(f"{path}: could not take the lock")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    try:
+        yield
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+def drop_metrics_after(path: str, step: int):
+    """Keep the rows of ``metrics.jsonl`` up to ``step`` (the restored checkpoint): the steps a
+    killed run logged after its last checkpoint are trained again and logged again."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [l for l in f if l.strip()]
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by the kill
+            continue
+        if row.get("step", 0) <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+
+
+def _first_non_finite(metrics: dict) -> tuple[str, float] | None:
+    """The first loss term that is NaN or infinite (other metrics may be undefined legitimately,
+    e.g. an acceptance rate at a position no block reached)."""
+    for k, v in metrics.items():
+        if "loss" not in k:
+            continue
+        a = np.asarray(v, np.float64)
+        if not np.isfinite(a).all():
+            return k, float(a.ravel()[~np.isfinite(a.ravel())][0])
+    return None
 
 
 def checkpoint_manager(directory: str, save_every: int = 0, max_to_keep: int = 2, read_only: bool = False):
@@ -144,11 +241,28 @@ def run_training(
     state = replicate(state, mesh)
     base_key = jax.random.key(seed)
     metrics_path = os.path.join(workdir, "metrics.jsonl")
+    drop_metrics_after(metrics_path, start)
 
-    stop = {"flag": False}
+    stop = {"flag": False, "signum": None}
 
     def on_signal(signum, frame):
-        stop["flag"] = True
+        stop["flag"], stop["signum"] = True, signum
+
+    def check_finite_state(step, metrics):
+        from .validate import NonFiniteError, check_finite_tree
+
+        bad = _first_non_finite(metrics) if metrics is not None else None
+        problem = f"{bad[0]} is {bad[1]}" if bad else None
+        if problem is None:
+            try:
+                check_finite_tree(state, "train state")
+            except NonFiniteError as e:
+                problem = str(e).split("; ")[0]
+        if problem is not None:
+            last = manager.latest_step()
+            raise Diverged(f"{problem} at step {step}: training stopped without saving or exporting; the last good "
+                           f"checkpoint ({'none' if last is None else f'step {last}'}) is kept in {workdir}/checkpoints "
+                           "(lower --lr, or check the data)")
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     bar = tqdm(total=total_steps, initial=start, desc=description, disable=not progress, dynamic_ncols=True)
@@ -163,6 +277,8 @@ def run_training(
                 bar.update(1)
                 if step % log_every == 0 or step == total_steps:
                     row = {"step": step, **_scalar_metrics(metrics)}
+                    if _first_non_finite(row):
+                        check_finite_state(step, row)
                     now = time.perf_counter()
                     row["seconds_per_step"] = (now - t_last) / log_every
                     t_last = now
@@ -172,8 +288,10 @@ def run_training(
                     log.flush()
                     bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}")
                 if step % save_every == 0:
+                    check_finite_state(step, metrics)
                     save_checkpoint(manager, step, state, {**meta, "step": step})
         if manager.latest_step() != step:
+            check_finite_state(step, metrics if step > start else None)
             save_checkpoint(manager, step, state, {**meta, "step": step}, force=True)
         manager.wait_until_finished()
     finally:
@@ -181,6 +299,6 @@ def run_training(
         for s, h in old_handlers.items():
             signal.signal(s, h)
         manager.close()
-    if stop["flag"]:
-        print(f"stopped at step {step}; checkpoint saved in {workdir}/checkpoints (run the same command to resume)")
+    if stop["flag"] and step < total_steps:
+        raise Interrupted(stop["signum"], step, workdir)
     return state, step
