@@ -38,7 +38,15 @@ def _add_generate_args(p: argparse.ArgumentParser):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (needs tokenizer.json in the target directory or --tokenizer)")
     src.add_argument("--prompt-ids", help="comma-separated prompt token ids")
+    src.add_argument("--messages", metavar="FILE.json",
+                     help="a conversation: a JSON list of {\"role\", \"content\"} objects, rendered with the chat template")
     p.add_argument("--tokenizer", help="path to a tokenizer.json (default: the target directory's)")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap --prompt in the tokenizer's chat template (default: on when the tokenizer has one)")
+    p.add_argument("--system", metavar="TEXT", help="a system message before the --prompt (chat)")
+    p.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=False,
+                   help="the template's thinking mode (default off: the released drafters were trained without it)")
+    p.add_argument("--stream", action="store_true", help="print the text as it is committed (one sample)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
@@ -101,8 +109,9 @@ def check_request_fits(args, prompt_len: int, tcfg):
 
 
 def run_generate(args, on_first_result=None) -> dict:
-    """Decode as ``args`` say; ``on_first_result(samples, texts, seconds)`` is called as soon as the
+    """Decode as ``args`` say; ``on_first_result(samples, texts, seconds, prompt_text)`` is called as soon as the
     first (compiling) call returns, before the timed second call and the ``--compare-ar`` run."""
+    from .chat import with_stop_id
     from .checkpoint import load_drafter, load_target
     from .config import load_qwen3_config
     from .decoding import generate_ar
@@ -121,12 +130,13 @@ def run_generate(args, on_first_result=None) -> dict:
     if args.num_samples < 1:
         raise SystemExit(f"--num-samples must be >= 1, got {args.num_samples}")
     tokenizer = None
-    if args.prompt is not None or args.tokenizer:
+    if args.prompt is not None or args.messages is not None or args.tokenizer:
         tokenizer = Tokenizer(args.tokenizer or args.target)
-    prompt = tokenizer.encode(args.prompt) if args.prompt is not None else _parse_ids(args.prompt_ids)
+    prompt, chat, end_of_turn = prompt_ids(args, tokenizer)
     check_request_fits(args, len(prompt), load_qwen3_config(args.target))
     target, tcfg = load_target(args.target, args.dtype)
     tcfg = with_attention_backend(tcfg, args.attention_backend)
+    tcfg = with_stop_id(tcfg, end_of_turn)  # a chat answer ends with the template's end-of-turn token
     prompts = [prompt] * args.num_samples
     context_kw = dict(prefill_chunk=args.prefill_chunk, allow_long_context=args.allow_long_context)
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
@@ -175,7 +185,9 @@ def run_generate(args, on_first_result=None) -> dict:
 
     (samples, res), first_call = timed(call)
     if on_first_result is not None:
-        on_first_result(samples, [tokenizer.decode(s) for s in samples] if tokenizer else None, first_call)
+        # a raw prompt is continued, so it is printed before the text; a chat answer stands alone
+        on_first_result(samples, [tokenizer.decode(s) for s in samples] if tokenizer else None, first_call,
+                        None if chat else args.prompt)
     compare = args.compare_ar and mode != "ar"
     times, ar_times = [first_call], []
     if compare:
@@ -193,6 +205,9 @@ def run_generate(args, on_first_result=None) -> dict:
     generated = sum(len(s) for s in samples)
     out = {
         "mode": mode,
+        "prompt_ids": prompt,
+        "chat": chat,
+        "stop_ids": list(tcfg.eos_token_ids),
         "samples": samples,
         "num_generated": [len(s) for s in samples],
         "tokens_per_second": generated / elapsed,
@@ -214,6 +229,40 @@ def run_generate(args, on_first_result=None) -> dict:
         if args.trace:
             out["trace"] = res.trace
     return out
+
+
+def prompt_ids(args, tokenizer) -> tuple[list[int], bool, int | None]:
+    """The ids fed to the model, whether the chat template made them, and its end-of-turn id.
+
+    ``--prompt`` is wrapped in the tokenizer's chat template when it has one (``--no-chat``: raw
+    text), after an optional ``--system`` message; ``--messages`` is a whole conversation. The
+    generation prompt is added, thinking off unless ``--thinking``."""
+    from .chat import chat_messages, encode_chat, end_of_turn_id, load_chat_template, read_messages
+
+    if args.prompt_ids is not None:
+        if args.chat or args.system is not None:
+            raise SystemExit("error: --chat / --system need a text --prompt or --messages, not --prompt-ids")
+        return _parse_ids(args.prompt_ids), False, None
+    template = load_chat_template(tokenizer.path)
+    if args.messages is not None and args.chat is False:
+        raise SystemExit("error: --messages is a conversation for the chat template; it cannot be used with --no-chat")
+    chat = args.chat if args.chat is not None else template is not None
+    if (chat or args.messages is not None) and template is None:
+        option = "--messages" if args.messages is not None else "--chat"
+        raise SystemExit(f"error: {option}: the tokenizer at {os.path.dirname(tokenizer.path)} has no chat template "
+                         f"(chat_template in tokenizer_config.json, or chat_template.jinja)")
+    if not chat:
+        if args.system is not None:
+            raise SystemExit("error: --system needs the chat template (it is off: --no-chat)")
+        return tokenizer.encode(args.prompt), False, None
+    if args.messages is not None:
+        if args.system is not None:
+            raise SystemExit("error: --system: put the system message in the --messages file")
+        messages = read_messages(args.messages)
+    else:
+        messages = chat_messages(args.prompt, args.system)
+    ids = encode_chat(tokenizer, template, messages, enable_thinking=args.thinking)
+    return ids, True, end_of_turn_id(tokenizer, template)
 
 
 def _print_samples(samples, texts, first_call_seconds, prompt_text=None):
@@ -239,7 +288,7 @@ def _print_human(out: dict):
 
 def cmd_generate(args):
     try:
-        report = None if args.json else (lambda *a: _print_samples(*a, prompt_text=args.prompt))
+        report = None if args.json else _print_samples
         out = run_generate(args, on_first_result=report)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
@@ -306,6 +355,7 @@ def cmd_calibrate(args):
     beside the drafter, print ECE / AUROC before and after."""
     import numpy as np
 
+    from .chat import with_stop_id
     from .checkpoint import load_drafter, load_target
     from .data import read_prompts, prompts_from_documents, stdlib_corpus
     from .sampling import Sampling
@@ -324,7 +374,10 @@ def cmd_calibrate(args):
         prompts = prompts_from_documents(docs, args.prompt_tokens, tok.encode)
         prompts = [prompts[i] for i in np.random.default_rng(args.seed).permutation(len(prompts))]
     else:
-        prompts = [tok.encode(p)[-args.prompt_tokens:] for p in read_prompts(args.prompts)]
+        chat, end_of_turn = chat_rule(args, tok)
+        tcfg = with_stop_id(tcfg, end_of_turn)
+        encode = chat or (lambda text: tok.encode(text)[-args.prompt_tokens:])
+        prompts = [encode(p) for p in read_prompts(args.prompts)]
     prompts = [p for p in prompts if p][: args.num_prompts]
     K = dcfg.block_size
     logits, accepted = [], []
@@ -363,6 +416,7 @@ def _target_or_embedded(path):
 
 def cmd_eval(args):
     """Table 1 / Figure 2 / Figure 6 for one or more drafters on one or more prompt sets."""
+    from .chat import with_stop_id
     from .checkpoint import load_drafter, load_target
     from .evaluate import (evaluate_drafter, format_table, load_prompt_set, plot_acceptance, plot_reliability,
                            tau_ratios)
@@ -374,7 +428,9 @@ def cmd_eval(args):
     try:
         target, tcfg = load_target(target_dir, args.dtype)
         tok = Tokenizer(args.tokenizer or target_dir)
-        sets = [load_prompt_set(p, tok.encode, args.prompt_tokens, args.num_prompts) for p in args.prompts]
+        chat, end_of_turn = chat_rule(args, tok)
+        tcfg = with_stop_id(tcfg, end_of_turn)
+        sets = [load_prompt_set(p, tok.encode, args.prompt_tokens, args.num_prompts, chat=chat) for p in args.prompts]
         drafters = [(d, *load_drafter(d, target, tcfg, args.dtype)) for d in args.draft]
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
@@ -437,9 +493,27 @@ def cmd_train_draft(args):
         raise SystemExit(f"error: {e}") from None
 
 
+def chat_rule(args, tokenizer):
+    """How calibrate / eval feed JSONL prompts: DeepSpec's chat rule (first turn, generation
+    prompt, no thinking) when the tokenizer has a template, unless ``--no-chat``. Returns the
+    ``text -> ids`` encoder (None: raw text) and the template's end-of-turn id."""
+    from .chat import end_of_turn_id, first_turn_encoder, load_chat_template
+
+    template = load_chat_template(tokenizer.path) if args.chat is not False else None
+    if args.chat and template is None:
+        raise SystemExit(f"error: --chat: the tokenizer at {os.path.dirname(tokenizer.path)} has no chat template "
+                         f"(chat_template in tokenizer_config.json, or chat_template.jinja)")
+    if template is None:
+        return None, None
+    return first_turn_encoder(tokenizer, template), end_of_turn_id(tokenizer, template)
+
+
 def _add_prompt_run_args(p):
     """Options shared by calibrate and eval: which prompts, and how each is decoded."""
     p.add_argument("--tokenizer")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="JSONL prompts through the tokenizer's chat template, as DeepSpec evaluates (first turn, "
+                        "generation prompt, no thinking; default: on when the tokenizer has a template)")
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=128)
