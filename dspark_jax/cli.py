@@ -4,6 +4,7 @@
   dspark-jax generate --target DIR [--draft DIR] (--prompt TEXT | --prompt-ids 1,2,3) ...
   dspark-jax eval --draft DIR [--draft DIR]   Table 1 / Figure 2 / Figure 6 on held-out code and prose
   dspark-jax demo     builds a small random target/drafter pair and runs AR vs speculative
+  dspark-jax export-draft SRC OUT [--with-embeddings]   a drafter in DeepSpec's format
   dspark-jax train-target --out DIR ...   train a small Qwen3 LM (resumable)
   dspark-jax train-draft --target DIR --out DIR --head vanilla|gated|rnn|none ...   (resumable)
 """
@@ -108,9 +109,10 @@ def check_request_fits(args, prompt_len: int, tcfg):
         )
 
 
-def run_generate(args, on_first_result=None) -> dict:
+def run_generate(args, on_first_result=None, on_text=None) -> dict:
     """Decode as ``args`` say; ``on_first_result(samples, texts, seconds, prompt_text)`` is called as soon as the
-    first (compiling) call returns, before the timed second call and the ``--compare-ar`` run."""
+    first (compiling) call returns, before the timed second call and the ``--compare-ar`` run.
+    With ``--stream`` that first call is streamed, each new piece of text passed to ``on_text``."""
     from .chat import with_stop_id
     from .checkpoint import load_drafter, load_target
     from .config import load_qwen3_config
@@ -129,6 +131,8 @@ def run_generate(args, on_first_result=None) -> dict:
         raise SystemExit("--mode speculative needs --draft DIR")
     if args.num_samples < 1:
         raise SystemExit(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.stream and (args.json or args.num_samples != 1):
+        raise SystemExit("error: --stream prints one sample's text as it comes: drop --json / --num-samples")
     tokenizer = None
     if args.prompt is not None or args.messages is not None or args.tokenizer:
         tokenizer = Tokenizer(args.tokenizer or args.target)
@@ -146,9 +150,12 @@ def run_generate(args, on_first_result=None) -> dict:
 
         mesh = make_mesh(model=args.tensor_parallel, data=args.data_parallel)
 
+    ar_kw = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed, cache_len=args.cache_len,
+                 mesh=mesh, **context_kw)
+    stream_kw = ar_kw
+
     def ar_call():
-        return generate_ar(target, tcfg, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                           seed=args.seed, cache_len=args.cache_len, mesh=mesh, **context_kw), None
+        return generate_ar(target, tcfg, prompts, **ar_kw), None
 
     if mode == "ar":
         call = ar_call
@@ -169,21 +176,40 @@ def run_generate(args, on_first_result=None) -> dict:
                 profile = profile_verification(target, tcfg, bucket(args.num_samples, BATCH_BUCKETS),
                                                args.block_size or dcfg.block_size, draft=draft, dcfg=dcfg)
 
+        spec_kw = dict(ar_kw, block_size=args.block_size, confidence_threshold=args.confidence_threshold,
+                       trace=args.trace, scheduler=args.scheduler, sps_profile=profile, calibration=calibration)
+        stream_kw = dict(spec_kw, draft=draft, dcfg=dcfg)
+
         def call():
-            res = speculative_generate(
-                target, tcfg, draft, dcfg, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                block_size=args.block_size, confidence_threshold=args.confidence_threshold, seed=args.seed,
-                cache_len=args.cache_len, trace=args.trace, scheduler=args.scheduler,
-                sps_profile=profile, calibration=calibration, mesh=mesh, **context_kw,
-            )
+            res = speculative_generate(target, tcfg, draft, dcfg, prompts, **spec_kw)
             return res.samples, res
+
+    def stream_call():
+        """The first call, streamed: ``on_text`` gets the text as it is committed."""
+        from .streaming import stream_generate
+
+        stream = stream_generate(target, tcfg, prompts, **stream_kw)
+        on_text("[sample 0] " + ("" if chat else args.prompt or ""))
+        ids, shown = [], ""
+        while True:
+            try:
+                ids += next(stream)[0]
+            except StopIteration as stop:
+                result = stop.value
+                break
+            text = tokenizer.decode(ids) if tokenizer else " ".join(map(str, ids)) + " "
+            if not text.endswith("\ufffd"):  # a character split across chunks waits for its last byte
+                on_text(text[len(shown):])
+                shown = text
+        on_text("\n")
+        return (result, None) if mode == "ar" else (result.samples, result)
 
     def timed(fn):
         t0 = time.perf_counter()
         result = fn()
         return result, time.perf_counter() - t0
 
-    (samples, res), first_call = timed(call)
+    (samples, res), first_call = timed(stream_call if args.stream else call)
     if on_first_result is not None:
         # a raw prompt is continued, so it is printed before the text; a chat answer stands alone
         on_first_result(samples, [tokenizer.decode(s) for s in samples] if tokenizer else None, first_call,
@@ -289,7 +315,9 @@ def _print_human(out: dict):
 def cmd_generate(args):
     try:
         report = None if args.json else _print_samples
-        out = run_generate(args, on_first_result=report)
+        if args.stream:  # the text is already out; only the compile time is left to say
+            report = lambda samples, texts, seconds, prompt: print(f"(first call, compile included: {seconds:.1f} s)")
+        out = run_generate(args, on_first_result=report, on_text=lambda piece: print(piece, end="", flush=True))
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     if args.json:
@@ -508,6 +536,34 @@ def chat_rule(args, tokenizer):
     return first_turn_encoder(tokenizer, template), end_of_turn_id(tokenizer, template)
 
 
+def cmd_export_draft(args):
+    """A drafter (DeepSpec directory, orbax checkpoint or train-draft run) written in DeepSpec's
+    format; ``--with-embeddings`` adds the target's ``embed_tokens`` / ``lm_head`` copies, which
+    DeepSpec's ``from_pretrained`` needs (without them it initialises both randomly)."""
+    import shutil
+
+    from .checkpoint import load_drafter, load_target, save_draft
+    from .config import read_json
+
+    target_dir = _target_or_embedded(args.target)
+    try:
+        target, tcfg = load_target(target_dir, "float32")
+        draft, dcfg = load_drafter(args.src, target, tcfg, "float32")
+        dtype = args.dtype
+        if dtype is None:  # keep the source's dtype (DeepSpec and our exports record it in config.json)
+            config = os.path.join(args.src, "config.json")
+            dtype = read_json(config).get("dtype") if os.path.isfile(config) else None
+            dtype = dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
+        save_draft(args.out, draft, dcfg, target, dtype=dtype, embedding_copies=args.with_embeddings)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    calibration = os.path.join(args.src, "sts_calibration.json")
+    if os.path.isfile(calibration):
+        shutil.copy(calibration, os.path.join(args.out, "sts_calibration.json"))
+    copies = "with" if args.with_embeddings else "without"
+    print(f"exported {args.src} -> {args.out} ({dtype}, {copies} the target's embed_tokens / lm_head copies)")
+
+
 def _add_prompt_run_args(p):
     """Options shared by calibrate and eval: which prompts, and how each is decoded."""
     p.add_argument("--tokenizer")
@@ -557,6 +613,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default="eval_out", help="directory for the PNG figures")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("export-draft", help="write a drafter in DeepSpec's format (--with-embeddings: loadable by "
+                       "DeepSpec's from_pretrained)")
+    x.add_argument("src", help="a drafter: DeepSpec directory, orbax checkpoint, or train-draft --out directory")
+    x.add_argument("out", help="output directory (config.json + model.safetensors)")
+    x.add_argument("--target", help="the drafter's target (default: the embedded target in checkpoints/)")
+    x.add_argument("--with-embeddings", action="store_true",
+                   help="include copies of the target's embed_tokens / lm_head (every key DeepSpec writes)")
+    x.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: the source's dtype")
+    x.set_defaults(func=cmd_export_draft)
 
     s = sub.add_parser("profile-sps", help="measure verification steps/s by token budget (for algorithm1/async)")
     s.add_argument("--target", required=True)

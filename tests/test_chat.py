@@ -190,3 +190,13 @@ def model_dir_without_template(tokenizers):
     d.mkdir(exist_ok=True)
     shutil.copy(tokenizers["qwen3"] / "tokenizer.json", d / "tokenizer.json")
     return d
+
+
+def test_generate_stream_prints_the_answer_then_the_statistics(chat_target, capsys):
+    cli.main(["generate", "--mode", "ar", "--target", str(chat_target), "--prompt", "Hello!", "--max-new-tokens", "6",
+              "--no-warmup", "--stream"])
+    out = capsys.readouterr().out
+    assert out.startswith("[sample 0] ")
+    assert out.index("[sample 0]") < out.index("(first call") < out.index("tokens/s=")
+    with pytest.raises(SystemExit, match="--stream prints one sample"):
+        cli.main(["generate", "--target", str(chat_target), "--prompt", "Hello!", "--stream", "--json"])
