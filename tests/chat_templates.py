@@ -1,4 +1,7 @@
-"""Chat templates in the style of the released targets' tokenizers, for the chat tests."""
+"""Chat templates in the style of the released targets' tokenizers, and tiny tokenizer
+directories holding them, for the chat, CLI and notebook tests."""
+
+import json
 
 # Qwen3 style: ChatML turns, a system message, thinking blocks (<think>...</think>) kept only
 # after the last user query, and an empty thinking block when enable_thinking is false.
@@ -75,3 +78,28 @@ GEMMA_STYLE = """{{ bos_token }}
 
 QWEN3_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
 GEMMA_SPECIAL = ("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>")
+
+
+VOCAB = 320
+TEXT = ["def f(x):\n    return x + 1\n" * 10, "the quick brown fox jumps over the lazy dog. " * 5,
+        "Please reason step by step. You are a helpful assistant. Hello! How are you?"]
+
+
+def write_tokenizer(directory, special, config, *, bos=None, non_special=()):
+    """A byte-level BPE tokenizer.json with the template's tokens, and its tokenizer_config.json."""
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB - len(special), special_tokens=[t for t in special if t not in non_special],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(TEXT, trainer)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in non_special])
+    if bos:  # the tokenizer's own BOS: apply_chat_template must not add it (the template writes it)
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    with open(directory / "tokenizer_config.json", "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", **config}, f)
+    return directory
