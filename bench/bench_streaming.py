@@ -31,7 +31,7 @@ from dspark_jax.tokenizer import Tokenizer  # noqa: E402
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mode", choices=("speculative", "ar"), default="speculative")
-    ap.add_argument("--chunk", type=int, default=8, help="rounds (ar: steps) per dispatch")
+    ap.add_argument("--chunk", type=int, help="rounds (ar: steps) per dispatch (default: stream_generate's, 8 / 32)")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--prompt-tokens", type=int, default=48)
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -78,7 +78,7 @@ def main(argv=None):
             rates["whole"].append(n / t_whole)
             ratios.append(t_whole / t_stream)
     print(f"embedded pair, {args.mode}, {len(prompts)} held-out code prompts x {args.repeats}, "
-          f"{args.new_tokens} new tokens, greedy, chunk {args.chunk}" + (f", block size {args.block_size}" if spec else ""))
+          f"{args.new_tokens} new tokens, greedy, chunk {args.chunk or 'default'}" + (f", block size {args.block_size}" if spec else ""))
     print(f"  non-streaming : {statistics.median(rates['whole']):8.1f} tokens/s (median)")
     print(f"  streaming     : {statistics.median(rates['stream']):8.1f} tokens/s (median)")
     print(f"  streaming / non-streaming: {statistics.median(ratios):.3f} (median of back-to-back ratios)")
