@@ -4,6 +4,7 @@
   dspark-jax generate --target DIR [--draft DIR] (--prompt TEXT | --prompt-ids 1,2,3) ...
   dspark-jax eval --draft DIR [--draft DIR]   Table 1 / Figure 2 / Figure 6 on held-out code and prose
   dspark-jax demo     builds a small random target/drafter pair and runs AR vs speculative
+  dspark-jax export-draft SRC OUT [--with-embeddings]   a drafter in DeepSpec's format
   dspark-jax train-target --out DIR ...   train a small Qwen3 LM (resumable)
   dspark-jax train-draft --target DIR --out DIR --head vanilla|gated|rnn|none ...   (resumable)
 """
@@ -39,7 +40,15 @@ def _add_generate_args(p: argparse.ArgumentParser):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (needs tokenizer.json in the target directory or --tokenizer)")
     src.add_argument("--prompt-ids", help="comma-separated prompt token ids")
+    src.add_argument("--messages", metavar="FILE.json",
+                     help="a conversation: a JSON list of {\"role\", \"content\"} objects, rendered with the chat template")
     p.add_argument("--tokenizer", help="path to a tokenizer.json (default: the target directory's)")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap --prompt in the tokenizer's chat template (default: on when the tokenizer has one)")
+    p.add_argument("--system", metavar="TEXT", help="a system message before the --prompt (chat)")
+    p.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=False,
+                   help="the template's thinking mode (default off: the released drafters were trained without it)")
+    p.add_argument("--stream", action="store_true", help="print the text as it is committed (one sample)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
@@ -101,9 +110,11 @@ def check_request_fits(args, prompt_len: int, tcfg):
         )
 
 
-def run_generate(args, on_first_result=None) -> dict:
-    """Decode as ``args`` say; ``on_first_result(samples, texts, seconds)`` is called as soon as the
-    first (compiling) call returns, before the timed second call and the ``--compare-ar`` run."""
+def run_generate(args, on_first_result=None, on_text=None) -> dict:
+    """Decode as ``args`` say; ``on_first_result(samples, texts, seconds, prompt_text)`` is called as soon as the
+    first (compiling) call returns, before the timed second call and the ``--compare-ar`` run.
+    With ``--stream`` that first call is streamed, each new piece of text passed to ``on_text``."""
+    from .chat import with_stop_id
     from .checkpoint import load_drafter, load_target
     from .config import load_qwen3_config
     from .decoding import generate_ar
@@ -121,13 +132,16 @@ def run_generate(args, on_first_result=None) -> dict:
         raise UsageError("--mode speculative needs --draft DIR")
     if args.num_samples < 1:
         raise UsageError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.stream and (args.json or args.num_samples != 1):
+        raise UsageError("--stream prints one sample's text as it comes: drop --json / --num-samples")
     tokenizer = None
-    if args.prompt is not None or args.tokenizer:
+    if args.prompt is not None or args.messages is not None or args.tokenizer:
         tokenizer = Tokenizer(args.tokenizer or args.target)
-    prompt = tokenizer.encode(args.prompt) if args.prompt is not None else _parse_ids(args.prompt_ids)
+    prompt, chat, end_of_turn = prompt_ids(args, tokenizer)
     check_request_fits(args, len(prompt), load_qwen3_config(args.target))
     target, tcfg = load_target(args.target, args.dtype)
     tcfg = with_attention_backend(tcfg, args.attention_backend)
+    tcfg = with_stop_id(tcfg, end_of_turn)  # a chat answer ends with the template's end-of-turn token
     prompts = [prompt] * args.num_samples
     context_kw = dict(prefill_chunk=args.prefill_chunk, allow_long_context=args.allow_long_context)
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
@@ -137,9 +151,12 @@ def run_generate(args, on_first_result=None) -> dict:
 
         mesh = make_mesh(model=args.tensor_parallel, data=args.data_parallel)
 
+    ar_kw = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed, cache_len=args.cache_len,
+                 mesh=mesh, **context_kw)
+    stream_kw = ar_kw
+
     def ar_call():
-        return generate_ar(target, tcfg, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                           seed=args.seed, cache_len=args.cache_len, mesh=mesh, **context_kw), None
+        return generate_ar(target, tcfg, prompts, **ar_kw), None
 
     if mode == "ar":
         call = ar_call
@@ -160,25 +177,46 @@ def run_generate(args, on_first_result=None) -> dict:
                 profile = profile_verification(target, tcfg, bucket(args.num_samples, BATCH_BUCKETS),
                                                args.block_size or dcfg.block_size, draft=draft, dcfg=dcfg)
 
+        spec_kw = dict(ar_kw, block_size=args.block_size, confidence_threshold=args.confidence_threshold,
+                       trace=args.trace, scheduler=args.scheduler, sps_profile=profile, calibration=calibration)
+        stream_kw = dict(spec_kw, draft=draft, dcfg=dcfg)
+
         def call():
-            res = speculative_generate(
-                target, tcfg, draft, dcfg, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                block_size=args.block_size, confidence_threshold=args.confidence_threshold, seed=args.seed,
-                cache_len=args.cache_len, trace=args.trace, scheduler=args.scheduler,
-                sps_profile=profile, calibration=calibration, mesh=mesh, **context_kw,
-            )
+            res = speculative_generate(target, tcfg, draft, dcfg, prompts, **spec_kw)
             return res.samples, res
+
+    def stream_call():
+        """The first call, streamed: ``on_text`` gets the text as it is committed."""
+        from .streaming import stream_generate
+
+        stream = stream_generate(target, tcfg, prompts, **stream_kw)
+        on_text("[sample 0] " + ("" if chat else args.prompt or ""))
+        ids, shown = [], ""
+        while True:
+            try:
+                ids += next(stream)[0]
+            except StopIteration as stop:
+                result = stop.value
+                break
+            text = tokenizer.decode(ids) if tokenizer else " ".join(map(str, ids)) + " "
+            if not text.endswith("\ufffd"):  # a character split across chunks waits for its last byte
+                on_text(text[len(shown):])
+                shown = text
+        on_text("\n")
+        return (result, None) if mode == "ar" else (result.samples, result)
 
     def timed(fn):
         t0 = time.perf_counter()
         result = fn()
         return result, time.perf_counter() - t0
 
-    (samples, res), first_call = timed(call)
+    (samples, res), first_call = timed(stream_call if args.stream else call)
     if tokenizer is not None:
         warn_undecodable(samples, tokenizer.vocab_size, tcfg.vocab_size, tokenizer.path)
     if on_first_result is not None:
-        on_first_result(samples, [tokenizer.decode(s) for s in samples] if tokenizer else None, first_call)
+        # a raw prompt is continued, so it is printed before the text; a chat answer stands alone
+        on_first_result(samples, [tokenizer.decode(s) for s in samples] if tokenizer else None, first_call,
+                        None if chat else args.prompt)
     compare = args.compare_ar and mode != "ar"
     times, ar_times = [first_call], []
     if compare:
@@ -196,6 +234,9 @@ def run_generate(args, on_first_result=None) -> dict:
     generated = sum(len(s) for s in samples)
     out = {
         "mode": mode,
+        "prompt_ids": prompt,
+        "chat": chat,
+        "stop_ids": list(tcfg.eos_token_ids),
         "samples": samples,
         "num_generated": [len(s) for s in samples],
         "tokens_per_second": generated / elapsed,
@@ -217,6 +258,40 @@ def run_generate(args, on_first_result=None) -> dict:
         if args.trace:
             out["trace"] = res.trace
     return out
+
+
+def prompt_ids(args, tokenizer) -> tuple[list[int], bool, int | None]:
+    """The ids fed to the model, whether the chat template made them, and its end-of-turn id.
+
+    ``--prompt`` is wrapped in the tokenizer's chat template when it has one (``--no-chat``: raw
+    text), after an optional ``--system`` message; ``--messages`` is a whole conversation. The
+    generation prompt is added, thinking off unless ``--thinking``."""
+    from .chat import chat_messages, encode_chat, end_of_turn_id, load_chat_template, read_messages
+
+    if args.prompt_ids is not None:
+        if args.chat or args.system is not None:
+            raise SystemExit("error: --chat / --system need a text --prompt or --messages, not --prompt-ids")
+        return _parse_ids(args.prompt_ids), False, None
+    template = load_chat_template(tokenizer.path)
+    if args.messages is not None and args.chat is False:
+        raise SystemExit("error: --messages is a conversation for the chat template; it cannot be used with --no-chat")
+    chat = args.chat if args.chat is not None else template is not None
+    if (chat or args.messages is not None) and template is None:
+        option = "--messages" if args.messages is not None else "--chat"
+        raise SystemExit(f"error: {option}: the tokenizer at {os.path.dirname(tokenizer.path)} has no chat template "
+                         f"(chat_template in tokenizer_config.json, or chat_template.jinja)")
+    if not chat:
+        if args.system is not None:
+            raise SystemExit("error: --system needs the chat template (it is off: --no-chat)")
+        return tokenizer.encode(args.prompt), False, None
+    if args.messages is not None:
+        if args.system is not None:
+            raise SystemExit("error: --system: put the system message in the --messages file")
+        messages = read_messages(args.messages)
+    else:
+        messages = chat_messages(args.prompt, args.system)
+    ids = encode_chat(tokenizer, template, messages, enable_thinking=args.thinking)
+    return ids, True, end_of_turn_id(tokenizer, template)
 
 
 def _print_samples(samples, texts, first_call_seconds, prompt_text=None):
@@ -242,8 +317,10 @@ def _print_human(out: dict):
 
 def cmd_generate(args):
     try:
-        report = None if args.json else (lambda *a: _print_samples(*a, prompt_text=args.prompt))
-        out = run_generate(args, on_first_result=report)
+        report = None if args.json else _print_samples
+        if args.stream:  # the text is already out; only the compile time is left to say
+            report = lambda samples, texts, seconds, prompt: print(f"(first call, compile included: {seconds:.1f} s)")
+        out = run_generate(args, on_first_result=report, on_text=lambda piece: print(piece, end="", flush=True))
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     if args.json:
@@ -309,6 +386,7 @@ def cmd_calibrate(args):
     beside the drafter, print ECE / AUROC before and after."""
     import numpy as np
 
+    from .chat import with_stop_id
     from .checkpoint import load_drafter, load_target
     from .data import read_prompts, prompts_from_documents, stdlib_corpus
     from .sampling import Sampling
@@ -327,7 +405,10 @@ def cmd_calibrate(args):
         prompts = prompts_from_documents(docs, args.prompt_tokens, tok.encode)
         prompts = [prompts[i] for i in np.random.default_rng(args.seed).permutation(len(prompts))]
     else:
-        prompts = [tok.encode(p)[-args.prompt_tokens:] for p in read_prompts(args.prompts)]
+        chat, end_of_turn = chat_rule(args, tok)
+        tcfg = with_stop_id(tcfg, end_of_turn)
+        encode = chat or (lambda text: tok.encode(text)[-args.prompt_tokens:])
+        prompts = [encode(p) for p in read_prompts(args.prompts)]
     prompts = [p for p in prompts if p][: args.num_prompts]
     if not prompts:
         raise DataError(f"--prompts {args.prompts}: no non-empty prompt to calibrate on")
@@ -372,6 +453,7 @@ def _target_or_embedded(path):
 
 def cmd_eval(args):
     """Table 1 / Figure 2 / Figure 6 for one or more drafters on one or more prompt sets."""
+    from .chat import with_stop_id
     from .checkpoint import load_drafter, load_target
     from .evaluate import (evaluate_drafter, format_table, load_prompt_set, plot_acceptance, plot_reliability,
                            tau_ratios)
@@ -383,7 +465,9 @@ def cmd_eval(args):
     try:
         target, tcfg = load_target(target_dir, args.dtype)
         tok = Tokenizer(args.tokenizer or target_dir)
-        sets = [load_prompt_set(p, tok.encode, args.prompt_tokens, args.num_prompts) for p in args.prompts]
+        chat, end_of_turn = chat_rule(args, tok)
+        tcfg = with_stop_id(tcfg, end_of_turn)
+        sets = [load_prompt_set(p, tok.encode, args.prompt_tokens, args.num_prompts, chat=chat) for p in args.prompts]
         drafters = [(d, *load_drafter(d, target, tcfg, args.dtype)) for d in args.draft]
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
@@ -450,9 +534,55 @@ def cmd_train_draft(args):
         raise SystemExit(f"error: {e}") from None
 
 
+def chat_rule(args, tokenizer):
+    """How calibrate / eval feed JSONL prompts: DeepSpec's chat rule (first turn, generation
+    prompt, no thinking) when the tokenizer has a template, unless ``--no-chat``. Returns the
+    ``text -> ids`` encoder (None: raw text) and the template's end-of-turn id."""
+    from .chat import end_of_turn_id, first_turn_encoder, load_chat_template
+
+    template = load_chat_template(tokenizer.path) if args.chat is not False else None
+    if args.chat and template is None:
+        raise SystemExit(f"error: --chat: the tokenizer at {os.path.dirname(tokenizer.path)} has no chat template "
+                         f"(chat_template in tokenizer_config.json, or chat_template.jinja)")
+    if template is None:
+        return None, None
+    return first_turn_encoder(tokenizer, template), end_of_turn_id(tokenizer, template)
+
+
+def cmd_export_draft(args):
+    """A drafter (DeepSpec directory, orbax checkpoint or train-draft run) written in DeepSpec's
+    format; ``--with-embeddings`` adds the target's ``embed_tokens`` / ``lm_head`` copies, which
+    DeepSpec's ``from_pretrained`` needs (without them it initialises both randomly)."""
+    import shutil
+
+    from .checkpoint import load_drafter, load_target, save_draft
+    from .config import read_json
+
+    target_dir = _target_or_embedded(args.target)
+    try:
+        target, tcfg = load_target(target_dir, "float32")
+        draft, dcfg = load_drafter(args.src, target, tcfg, "float32")
+        dtype = args.dtype
+        if dtype is None:  # keep the source's dtype (DeepSpec and our exports record it in config.json)
+            config = os.path.join(args.src, "config.json")
+            dtype = read_json(config).get("dtype") if os.path.isfile(config) else None
+            dtype = dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
+        save_draft(args.out, draft, dcfg, target, dtype=dtype, embedding_copies=args.with_embeddings)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    calibration = os.path.join(args.src, "sts_calibration.json")
+    if os.path.isfile(calibration):
+        shutil.copy(calibration, os.path.join(args.out, "sts_calibration.json"))
+    copies = "with" if args.with_embeddings else "without"
+    print(f"exported {args.src} -> {args.out} ({dtype}, {copies} the target's embed_tokens / lm_head copies)")
+
+
 def _add_prompt_run_args(p):
     """Options shared by calibrate and eval: which prompts, and how each is decoded."""
     p.add_argument("--tokenizer")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="JSONL prompts through the tokenizer's chat template, as DeepSpec evaluates (first turn, "
+                        "generation prompt, no thinking; default: on when the tokenizer has a template)")
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -498,6 +628,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default="eval_out", help="directory for the PNG figures")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("export-draft", help="write a drafter in DeepSpec's format (--with-embeddings: loadable by "
+                       "DeepSpec's from_pretrained)")
+    x.add_argument("src", help="a drafter: DeepSpec directory, orbax checkpoint, or train-draft --out directory")
+    x.add_argument("out", help="output directory (config.json + model.safetensors)")
+    x.add_argument("--target", help="the drafter's target (default: the embedded target in checkpoints/)")
+    x.add_argument("--with-embeddings", action="store_true",
+                   help="include copies of the target's embed_tokens / lm_head (every key DeepSpec writes)")
+    x.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: the source's dtype")
+    x.set_defaults(func=cmd_export_draft)
 
     s = sub.add_parser("profile-sps", help="measure verification steps/s by token budget (for algorithm1/async)")
     s.add_argument("--target", required=True)

@@ -206,6 +206,21 @@ def is_eos(tokens: jax.Array, eos_ids: Sequence[int]) -> jax.Array:
     return jnp.isin(tokens, jnp.asarray(eos_ids, jnp.int32))
 
 
+def loop_until_done(step: Callable, state, max_steps: int = 0):
+    """``state = step(state)`` while any row is live, inside one ``lax.while_loop``; with
+    ``max_steps > 0`` at most that many steps, so a stream can return to the host between
+    chunks and continue from the state (every decoding loop, chunked or not, is this one)."""
+    if not max_steps:
+        return jax.lax.while_loop(lambda s: ~jnp.all(s.done), step, state)
+
+    def cond(carry):
+        s, i = carry
+        return ~jnp.all(s.done) & (i < max_steps)
+
+    state, _ = jax.lax.while_loop(cond, lambda c: (step(c[0]), c[1] + 1), (state, jnp.int32(0)))
+    return state
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class ARState:
@@ -215,6 +230,48 @@ class ARState:
     last_token: jax.Array  # [B] newest token, not yet in the cache
     cache: KVCache
     key: jax.Array
+    max_new_tokens: jax.Array  # [] int32
+
+
+def ar_start(params, prompt_tokens, prompt_lengths, key, max_new_tokens, cache: KVCache, *, cfg: Qwen3Config,
+             sampling: Sampling, buffer_len: int, eos_ids: tuple[int, ...], mesh=None,
+             prefill_chunk: int = PREFILL_CHUNK) -> ARState:
+    """Prefill ragged prompts ``[B, P]`` into ``cache`` (any cache of the batch's shape: its
+    lengths are reset, its entries overwritten) and sample each first token: the state
+    ``ar_step`` advances."""
+    B = prompt_tokens.shape[0]
+    cache_len = cache.max_len
+    cache = constrain_cache(dataclasses.replace(cache, lengths=jnp.zeros_like(cache.lengths)), mesh)
+    logits, cache, _ = prefill(params, cfg, prompt_tokens, prompt_lengths, cache, chunk_size=prefill_chunk, mesh=mesh)
+    key, sub = jax.random.split(key)
+    first = sample_logits(sub, logits, sampling)
+    done = is_eos(first, eos_ids) | (max_new_tokens <= 1) | (cache.lengths >= cache_len)
+    return ARState(
+        output=jnp.zeros((B, buffer_len), jnp.int32).at[:, 0].set(first),
+        num_generated=jnp.ones((B,), jnp.int32),
+        done=done,
+        last_token=first,
+        cache=cache,
+        key=key,
+        max_new_tokens=jnp.asarray(max_new_tokens, jnp.int32),
+    )
+
+
+def ar_step(params, s: ARState, *, cfg: Qwen3Config, sampling: Sampling, eos_ids: tuple[int, ...], mesh=None) -> ARState:
+    """One token for every live row."""
+    B, buffer_len = s.output.shape
+    out, cache = run_target(params, cfg, s.last_token[:, None], s.cache, mesh=mesh)
+    key, sub = jax.random.split(s.key)
+    token = sample_logits(sub, out.logits[:, 0], sampling)
+    live = ~s.done
+    token = jnp.where(live, token, s.last_token)
+    cache = cache.advance(live.astype(jnp.int32))
+    # finished rows write out of bounds, which "drop" discards
+    slot = jnp.where(live, s.num_generated, buffer_len)
+    output = s.output.at[jnp.arange(B), slot].set(token, mode="drop")
+    num_generated = s.num_generated + live
+    done = s.done | is_eos(token, eos_ids) | (num_generated >= s.max_new_tokens) | (cache.lengths >= cache.max_len)
+    return ARState(output, num_generated, done, token, cache, key, s.max_new_tokens)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling", "buffer_len", "eos_ids", "mesh", "prefill_chunk"),
@@ -244,48 +301,72 @@ def ar_decode(
     Returns generated ids ``[B, buffer_len]`` (the EOS included, garbage after), their counts
     ``[B]`` and the cache.
     """
-    B = prompt_tokens.shape[0]
-    cache_len = cache.max_len
-    cache = constrain_cache(dataclasses.replace(cache, lengths=jnp.zeros_like(cache.lengths)), mesh)
-    logits, cache, _ = prefill(params, cfg, prompt_tokens, prompt_lengths, cache, chunk_size=prefill_chunk, mesh=mesh)
-    key, sub = jax.random.split(key)
-    first = sample_logits(sub, logits, sampling)
-    done = is_eos(first, eos_ids) | (max_new_tokens <= 1) | (cache.lengths >= cache_len)
-    state = ARState(
-        output=jnp.zeros((B, buffer_len), jnp.int32).at[:, 0].set(first),
-        num_generated=jnp.ones((B,), jnp.int32),
-        done=done,
-        last_token=first,
-        cache=cache,
-        key=key,
-    )
-
-    def step(s: ARState) -> ARState:
-        out, cache = run_target(params, cfg, s.last_token[:, None], s.cache, mesh=mesh)
-        key, sub = jax.random.split(s.key)
-        token = sample_logits(sub, out.logits[:, 0], sampling)
-        live = ~s.done
-        token = jnp.where(live, token, s.last_token)
-        cache = cache.advance(live.astype(jnp.int32))
-        # finished rows write out of bounds, which "drop" discards
-        slot = jnp.where(live, s.num_generated, buffer_len)
-        output = s.output.at[jnp.arange(B), slot].set(token, mode="drop")
-        num_generated = s.num_generated + live
-        done = s.done | is_eos(token, eos_ids) | (num_generated >= max_new_tokens) | (cache.lengths >= cache_len)
-        return ARState(output, num_generated, done, token, cache, key)
-
-    state = jax.lax.while_loop(lambda s: ~jnp.all(s.done), step, state)
+    state = ar_start(params, prompt_tokens, prompt_lengths, key, max_new_tokens, cache, cfg=cfg, sampling=sampling,
+                     buffer_len=buffer_len, eos_ids=eos_ids, mesh=mesh, prefill_chunk=prefill_chunk)
+    step = functools.partial(ar_step, params, cfg=cfg, sampling=sampling, eos_ids=eos_ids, mesh=mesh)
+    state = loop_until_done(step, state)
     return state.output, state.num_generated, state.cache
 
 
 def new_cache(cfg: Qwen3Config, batch: int, cache_len: int, dtype, mesh=None) -> KVCache:
-    """An empty target cache for ``ar_decode``, created with the layout the (sharded) forward reads."""
-    make = functools.partial(target_model.init_cache, cfg, batch, cache_len, dtype)
+    """An empty target cache for ``ar_decode``, placed as the (sharded) forward reads it."""
+    cache = target_model.init_cache(cfg, batch, cache_len, dtype)
     if mesh is None:
-        return make()
+        return cache
     from .sharding import cache_sharding
 
-    return jax.jit(make, out_shardings=cache_sharding(mesh))()
+    return jax.device_put(cache, cache_sharding(mesh))
+
+
+ar_prefill = jax.jit(ar_start, static_argnames=("cfg", "sampling", "buffer_len", "eos_ids", "mesh", "prefill_chunk"),
+                     donate_argnames=("cache",))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "eos_ids", "mesh", "max_steps"), donate_argnames=("state",))
+def ar_continue(params, state: ARState, *, cfg: Qwen3Config, sampling: Sampling, eos_ids: tuple[int, ...], mesh=None,
+                max_steps: int = 0) -> ARState:
+    """Up to ``max_steps`` more tokens (0: until done) from a donated state: a streaming chunk."""
+    step = functools.partial(ar_step, params, cfg=cfg, sampling=sampling, eos_ids=eos_ids, mesh=mesh)
+    return loop_until_done(step, state, max_steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class ARRun:
+    """A validated, bucketed ``ar`` request: what ``ar_prefill`` / ``ar_decode`` are called with."""
+
+    params: object
+    args: tuple  # (prompt_tokens, prompt_lengths, key, max_new_tokens, cache): the cache is donated
+    static: dict  # cfg, sampling, buffer_len, eos_ids, mesh, prefill_chunk
+    rows: int
+
+
+def prepare_ar(
+    params,
+    cfg: Qwen3Config,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    seed: int = 0,
+    cache_len: int | None = None,
+    mesh=None,
+    prefill_chunk: int = PREFILL_CHUNK,
+    allow_long_context: bool = False,
+) -> ARRun:
+    """Validate and bucket on the host, before anything compiles (see ``generate_ar``)."""
+    prepared = prepare_prompts(prompts, cfg.vocab_size, max_new_tokens, cache_len, chunk_size=prefill_chunk,
+                               max_positions=cfg.max_position_embeddings, allow_long_context=allow_long_context)
+    check_cache_memory(cache_bytes(cfg, len(prompts), prepared.cache_len, params.embed.dtype), "the KV cache")
+    if mesh is not None:
+        from .sharding import check_batch, shard_target
+
+        params, cfg = shard_target(params, cfg, mesh)
+        check_batch(len(prompts), mesh)
+    args = (jnp.asarray(prepared.tokens), jnp.asarray(prepared.lengths), jax.random.key(seed), jnp.int32(max_new_tokens),
+            new_cache(cfg, len(prompts), prepared.cache_len, params.embed.dtype, mesh))
+    static = dict(cfg=cfg, sampling=sampling, buffer_len=bucket(max_new_tokens), eos_ids=cfg.eos_token_ids,
+                  mesh=mesh, prefill_chunk=prefill_chunk)
+    return ARRun(params, args, static, len(prompts))
 
 
 def generate_ar(
@@ -306,27 +387,8 @@ def generate_ar(
     With a ``(data, model)`` mesh (``sharding.make_mesh``) the target runs tensor-parallel.
     Prompts are prefilled ``prefill_chunk`` tokens at a time. A prompt + max_new_tokens past
     the model's ``max_position_embeddings`` is an error unless ``allow_long_context``."""
-    prepared = prepare_prompts(prompts, cfg.vocab_size, max_new_tokens, cache_len, chunk_size=prefill_chunk,
-                               max_positions=cfg.max_position_embeddings, allow_long_context=allow_long_context)
-    check_cache_memory(cache_bytes(cfg, len(prompts), prepared.cache_len, params.embed.dtype), "the KV cache")
-    if mesh is not None:
-        from .sharding import check_batch, shard_target
-
-        params, cfg = shard_target(params, cfg, mesh)
-        check_batch(len(prompts), mesh)
-    tokens, counts, _ = ar_decode(
-        params,
-        jnp.asarray(prepared.tokens),
-        jnp.asarray(prepared.lengths),
-        jax.random.key(seed),
-        jnp.int32(max_new_tokens),
-        new_cache(cfg, len(prompts), prepared.cache_len, params.embed.dtype, mesh),
-        cfg=cfg,
-        sampling=sampling,
-        buffer_len=bucket(max_new_tokens),
-        eos_ids=cfg.eos_token_ids,
-        mesh=mesh,
-        prefill_chunk=prefill_chunk,
-    )
+    run = prepare_ar(params, cfg, prompts, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
+                     cache_len=cache_len, mesh=mesh, prefill_chunk=prefill_chunk, allow_long_context=allow_long_context)
+    tokens, counts, _ = ar_decode(run.params, *run.args, **run.static)
     tokens, counts = np.asarray(tokens), np.asarray(counts)
-    return [tokens[i, : counts[i]].tolist() for i in range(len(prompts))]
+    return [tokens[i, : counts[i]].tolist() for i in range(run.rows)]

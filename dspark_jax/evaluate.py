@@ -239,10 +239,12 @@ def plot_reliability(results: Sequence[DomainResult], path: str, bins: int = 10)
     plt.close(fig)
 
 
-def load_prompt_set(spec: str, encode, prompt_tokens: int, limit: int) -> tuple[str, list[list[int]]]:
+def load_prompt_set(spec: str, encode, prompt_tokens: int, limit: int, chat=None) -> tuple[str, list[list[int]]]:
     """``held-out-code`` / ``held-out-prose`` (stdlib documents never trained on) or a JSONL file
     in DeepSpec's format (domain = file name). The few held-out prose documents are cut into
-    overlapping prompts until there are ``limit`` of them (code has plenty at the usual stride)."""
+    overlapping prompts until there are ``limit`` of them (code has plenty at the usual stride).
+    ``chat`` (``text -> ids``, e.g. ``chat.first_turn_encoder``) encodes a JSONL prompt whole, as
+    DeepSpec does; without it the raw text's last ``prompt_tokens`` ids are the prompt."""
     from .data import prompts_for_count, pydoc_prose, read_prompts, stdlib_code
 
     if spec == "held-out-code":
@@ -250,7 +252,7 @@ def load_prompt_set(spec: str, encode, prompt_tokens: int, limit: int) -> tuple[
     elif spec == "held-out-prose":
         prompts = prompts_for_count(pydoc_prose("held-out"), prompt_tokens, encode, limit)
     else:
-        prompts = [encode(p)[-prompt_tokens:] for p in read_prompts(spec)]
+        prompts = [chat(p) if chat else encode(p)[-prompt_tokens:] for p in read_prompts(spec)]
         spec = os.path.splitext(os.path.basename(spec))[0]
     prompts = [p for p in prompts if p]
     if not prompts:

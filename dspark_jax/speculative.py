@@ -28,7 +28,8 @@ from . import draft as draft_model
 from . import target as target_model
 from .cache import KVCache
 from .config import Qwen3Config
-from .decoding import PREFILL_CHUNK, bucket, cache_bytes, check_cache_memory, is_eos, prefill, prepare_prompts, run_target
+from .decoding import (PREFILL_CHUNK, bucket, cache_bytes, check_cache_memory, is_eos, loop_until_done, prefill,
+                       prepare_prompts, run_target)
 from .sharding import Mesh, check_batch, constrain_cache, shard_target, sharded_forward_packed
 from .draft import DraftConfig, DraftParams
 from . import schedule as schedule_lib
@@ -403,11 +404,14 @@ def speculative_prefill(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("scfg",), donate_argnames=("state",))
-def speculative_decode(target: Qwen3Params, draft: DraftParams, state: SpecState, *, scfg: SpecConfig) -> SpecState:
-    """Run rounds inside one ``lax.while_loop`` until every sequence is done. The state is donated."""
+@functools.partial(jax.jit, static_argnames=("scfg", "max_rounds"), donate_argnames=("state",))
+def speculative_decode(target: Qwen3Params, draft: DraftParams, state: SpecState, *, scfg: SpecConfig,
+                       max_rounds: int = 0) -> SpecState:
+    """Run rounds inside one ``lax.while_loop`` until every sequence is done, or at most
+    ``max_rounds`` of them (a streaming chunk; call again with the returned state). The state
+    is donated."""
     round_fn = functools.partial(speculative_round, target, draft, scfg=scfg)
-    return jax.lax.while_loop(lambda s: ~jnp.all(s.done), round_fn, state)
+    return loop_until_done(round_fn, state, max_rounds)
 
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
@@ -472,7 +476,34 @@ def trace_to_list(trace: SpecTrace, stats: SpecStats, rows: int) -> list[list[di
     return out
 
 
-def speculative_generate(
+@dataclasses.dataclass(frozen=True)
+class SpecRun:
+    """A validated, prefilled speculative request: ``speculative_decode`` continues ``state``."""
+
+    target: Qwen3Params  # sharded over the mesh when there is one
+    draft: DraftParams
+    state: SpecState
+    scfg: SpecConfig
+    rows: int  # real prompts (the batch is padded to a bucket)
+
+    def result(self, state: SpecState, trace: bool = False) -> "SpecResult":
+        """Samples, run statistics and (with ``trace``) the rounds of a finished state."""
+        output, counts = np.asarray(state.output), np.asarray(state.num_generated)
+        samples = [output[i, : counts[i]].tolist() for i in range(self.rows)]
+        trace_list = trace_to_list(state.trace, state.stats, self.rows) if trace else None
+        return SpecResult(samples, summarize_stats(state.stats, self.rows), trace_list)
+
+
+def speculative_generate(target, tcfg, draft, dcfg, prompts, *, trace: bool = False, **kw) -> SpecResult:
+    """Speculative decoding of ragged prompts; the output distribution is the target's.
+
+    The keywords are ``speculative_start``'s; ``trace`` records every round."""
+    run = speculative_start(target, tcfg, draft, dcfg, prompts, trace=trace, **kw)
+    state = speculative_decode(run.target, run.draft, run.state, scfg=run.scfg)
+    return run.result(state, trace)
+
+
+def speculative_start(
     target: Qwen3Params,
     tcfg: Qwen3Config,
     draft: DraftParams,
@@ -492,8 +523,9 @@ def speculative_generate(
     calibration=None,
     prefill_chunk: int = PREFILL_CHUNK,
     allow_long_context: bool = False,
-) -> SpecResult:
-    """Speculative decoding of ragged prompts; the output distribution is the target's.
+) -> SpecRun:
+    """Validate, bucket and prefill a speculative request (``speculative_generate`` decodes it,
+    ``streaming.stream_generate`` decodes it chunk by chunk).
 
     ``scheduler``: 'fixed' (verify all K drafts), 'threshold' (the prefix whose confidences pass
     ``confidence_threshold``), 'algorithm1' (the paper's hardware-aware prefix scheduler with
@@ -567,12 +599,7 @@ def speculative_generate(
         buffer_len=buffer_len,
         cache_len=prepared.cache_len,
     )
-    state = speculative_decode(target, draft, state, scfg=scfg)
-    rows = len(prompts)
-    output, counts = np.asarray(state.output), np.asarray(state.num_generated)
-    samples = [output[i, : counts[i]].tolist() for i in range(rows)]
-    trace_list = trace_to_list(state.trace, state.stats, rows) if trace else None
-    return SpecResult(samples, summarize_stats(state.stats, rows), trace_list)
+    return SpecRun(target, draft, state, scfg, len(prompts))
 
 
 def profile_verification(target, tcfg, batch: int, num_drafts: int, context: int = 128, repeats: int = 5,

@@ -28,11 +28,18 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Ids of ``text``; ``add_special_tokens=False`` skips the post-processor's BOS/EOS (chat
+        templates write their own)."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids) -> str:
         return self._tok.decode(list(ids))
 
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
+
+    def is_special(self, token_id: int) -> bool:
+        """Whether ``token_id`` is one of the tokenizer's special added tokens."""
+        added = self._tok.get_added_tokens_decoder().get(int(token_id))
+        return bool(added is not None and added.special)
