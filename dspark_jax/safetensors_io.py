@@ -78,7 +78,7 @@ class SafetensorsFile:
         if not shape:
             start, stop, row_shape = 0, 1, ()
         else:
-            stop = shape[0] if stop is None else stop
+            stop = shape[0] if stop is None else min(stop, shape[0])
             row_shape = shape[1:]
         row_bytes = math.prod(row_shape) * dtype.itemsize
         out = np.empty(((stop - start),) + row_shape if shape else (), dtype)
