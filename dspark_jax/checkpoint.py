@@ -86,7 +86,7 @@ def read_region(source: TensorSource, decl: ParamDecl, name: str, region, dtype)
         rows = source.read_rows(name, a * inner, b * inner)
         w = rows.T.reshape(shape[:n_in] + (b - a,) + shape[n_in + 1:])
         keep[n_in] = slice(None)
-    return np.ascontiguousarray(w[tuple(keep)], dtype=dtype)
+    return np.asarray(w[tuple(keep)], dtype=dtype, order="C")  # (ascontiguousarray would make a 0-d array 1-d)
 
 
 def _region(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
