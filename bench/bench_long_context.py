@@ -224,7 +224,7 @@ def hf_model(params, cfg: Qwen3Config):
     hf_cfg = HFConfig(**{k: v for k, v in cfg.to_hf().items() if k not in ("architectures", "model_type", "dtype")})
     with torch.device("meta"):
         model = Qwen3ForCausalLM(hf_cfg)
-    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in qwen3_to_hf_tensors(params).items()}
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in qwen3_to_hf_tensors(params, cfg).items()}
     if cfg.tie_word_embeddings:
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
     model.load_state_dict(tensors, strict=False, assign=True)

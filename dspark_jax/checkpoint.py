@@ -1,61 +1,34 @@
 """Checkpoints in and out: Hugging Face / DeepSpec safetensors directories, and orbax.
 
-Hugging Face stores linear weights as ``[out, in]`` with heads fused into one axis; this
-package keeps heads as their own axis (``q_proj [D, H, Dh]``). The mapping is one table
-(``LAYER_TENSORS``) used in both directions, so loading and export cannot drift apart.
-Loading needs no torch: safetensors' numpy reader (bfloat16 through ml_dtypes).
+What is read and written follows the parameter declarations (``params.ParamDecl``: shape,
+logical axes, checkpoint name and layout of every weight), so loading and export cannot
+drift apart. Loading needs no torch and is memory-bounded: each weight is read piece by
+piece (``safetensors_io``: row ranges, at most ``chunk_bytes`` a piece), cast, and placed
+straight into its final array, on one device or, given a mesh, with its ``NamedSharding``
+(``jax.make_array_from_callback``: each device's callback reads only the slice that device
+holds, so under ``jax.distributed`` each process reads only what its own devices hold).
+Host memory peaks near one piece, not near the model.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import json
 import math
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from .config import Qwen3Config, load_qwen3_config, read_json
-from .layers import DecoderLayerParams, decoder_layer_shapes
-from .target import Qwen3Params, init_params
+from .params import ParamDecl, abstract_tree, checkpoint_tensors, decl_leaves, export_tensors, map_decls
+from .safetensors_io import CheckpointError, TensorSource, save_tensors
+from .target import Qwen3Params, target_decl
 from .validate import check_finite, check_finite_tree, check_trained_config
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not match what its config promises; the message names the problem."""
-
-
-def open_safetensors(path: str):
-    """``safe_open`` with a damaged file (truncated, not safetensors) named in a CheckpointError."""
-    try:
-        return safe_open(path, "np")
-    except Exception as e:  # safetensors raises its own SafetensorError (not an OSError)
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); the download or copy may be "
-                              "incomplete") from None
-
-
-# field of DecoderLayerParams -> (Hugging Face name inside a layer, number of leading
-# "input" axes of our layout). HF weight = ours.reshape(prod(shape[:n_in]), -1).T
-LAYER_TENSORS: dict[str, tuple[str, int]] = {
-    "input_norm": ("input_layernorm.weight", 0),
-    "q_proj": ("self_attn.q_proj.weight", 1),
-    "k_proj": ("self_attn.k_proj.weight", 1),
-    "v_proj": ("self_attn.v_proj.weight", 1),
-    "o_proj": ("self_attn.o_proj.weight", 2),
-    "q_norm": ("self_attn.q_norm.weight", 0),
-    "k_norm": ("self_attn.k_norm.weight", 0),
-    "post_norm": ("post_attention_layernorm.weight", 0),
-    "gate_proj": ("mlp.gate_proj.weight", 1),
-    "up_proj": ("mlp.up_proj.weight", 1),
-    "down_proj": ("mlp.down_proj.weight", 1),
-}
-
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+CHUNK_BYTES = 64 << 20  # the most a loader reads and places at once (one piece of one weight)
 
 
 def default_dtype():
@@ -74,157 +47,165 @@ def resolve_dtype(dtype) -> Any:
     return dtype
 
 
-# ---------------------------------------------------------------------------- HF layout
+# ---------------------------------------------------------------------------- loading
 
 
-def hf_to_ours(weight: np.ndarray, our_shape: tuple[int, ...], n_in: int) -> np.ndarray:
-    return weight if n_in == 0 else weight.T.reshape(our_shape)
-
-
-def ours_to_hf(weight: np.ndarray, n_in: int) -> np.ndarray:
-    if n_in == 0:
-        return weight
-    return weight.reshape(math.prod(weight.shape[:n_in]), -1).T
-
-
-def hf_shape(our_shape: tuple[int, ...], n_in: int) -> tuple[int, ...]:
-    if n_in == 0:
-        return tuple(our_shape)
-    return (math.prod(our_shape[n_in:]), math.prod(our_shape[:n_in]))
-
-
-class TensorSource:
-    """Lazy access to the tensors of a safetensors directory (single file or sharded index)."""
-
-    def __init__(self, model_dir: str | os.PathLike):
-        self.model_dir = os.fspath(model_dir)
-        index_path = os.path.join(self.model_dir, "model.safetensors.index.json")
-        single_path = os.path.join(self.model_dir, "model.safetensors")
-        if os.path.exists(index_path):
-            weight_map = read_json(index_path).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise CheckpointError(f"{index_path}: no 'weight_map' object")
-            self.file_of = {name: os.path.join(self.model_dir, f) for name, f in weight_map.items()}
-            for path in sorted(set(self.file_of.values())):
-                if not os.path.exists(path):
-                    raise FileNotFoundError(f"{path}: shard listed in {index_path} not found")
-        elif os.path.exists(single_path):
-            with open_safetensors(single_path) as f:
-                self.file_of = {name: single_path for name in f.keys()}
-        else:
-            raise FileNotFoundError(
-                f"{self.model_dir}: no model.safetensors or model.safetensors.index.json found"
-            )
-        self._handles: dict[str, Any] = {}
-
-    def names(self) -> set[str]:
-        return {n for n in self.file_of if not n.endswith(IGNORED_SUFFIXES)}
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(name).get_slice(name).get_shape())
-
-    def get(self, name: str) -> np.ndarray:
-        return self._handle(name).get_tensor(name)
-
-    def _handle(self, name: str):
-        if name not in self.file_of:
-            raise CheckpointError(f"{self.model_dir}: missing tensor {name!r}")
-        path = self.file_of[name]
-        if path not in self._handles:
-            self._handles[path] = open_safetensors(path)
-        return self._handles[path]
-
-
-class TensorReader:
-    """Reads named tensors with shape checks, records what it used, converts dtype."""
-
-    def __init__(self, source: TensorSource, dtype):
-        self.source, self.dtype, self.used = source, dtype, set()
-
-    def read(self, name: str, expected_hf_shape: tuple[int, ...]) -> np.ndarray:
-        if name not in self.source.file_of:
-            raise CheckpointError(f"{self.source.model_dir}: missing tensor {name!r}")
-        shape = self.source.shape(name)
-        if shape != tuple(expected_hf_shape):
+def check_tensors(source: TensorSource, decls, allowed_unused: set[str] = frozenset()):
+    """Before reading anything: every declared tensor is there with its declared shape, and
+    the checkpoint holds nothing else (except ``allowed_unused``)."""
+    expected = checkpoint_tensors(decls)
+    for name, shape in expected.items():
+        found = source.shape(name)  # names a missing tensor
+        if found != tuple(shape):
             raise CheckpointError(
-                f"{self.source.model_dir}: tensor {name!r} has shape {list(shape)}, "
-                f"expected {list(expected_hf_shape)} from config.json"
+                f"{source.model_dir}: tensor {name!r} has shape {list(found)}, "
+                f"expected {list(shape)} from config.json"
             )
-        self.used.add(name)
-        return self.source.get(name)
-
-    def read_ours(self, name: str, our_shape: tuple[int, ...], n_in: int = 0) -> jax.Array:
-        w = self.read(name, hf_shape(our_shape, n_in))
-        out = jnp.asarray(hf_to_ours(w, our_shape, n_in), self.dtype)
-        check_finite(name, out, self.source.model_dir)
-        return out
-
-    def read_layers(self, layer_name: Callable[[int, str], str], shapes: DecoderLayerParams) -> DecoderLayerParams:
-        values = {}
-        for field, (suffix, n_in) in LAYER_TENSORS.items():
-            stacked_shape = getattr(shapes, field)
-            per_layer = stacked_shape[1:]
-            values[field] = jnp.stack(
-                [self.read_ours(layer_name(i, suffix), per_layer, n_in) for i in range(stacked_shape[0])]
-            )
-        return DecoderLayerParams(**values)
-
-    def check_all_used(self, allowed_unused: set[str] = frozenset()):
-        unexpected = sorted(self.source.names() - self.used - set(allowed_unused))
-        if unexpected:
-            raise CheckpointError(
-                f"{self.source.model_dir}: unexpected tensor(s) {unexpected[:8]}"
-                + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else "")
-            )
+    unexpected = sorted(source.names() - set(expected) - set(allowed_unused))
+    if unexpected:
+        raise CheckpointError(
+            f"{source.model_dir}: unexpected tensor(s) {unexpected[:8]}"
+            + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else "")
+        )
 
 
-def layers_to_hf(layers: DecoderLayerParams, layer_name: Callable[[int, str], str]) -> dict[str, np.ndarray]:
-    out = {}
-    for field, (suffix, n_in) in LAYER_TENSORS.items():
-        stacked = np.asarray(getattr(layers, field))
-        for i in range(stacked.shape[0]):
-            out[layer_name(i, suffix)] = np.ascontiguousarray(ours_to_hf(stacked[i], n_in))
-    return out
+def read_region(source: TensorSource, decl: ParamDecl, name: str, region, dtype) -> np.ndarray:
+    """``ours[region]`` of checkpoint tensor ``name`` (one layer's, our layout), reading only
+    the rows the region needs: ``region`` is a (start, stop) per axis of ``decl.tensor_shape``."""
+    shape, n_in = decl.tensor_shape, decl.n_in
+    keep = [slice(a, b) for a, b in region]
+    if decl.hf_shape_override is not None or not shape:
+        w = decl.from_hf(source.read_rows(name))
+    elif n_in == 0:  # same layout: rows of our axis 0
+        (a, b) = region[0]
+        w, keep[0] = source.read_rows(name, a, b), slice(None)
+    elif n_in == len(shape):  # [1, in] in the checkpoint
+        w = source.read_rows(name).T.reshape(shape)
+    else:  # checkpoint rows = our output axes fused; read the rows of our axis n_in's range
+        (a, b) = region[n_in]
+        inner = math.prod(shape[n_in + 1:])
+        rows = source.read_rows(name, a * inner, b * inner)
+        w = rows.T.reshape(shape[:n_in] + (b - a,) + shape[n_in + 1:])
+        keep[n_in] = slice(None)
+    return np.asarray(w[tuple(keep)], dtype=dtype, order="C")  # (ascontiguousarray would make a 0-d array 1-d)
+
+
+def _region(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    return tuple(s.indices(n)[:2] for s, n in zip(index, shape))
+
+
+def _piece_axis(decl: ParamDecl) -> int:
+    """The axis a large weight is placed along piece by piece: layers, else the axis whose
+    ranges are contiguous rows of the checkpoint tensor."""
+    if decl.stacked or decl.n_in == 0 or decl.n_in >= len(decl.shape):
+        return 0
+    return decl.n_in
+
+
+@functools.partial(jax.jit, static_argnames="axis", donate_argnums=0)
+def _update_slice(buffer: jax.Array, piece: jax.Array, start, axis: int) -> jax.Array:
+    """``buffer`` with ``piece`` written at ``start`` along ``axis``, in place (donated)."""
+    return jax.lax.dynamic_update_slice_in_dim(buffer, piece, start, axis)
+
+
+def _place(shape, sharding, read) -> jax.Array:
+    """An array of ``shape`` whose contents ``read(region)`` gives, on ``sharding``'s devices
+    (each addressable device's callback reads its own slice), or on the default device."""
+    if sharding is None:
+        return jnp.asarray(read(tuple((0, n) for n in shape)))
+    return jax.make_array_from_callback(shape, sharding, lambda index: read(_region(index, shape)))
+
+
+def _read_weight(source: TensorSource, decl: ParamDecl, dtype, sharding=None, chunk_bytes: int = CHUNK_BYTES) -> jax.Array:
+    """One declared weight read from ``source`` into its final array, ``chunk_bytes`` at a time:
+    pieces along the layer axis (or the checkpoint's row axis) are written in place into a
+    donated buffer, so the host never holds more than one piece."""
+    dtype = np.dtype(dtype)
+
+    def read(region):
+        if decl.stacked:
+            (l0, l1), rest = region[0], region[1:]
+            return np.stack([read_region(source, decl, decl.tensor_name(i), rest, dtype) for i in range(l0, l1)])
+        return read_region(source, decl, decl.name, region, dtype)
+
+    shape = decl.shape
+    axis = _piece_axis(decl)
+    if not shape:
+        return _place(shape, sharding, read)
+    unit = math.prod(shape) // max(shape[axis], 1) * dtype.itemsize
+    step = max(1, chunk_bytes // max(unit, 1))
+    if step >= shape[axis]:
+        return _place(shape, sharding, read)
+    buffer = jnp.zeros(shape, dtype, device=sharding)
+    for start in range(0, shape[axis], step):
+        stop = min(start + step, shape[axis])
+        piece_shape = shape[:axis] + (stop - start,) + shape[axis + 1:]
+
+        def read_piece(region, start=start):
+            return read(region[:axis] + ((region[axis][0] + start, region[axis][1] + start),) + region[axis + 1:])
+
+        buffer = _update_slice(buffer, _place(piece_shape, sharding, read_piece), start, axis)
+    return buffer
+
+
+
+def load_weight(source: TensorSource, decl: ParamDecl, dtype, sharding=None, chunk_bytes: int = CHUNK_BYTES) -> jax.Array:
+    """``_read_weight``, then a check that the weight holds no NaN/inf (the tensor named)."""
+    weight = _read_weight(source, decl, dtype, sharding, chunk_bytes)
+    check_finite(decl.name.replace("{layer}", "*"), weight, source.model_dir)
+    return weight
+
+
+def load_tree(source: TensorSource, decls, dtype, shardings=None, chunk_bytes: int = CHUNK_BYTES):
+    """Every weight of a declaration tree, loaded with ``load_weight`` (with the matching
+    sharding of ``shardings`` when given)."""
+    if shardings is None:
+        return map_decls(lambda d: load_weight(source, d, dtype, None, chunk_bytes), decls)
+    return map_decls(lambda d, s: load_weight(source, d, dtype, s, chunk_bytes), decls, shardings)
 
 
 # ---------------------------------------------------------------------------- Qwen3 target
 
 
-def _target_layer_name(i: int, suffix: str) -> str:
-    return f"model.layers.{i}.{suffix}"
-
-
-def load_qwen3(model_dir: str | os.PathLike, dtype=None) -> tuple[Qwen3Params, Qwen3Config]:
-    """Load a Hugging Face Qwen3 directory (config.json + safetensors) without torch."""
+def load_qwen3(model_dir: str | os.PathLike, dtype=None, *, mesh=None,
+               chunk_bytes: int = CHUNK_BYTES) -> tuple[Qwen3Params, Qwen3Config]:
+    """Load a Hugging Face Qwen3 directory (config.json + safetensors, one file or sharded)
+    without torch. With a ``(data, model)`` mesh every weight is placed directly with the
+    sharding the tensor-parallel forward uses (``sharding.target_shardings``)."""
     cfg = load_qwen3_config(model_dir)
     dtype = resolve_dtype(dtype)
-    reader = TensorReader(TensorSource(model_dir), dtype)
-    D, V = cfg.hidden_size, cfg.vocab_size
-    params = Qwen3Params(
-        embed=reader.read_ours("model.embed_tokens.weight", (V, D)),
-        layers=reader.read_layers(_target_layer_name, decoder_layer_shapes(cfg, cfg.num_hidden_layers)),
-        final_norm=reader.read_ours("model.norm.weight", (D,)),
-        lm_head=None if cfg.tie_word_embeddings else reader.read_ours("lm_head.weight", (D, V), 1),
-    )
-    # Tied checkpoints sometimes carry a redundant lm_head copy; it is not used.
-    reader.check_all_used({"lm_head.weight"} if cfg.tie_word_embeddings else set())
-    return params, cfg
+    decls = target_decl(cfg)
+    with TensorSource(model_dir) as source:
+        # Tied checkpoints sometimes carry a redundant lm_head copy; it is not used.
+        check_tensors(source, decls, {"lm_head.weight"} if cfg.tie_word_embeddings else set())
+        shardings = None
+        if mesh is not None:
+            from .sharding import target_shardings
+
+            shardings = target_shardings(cfg, mesh)
+        return load_tree(source, decls, dtype, shardings, chunk_bytes), cfg
 
 
-def qwen3_to_hf_tensors(params: Qwen3Params) -> dict[str, np.ndarray]:
-    tensors = {
-        "model.embed_tokens.weight": np.asarray(params.embed),
-        "model.norm.weight": np.asarray(params.final_norm),
-        **layers_to_hf(params.layers, _target_layer_name),
-    }
-    if params.lm_head is not None:
-        tensors["lm_head.weight"] = np.ascontiguousarray(np.asarray(params.lm_head).T)
-    return tensors
+def qwen3_to_hf_tensors(params: Qwen3Params, cfg: Qwen3Config) -> dict[str, np.ndarray]:
+    """The Hugging Face tensors of a target, as one dict (small models; ``save_qwen3`` streams)."""
+    return {name: make() for name, _, _, make in _export_entries(target_decl(cfg), params)}
 
 
-def _hf_dtype_name(tensors: Mapping[str, np.ndarray]) -> str:
-    dt = next(iter(tensors.values())).dtype
-    return {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(str(dt), str(dt))
+def _export_entries(decls, params, dtype=None) -> list:
+    """(name, shape, dtype, make) per checkpoint tensor, cast to ``dtype`` when given, in
+    layer order (the order transformers fills its shards in)."""
+    entries = export_tensors(decls, params, None if dtype is None else np.dtype(resolve_dtype(dtype)))
+    return sorted(entries, key=lambda e: _layer_of(e[0]))  # stable: declaration order within a layer
+
+
+def _layer_of(name: str) -> int:
+    """i for a per-layer tensor ``...layers.{i}...``, -1 for the others."""
+    parts = name.split(".")
+    return next((int(parts[i + 1]) for i in range(len(parts) - 1) if parts[i] == "layers" and parts[i + 1].isdigit()), -1)
+
+
+def _hf_dtype_name(entries) -> str:
+    return str(np.dtype(entries[0][2])) if entries else "float32"
 
 
 def cast_tree(tree, dtype):
@@ -237,13 +218,14 @@ def cast_tree(tree, dtype):
 
 
 def save_qwen3(model_dir: str | os.PathLike, params: Qwen3Params, cfg: Qwen3Config, extra_config: Mapping | None = None,
-               dtype=None):
-    """Export to a directory that ``transformers.Qwen3ForCausalLM.from_pretrained`` opens."""
+               dtype=None, max_shard_size: int | str | None = None):
+    """Export to a directory that ``transformers.Qwen3ForCausalLM.from_pretrained`` opens, one
+    tensor at a time; ``max_shard_size`` (bytes or "2GB") splits it into shards + index."""
     model_dir = os.fspath(model_dir)
     os.makedirs(model_dir, exist_ok=True)
-    tensors = qwen3_to_hf_tensors(cast_tree(params, dtype))
-    config = cfg.to_hf() | {"dtype": _hf_dtype_name(tensors)} | dict(extra_config or {})
-    save_file(tensors, os.path.join(model_dir, "model.safetensors"), metadata={"format": "pt"})
+    entries = _export_entries(target_decl(cfg), params, dtype)
+    save_tensors(model_dir, entries, max_shard_size)
+    config = cfg.to_hf() | {"dtype": _hf_dtype_name(entries)} | dict(extra_config or {})
     with open(os.path.join(model_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     eos = list(cfg.eos_token_ids)
@@ -287,23 +269,19 @@ def save_qwen3_orbax(path, params: Qwen3Params, cfg: Qwen3Config):
 def restore_qwen3_orbax(path, dtype=None) -> tuple[Qwen3Params, Qwen3Config]:
     cfg = load_qwen3_config(path)
     dtype = resolve_dtype(dtype)
-    abstract = jax.eval_shape(lambda: init_params(jax.random.key(0), cfg, dtype))
+    abstract = abstract_tree(target_decl(cfg), dtype)
     return restore_orbax(path, abstract), cfg
 
 
-def load_target(path, dtype=None) -> tuple[Qwen3Params, Qwen3Config]:
+def load_target(path, dtype=None, *, mesh=None) -> tuple[Qwen3Params, Qwen3Config]:
     """A target from either a Hugging Face directory or one of our orbax checkpoints."""
     path = os.fspath(path)
     if os.path.isdir(os.path.join(path, "params")):
         return restore_qwen3_orbax(path, dtype)
-    return load_qwen3(path, dtype)
+    return load_qwen3(path, dtype, mesh=mesh)
 
 
 # ---------------------------------------------------------------------------- DeepSpec drafts
-
-
-def _draft_layer_name(i: int, suffix: str) -> str:
-    return f"layers.{i}.{suffix}"
 
 
 def load_draft_config(draft_dir: str | os.PathLike):
@@ -318,113 +296,97 @@ def load_draft_config(draft_dir: str | os.PathLike):
     return DraftConfig.from_hf(raw, path)
 
 
-def _shared_tensor_differs(reader: TensorReader, name: str, ours: np.ndarray) -> bool:
-    if name not in reader.source.file_of:
+def _shared_tensor_differs(source: TensorSource, name: str, ours) -> bool:
+    if name not in source.file_of:
         return False
-    theirs = reader.read(name, ours.shape)
-    return not np.array_equal(np.asarray(theirs, np.float32), np.asarray(ours, np.float32))
+    if source.shape(name) != tuple(ours.shape):
+        raise CheckpointError(f"{source.model_dir}: tensor {name!r} has shape {list(source.shape(name))}, "
+                              f"expected {list(ours.shape)} from config.json")
+    step = max(1, CHUNK_BYTES // max(1, 4 * math.prod(ours.shape[1:])))
+    for start in range(0, ours.shape[0], step):  # compared piece by piece: no host copy of the whole
+        theirs = source.read_rows(name, start, start + step).astype(np.float32)
+        if not np.array_equal(theirs, np.asarray(ours[start:start + step], np.float32)):
+            return True
+    return False
 
 
 def load_draft(draft_dir: str | os.PathLike, target: Qwen3Params, target_cfg: Qwen3Config, dtype=None):
-    """Load a DeepSpec-format draft directory (config.json + model.safetensors).
+    """Load a DeepSpec-format draft directory (config.json + safetensors, one file or sharded).
 
     The draft's ``embed_tokens`` / ``lm_head`` are checked against the target's and then not
     kept: the drafter always uses the target's arrays (a warning says so when they differ).
     """
     import warnings
 
-    from .draft import ConfidenceParams, DraftParams, MarkovParams, check_compatible
+    from .draft import DRAFT_SHARED_TENSORS, check_compatible, draft_decl
 
     dcfg = load_draft_config(draft_dir)
     check_compatible(dcfg, target_cfg, where=os.path.join(os.fspath(draft_dir), "config.json"))
     dtype = resolve_dtype(dtype)
-    reader = TensorReader(TensorSource(draft_dir), dtype)
-    D, V, r = dcfg.hidden_size, dcfg.layers.vocab_size, dcfg.markov_rank
-    m = len(dcfg.target_layer_ids)
-
-    markov = None
-    if r:
-        markov = MarkovParams(
-            w1=reader.read_ours("markov_head.markov_w1.weight", (V, r)),
-            w2=reader.read_ours("markov_head.markov_w2.weight", (r, V), 1),
-        )
-        if dcfg.head_type == "gated":
-            markov.gate_w = reader.read_ours("markov_head.gate_proj.weight", (D + r, r), 1)
-            markov.gate_b = reader.read_ours("markov_head.gate_proj.bias", (r,))
-        elif dcfg.head_type == "rnn":
-            markov.joint_w = reader.read_ours("markov_head.joint_proj.weight", (2 * r + D, 3 * r), 1)
-            markov.joint_b = reader.read_ours("markov_head.joint_proj.bias", (3 * r,))
-    confidence = None
-    if dcfg.enable_confidence_head:
-        width = D + (r if dcfg.confidence_uses_markov else 0)
-        confidence = ConfidenceParams(
-            w=reader.read_ours("confidence_head.proj.weight", (width,), 1),
-            b=reader.read_ours("confidence_head.proj.bias", (1,)).reshape(()),
-        )
-    params = DraftParams(
-        fc=reader.read_ours("fc.weight", (m * D, D), 1),
-        hidden_norm=reader.read_ours("hidden_norm.weight", (D,)),
-        layers=reader.read_layers(_draft_layer_name, decoder_layer_shapes(dcfg.layers, dcfg.layers.num_hidden_layers)),
-        final_norm=reader.read_ours("norm.weight", (D,)),
-        markov=markov,
-        confidence=confidence,
-    )
-    shared = {
-        "embed_tokens.weight": np.asarray(target.embed),
-        "lm_head.weight": np.asarray(target.embed if target.lm_head is None else target.lm_head.T),
-    }
-    for name, ours in shared.items():
-        if _shared_tensor_differs(reader, name, ours):
-            warnings.warn(
-                f"{draft_dir}: draft {name} differs from the target's; using the target's "
-                f"(the drafter shares the target's embedding and lm_head)",
-                stacklevel=2,
-            )
-    reader.check_all_used(set(shared))
+    decls = draft_decl(dcfg)
+    with TensorSource(draft_dir) as source:
+        check_tensors(source, decls, set(DRAFT_SHARED_TENSORS))
+        params = load_tree(source, decls, dtype)
+        for name, of_target in DRAFT_SHARED_TENSORS.items():
+            if _shared_tensor_differs(source, name, of_target(target)):
+                warnings.warn(
+                    f"{draft_dir}: draft {name} differs from the target's; using the target's "
+                    f"(the drafter shares the target's embedding and lm_head)",
+                    stacklevel=2,
+                )
     return params, dcfg
 
 
-def draft_to_hf_tensors(params, target: Qwen3Params, embedding_copies: bool = True) -> dict[str, np.ndarray]:
-    def hf(w, n_in=1):
-        return np.ascontiguousarray(ours_to_hf(np.asarray(w), n_in))
+def _draft_entries(params, dcfg, target: Qwen3Params, dtype=None, embedding_copies: bool = True) -> list:
+    from .draft import DRAFT_SHARED_TENSORS, draft_decl
 
-    tensors = {
-        "fc.weight": hf(params.fc),
-        "hidden_norm.weight": np.asarray(params.hidden_norm),
-        "norm.weight": np.asarray(params.final_norm),
-        **layers_to_hf(params.layers, _draft_layer_name),
-    }
+    entries = _export_entries(draft_decl(dcfg), params, dtype)
     if embedding_copies:
-        tensors["embed_tokens.weight"] = np.asarray(target.embed)
-        tensors["lm_head.weight"] = np.ascontiguousarray(
-            np.asarray(target.embed if target.lm_head is None else target.lm_head.T))
+        out_dtype = entries[0][2]
+        for name, of_target in DRAFT_SHARED_TENSORS.items():
+            array = of_target(target)
+            entries.append((name, tuple(array.shape), out_dtype,
+                            lambda a=array: np.ascontiguousarray(np.asarray(a).astype(out_dtype))))
+    return entries
+
+
+def draft_to_hf_tensors(params, target: Qwen3Params, embedding_copies: bool = True, dcfg=None) -> dict[str, np.ndarray]:
+    """The DeepSpec tensors of a drafter, as one dict (``save_draft`` streams them)."""
+    dcfg = dcfg or _draft_config_of(params, target)
+    return {name: make() for name, _, _, make in _draft_entries(params, dcfg, target, None, embedding_copies)}
+
+
+def _draft_config_of(params, target: Qwen3Params):
+    """A DraftConfig with the shapes of ``params`` (enough for its declaration)."""
+    import dataclasses
+
+    from .draft import DraftConfig
+
+    L, D, H, Dh = params.layers.q_proj.shape
+    V = target.embed.shape[0]
+    layers = Qwen3Config(vocab_size=V, hidden_size=D, intermediate_size=params.layers.gate_proj.shape[-1],
+                         num_hidden_layers=L, num_attention_heads=H, num_key_value_heads=params.layers.k_proj.shape[2],
+                         head_dim=Dh)
     mk = params.markov
-    if mk is not None:
-        tensors["markov_head.markov_w1.weight"] = np.asarray(mk.w1)
-        tensors["markov_head.markov_w2.weight"] = hf(mk.w2)
-        if mk.gate_w is not None:
-            tensors["markov_head.gate_proj.weight"] = hf(mk.gate_w)
-            tensors["markov_head.gate_proj.bias"] = np.asarray(mk.gate_b)
-        if mk.joint_w is not None:
-            tensors["markov_head.joint_proj.weight"] = hf(mk.joint_w)
-            tensors["markov_head.joint_proj.bias"] = np.asarray(mk.joint_b)
-    if params.confidence is not None:
-        tensors["confidence_head.proj.weight"] = np.asarray(params.confidence.w)[None, :]
-        tensors["confidence_head.proj.bias"] = np.asarray(params.confidence.b).reshape(1)
-    return tensors
+    r = 0 if mk is None else mk.w1.shape[1]
+    head = "vanilla" if mk is None or (mk.gate_w is None and mk.joint_w is None) else ("gated" if mk.gate_w is not None else "rnn")
+    conf = params.confidence
+    return DraftConfig(layers=layers, block_size=1, target_layer_ids=tuple(range(params.fc.shape[0] // D)),
+                       mask_token_id=0, markov_rank=r, markov_head_type=head, enable_confidence_head=conf is not None,
+                       confidence_head_with_markov=conf is not None and conf.w.shape[0] > D)
 
 
 def save_draft(draft_dir: str | os.PathLike, params, dcfg, target: Qwen3Params, dtype=None,
-               embedding_copies: bool = True):
+               embedding_copies: bool = True, max_shard_size: int | str | None = None):
     """Export a drafter to the DeepSpec format (embed_tokens / lm_head copied from the target, as
     DeepSpec writes them; ``embedding_copies=False`` leaves them out: ``load_draft`` always uses
-    the target's arrays, and the file is 2 x vocab x hidden smaller)."""
+    the target's arrays, and the file is 2 x vocab x hidden smaller). ``max_shard_size`` shards it."""
     draft_dir = os.fspath(draft_dir)
     os.makedirs(draft_dir, exist_ok=True)
-    tensors = draft_to_hf_tensors(cast_tree(params, dtype), cast_tree(target, dtype), embedding_copies)
-    save_file(tensors, os.path.join(draft_dir, "model.safetensors"), metadata={"format": "pt"})
+    entries = _draft_entries(params, dcfg, target, dtype, embedding_copies)
+    save_tensors(draft_dir, entries, max_shard_size)
     with open(os.path.join(draft_dir, "config.json"), "w") as f:
-        json.dump(dcfg.to_hf() | {"dtype": _hf_dtype_name(tensors)}, f, indent=2)
+        json.dump(dcfg.to_hf() | {"dtype": _hf_dtype_name(entries)}, f, indent=2)
 
 
 def save_draft_orbax(path, params, dcfg):
@@ -432,11 +394,11 @@ def save_draft_orbax(path, params, dcfg):
 
 
 def restore_draft_orbax(path, dtype=None):
-    from .draft import init_draft_params
+    from .draft import draft_decl
 
     dcfg = load_draft_config(path)
     dtype = resolve_dtype(dtype)
-    abstract = jax.eval_shape(lambda: init_draft_params(jax.random.key(0), dcfg, dtype))
+    abstract = abstract_tree(draft_decl(dcfg), dtype)
     return restore_orbax(path, abstract), dcfg
 
 

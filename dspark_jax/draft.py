@@ -26,11 +26,12 @@ from .config import ConfigError, Qwen3Config
 from .layers import (
     DecoderLayerParams,
     decoder_layer,
-    init_decoder_layers,
+    decoder_layer_decl,
     project_kv,
     rms_norm,
     rope_cos_sin,
 )
+from .params import ParamDecl, init_param, init_tree, map_decls
 from .sampling import Sampling, distribution, sample
 from .target import Qwen3Params, compute_logits
 
@@ -147,30 +148,61 @@ class DraftParams:
     confidence: ConfidenceParams | None
 
 
-def init_draft_params(key: jax.Array, dcfg: DraftConfig, dtype=jnp.float32, std: float = 0.02) -> DraftParams:
+def draft_decl(dcfg: DraftConfig) -> DraftParams:
+    """The declaration of every drafter weight, with the names of a DeepSpec checkpoint. The
+    checkpoint's ``embed_tokens`` / ``lm_head`` are the target's (``DRAFT_SHARED_TENSORS``)."""
     D, V, r = dcfg.hidden_size, dcfg.layers.vocab_size, dcfg.markov_rank
     m = len(dcfg.target_layer_ids)
-    keys = iter(jax.random.split(key, 8))
-
-    def normal(shape, scale=std):
-        return (scale * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
-
     markov = None
     if r:
-        markov = MarkovParams(w1=normal((V, r)), w2=normal((r, V)))
+        markov = MarkovParams(
+            w1=ParamDecl((V, r), ("vocab", "markov"), "markov_head.markov_w1.weight"),
+            w2=ParamDecl((r, V), ("markov", "vocab"), "markov_head.markov_w2.weight", 1),
+        )
         if dcfg.markov_head_type == "gated":
-            markov.gate_w, markov.gate_b = normal((D + r, r)), jnp.zeros((r,), dtype)
+            markov.gate_w = ParamDecl((D + r, r), ("gate_in", "markov"), "markov_head.gate_proj.weight", 1)
+            markov.gate_b = ParamDecl((r,), ("markov",), "markov_head.gate_proj.bias", init="zeros")
         elif dcfg.markov_head_type == "rnn":
-            markov.joint_w, markov.joint_b = normal((2 * r + D, 3 * r)), jnp.zeros((3 * r,), dtype)
+            markov.joint_w = ParamDecl((2 * r + D, 3 * r), ("joint_in", "joint_out"), "markov_head.joint_proj.weight", 1)
+            markov.joint_b = ParamDecl((3 * r,), ("joint_out",), "markov_head.joint_proj.bias", init="zeros")
     confidence = None
     if dcfg.enable_confidence_head:
         width = D + (r if dcfg.confidence_uses_markov else 0)
-        confidence = ConfidenceParams(w=normal((width,)), b=jnp.zeros((), dtype))
+        confidence = ConfidenceParams(
+            w=ParamDecl((width,), ("confidence_in",), "confidence_head.proj.weight", 1),
+            b=ParamDecl((), (), "confidence_head.proj.bias", init="zeros", hf_shape_override=(1,)),
+        )
     return DraftParams(
-        fc=normal((m * D, D)),
-        hidden_norm=jnp.ones((D,), dtype),
-        layers=init_decoder_layers(next(keys), dcfg.layers, dcfg.layers.num_hidden_layers, dtype, std),
-        final_norm=jnp.ones((D,), dtype),
+        fc=ParamDecl((m * D, D), ("features", "embed"), "fc.weight", 1),
+        hidden_norm=ParamDecl((D,), ("embed",), "hidden_norm.weight", init="ones"),
+        layers=decoder_layer_decl(dcfg.layers, dcfg.layers.num_hidden_layers, "layers"),
+        final_norm=ParamDecl((D,), ("embed",), "norm.weight", init="ones"),
+        markov=markov,
+        confidence=confidence,
+    )
+
+
+# The draft checkpoint's copies of the target's tensors (DeepSpec writes them; the drafter
+# uses the target's own arrays): name -> the target's array in the checkpoint's layout.
+DRAFT_SHARED_TENSORS = {
+    "embed_tokens.weight": lambda target: target.embed,
+    "lm_head.weight": lambda target: target.embed if target.lm_head is None else target.lm_head.T,
+}
+
+
+def init_draft_params(key: jax.Array, dcfg: DraftConfig, dtype=jnp.float32, std: float = 0.02) -> DraftParams:
+    decl = draft_decl(dcfg)
+    keys = iter(jax.random.split(key, 8))
+
+    def fill(tree):  # random matrices take the next key, in this order: heads, fc, layers
+        return map_decls(lambda d: init_param(next(keys) if d.init == "normal" else None, d, dtype, std), tree)
+
+    markov, confidence, fc = fill(decl.markov), fill(decl.confidence), fill(decl.fc)
+    return DraftParams(
+        fc=fc,
+        hidden_norm=fill(decl.hidden_norm),
+        layers=init_tree(next(keys), decl.layers, dtype, std),
+        final_norm=fill(decl.final_norm),
         markov=markov,
         confidence=confidence,
     )

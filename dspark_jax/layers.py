@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import Qwen3Config, RopeConfig
+from .params import ParamDecl
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -36,8 +38,9 @@ class DecoderLayerParams:
     down_proj: jax.Array  # [L, F, D]
 
 
-def decoder_layer_shapes(cfg: Qwen3Config, num_layers: int) -> DecoderLayerParams:
-    """Shapes of stacked decoder-layer weights (tuples in a DecoderLayerParams)."""
+def decoder_layer_decl(cfg: Qwen3Config, num_layers: int, prefix: str) -> DecoderLayerParams:
+    """The declaration of ``num_layers`` stacked decoder layers whose checkpoint tensors are
+    ``{prefix}.{i}.<Hugging Face name>``: shapes, logical axes, names, initialisers."""
     L, D, H, K, Dh, F = (
         num_layers,
         cfg.hidden_size,
@@ -46,36 +49,23 @@ def decoder_layer_shapes(cfg: Qwen3Config, num_layers: int) -> DecoderLayerParam
         cfg.head_dim,
         cfg.intermediate_size,
     )
+
+    def weight(hf_name, shape, axes, n_in=0, init="normal"):
+        return ParamDecl((L, *shape), ("layers", *axes), f"{prefix}.{{layer}}.{hf_name}", n_in, init)
+
     return DecoderLayerParams(
-        input_norm=(L, D),
-        q_proj=(L, D, H, Dh),
-        k_proj=(L, D, K, Dh),
-        v_proj=(L, D, K, Dh),
-        o_proj=(L, H, Dh, D),
-        q_norm=(L, Dh),
-        k_norm=(L, Dh),
-        post_norm=(L, D),
-        gate_proj=(L, D, F),
-        up_proj=(L, D, F),
-        down_proj=(L, F, D),
+        input_norm=weight("input_layernorm.weight", (D,), ("embed",), init="ones"),
+        q_proj=weight("self_attn.q_proj.weight", (D, H, Dh), ("embed", "heads", "head_dim"), 1),
+        k_proj=weight("self_attn.k_proj.weight", (D, K, Dh), ("embed", "kv_heads", "head_dim"), 1),
+        v_proj=weight("self_attn.v_proj.weight", (D, K, Dh), ("embed", "kv_heads", "head_dim"), 1),
+        o_proj=weight("self_attn.o_proj.weight", (H, Dh, D), ("heads", "head_dim", "embed"), 2),
+        q_norm=weight("self_attn.q_norm.weight", (Dh,), ("head_dim",), init="ones"),
+        k_norm=weight("self_attn.k_norm.weight", (Dh,), ("head_dim",), init="ones"),
+        post_norm=weight("post_attention_layernorm.weight", (D,), ("embed",), init="ones"),
+        gate_proj=weight("mlp.gate_proj.weight", (D, F), ("embed", "mlp"), 1),
+        up_proj=weight("mlp.up_proj.weight", (D, F), ("embed", "mlp"), 1),
+        down_proj=weight("mlp.down_proj.weight", (F, D), ("mlp", "embed"), 1),
     )
-
-
-def init_decoder_layers(
-    key: jax.Array, cfg: Qwen3Config, num_layers: int, dtype=jnp.float32, std: float = 0.02
-) -> DecoderLayerParams:
-    """Random decoder layers: normal(std) matrices, unit norm weights."""
-    shapes = decoder_layer_shapes(cfg, num_layers)
-    fields = [f.name for f in dataclasses.fields(DecoderLayerParams)]
-    keys = jax.random.split(key, len(fields))
-    values = {}
-    for k, name in zip(keys, fields):
-        shape = getattr(shapes, name)
-        if name.endswith("norm"):
-            values[name] = jnp.ones(shape, dtype)
-        else:
-            values[name] = (std * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
-    return DecoderLayerParams(**values)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:

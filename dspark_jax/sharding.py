@@ -25,8 +25,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .cache import KVCache
 from .config import Qwen3Config
-from .layers import DecoderLayerParams
-from .target import Qwen3Params
+from .params import partition_specs
+from .target import Qwen3Params, target_decl
 
 DATA, MODEL = "data", "model"
 
@@ -77,24 +77,23 @@ def expand_kv_heads(params: Qwen3Params, cfg: Qwen3Config, model: int) -> Qwen3P
     return dataclasses.replace(params, layers=layers)
 
 
-def layer_specs() -> DecoderLayerParams:
-    return DecoderLayerParams(
-        input_norm=P(),
-        q_proj=P(None, None, MODEL, None),
-        k_proj=P(None, None, MODEL, None),
-        v_proj=P(None, None, MODEL, None),
-        o_proj=P(None, MODEL, None, None),
-        q_norm=P(),
-        k_norm=P(),
-        post_norm=P(),
-        gate_proj=P(None, None, MODEL),
-        up_proj=P(None, None, MODEL),
-        down_proj=P(None, MODEL, None),
-    )
+# Logical axes (``params.ParamDecl.axes``) -> mesh axes; any axis not named is replicated.
+TENSOR_PARALLEL_RULES = {"heads": MODEL, "kv_heads": MODEL, "mlp": MODEL}
 
 
-def param_specs(params: Qwen3Params) -> Qwen3Params:
-    return Qwen3Params(embed=P(), layers=layer_specs(), final_norm=P(), lm_head=None if params.lm_head is None else P())
+def param_specs(cfg: Qwen3Config) -> Qwen3Params:
+    """The target's partition specs, from its declaration and the rule table."""
+    return partition_specs(target_decl(cfg), TENSOR_PARALLEL_RULES)
+
+
+def target_shardings(cfg: Qwen3Config, mesh: Mesh) -> Qwen3Params:
+    """Where each weight of a loaded target goes on ``mesh``: heads and MLP columns split
+    over ``model``. When kv heads are fewer than the model axis, k/v projections stay whole
+    (replicated) here; ``shard_target`` repeats them to the split layout on the devices."""
+    kv_split = kv_replication(cfg, mesh.shape[MODEL]) == 1
+    rules = TENSOR_PARALLEL_RULES if kv_split else {**TENSOR_PARALLEL_RULES, "kv_heads": None}
+    specs = partition_specs(target_decl(cfg), rules)
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
 
 CACHE_SPEC = KVCache(k=P(None, DATA, None, MODEL, None), v=P(None, DATA, None, MODEL, None), lengths=P(DATA))
@@ -105,9 +104,11 @@ def shard_target(params: Qwen3Params, cfg: Qwen3Config, mesh: Mesh) -> tuple[Qwe
     to use with this mesh (the config carries the expanded kv head count)."""
     model = mesh.shape[MODEL]
     params = expand_kv_heads(params, cfg, model)
-    specs = param_specs(params)
-    params = jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), params, specs)
-    return params, sharded_config(cfg, model)
+    scfg = sharded_config(cfg, model)
+    # arrays loaded with target_shardings are already in place: device_put leaves them as they are
+    params = jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), params, param_specs(scfg),
+                          is_leaf=lambda x: isinstance(x, P))
+    return params, scfg
 
 
 def cache_sharding(mesh: Mesh) -> KVCache:
@@ -139,7 +140,7 @@ def sharded_forward(mesh: Mesh, params: Qwen3Params, cfg: Qwen3Config, tokens, c
     fn = jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(param_specs(params), P(DATA), CACHE_SPEC),
+        in_specs=(param_specs(cfg), P(DATA), CACHE_SPEC),
         out_specs=(out_spec, CACHE_SPEC),
         check_vma=False,
     )
@@ -163,7 +164,7 @@ def sharded_forward_packed(mesh: Mesh, params: Qwen3Params, cfg: Qwen3Config, to
     fn = jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(param_specs(params), P(), P(), P(), cache_spec),
+        in_specs=(param_specs(cfg), P(), P(), P(), cache_spec),
         out_specs=(ForwardOutput(hidden=P(), features=P(), logits=P()), (new_kv_spec, new_kv_spec)),
         check_vma=False,
     )

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from .attention import NO_WINDOW, AttentionMask, Context, attend
 from .cache import KVCache, chunk_positions, write_layers
 from .config import Qwen3Config
-from .layers import DecoderLayerParams, decoder_layer, init_decoder_layers, rms_norm, rope_cos_sin
+from .layers import DecoderLayerParams, decoder_layer, decoder_layer_decl, rms_norm, rope_cos_sin
+from .params import ParamDecl, init_param, init_tree
 
 
 @jax.tree_util.register_dataclass
@@ -42,18 +43,27 @@ class ForwardOutput:
     logits: jax.Array | None  # [B, T, V] float32, when asked for
 
 
+def target_decl(cfg: Qwen3Config) -> Qwen3Params:
+    """The declaration of every Qwen3 weight (``params.ParamDecl`` leaves), with the names of
+    a Hugging Face ``Qwen3ForCausalLM`` checkpoint."""
+    D, V = cfg.hidden_size, cfg.vocab_size
+    return Qwen3Params(
+        embed=ParamDecl((V, D), ("vocab", "embed"), "model.embed_tokens.weight"),
+        layers=decoder_layer_decl(cfg, cfg.num_hidden_layers, "model.layers"),
+        final_norm=ParamDecl((D,), ("embed",), "model.norm.weight", init="ones"),
+        lm_head=None if cfg.tie_word_embeddings else ParamDecl((D, V), ("embed", "vocab"), "lm_head.weight", 1),
+    )
+
+
 def init_params(key: jax.Array, cfg: Qwen3Config, dtype=jnp.float32, std: float = 0.02) -> Qwen3Params:
     """Random Qwen3 weights (normal(std) matrices, unit norms)."""
+    decl = target_decl(cfg)
     k_embed, k_layers, k_head = jax.random.split(key, 3)
-    D, V = cfg.hidden_size, cfg.vocab_size
-    lm_head = None
-    if not cfg.tie_word_embeddings:
-        lm_head = (std * jax.random.normal(k_head, (D, V), jnp.float32)).astype(dtype)
     return Qwen3Params(
-        embed=(std * jax.random.normal(k_embed, (V, D), jnp.float32)).astype(dtype),
-        layers=init_decoder_layers(k_layers, cfg, cfg.num_hidden_layers, dtype, std),
-        final_norm=jnp.ones((D,), dtype),
-        lm_head=lm_head,
+        embed=init_param(k_embed, decl.embed, dtype, std),
+        layers=init_tree(k_layers, decl.layers, dtype, std),
+        final_norm=init_param(None, decl.final_norm, dtype),
+        lm_head=None if decl.lm_head is None else init_param(k_head, decl.lm_head, dtype, std),
     )
 
 

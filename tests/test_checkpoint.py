@@ -29,7 +29,7 @@ from dspark_jax.checkpoint import (
     save_qwen3_orbax,
 )
 from dspark_jax.config import ConfigError
-from dspark_jax.layers import DecoderLayerParams, decoder_layer_shapes
+from dspark_jax.layers import DecoderLayerParams, decoder_layer_decl
 from dspark_jax.target import Qwen3Params, forward, init_cache
 from hf_models import hf_forward, make_hf_qwen3
 
@@ -291,7 +291,7 @@ def random_params(cfg, seed: int) -> Qwen3Params:
         w = 1 + 0.1 * rng.randn(*shape) if norm else 0.3 * rng.randn(*shape)
         return jnp.asarray(w, jnp.float32)
 
-    shapes = decoder_layer_shapes(cfg, cfg.num_hidden_layers)
+    shapes = jax.tree.map(lambda d: d.shape, decoder_layer_decl(cfg, cfg.num_hidden_layers, "model.layers"), is_leaf=lambda d: not isinstance(d, DecoderLayerParams))
     layers = DecoderLayerParams(
         **{f.name: draw(getattr(shapes, f.name), f.name.endswith("norm")) for f in dataclasses.fields(shapes)}
     )

@@ -354,7 +354,7 @@ def test_damaged_files_are_named_errors(dirs, tmp_path, capsys):
     (garbage / "model.safetensors").write_bytes(b"\x00garbage" * 10)
     badtok = copy(dirs / "target", tmp_path / "badtok")
     (badtok / "tokenizer.json").write_text("{not json")
-    for model, message in [(trunc, "not a readable safetensors file"), (garbage, "not a readable safetensors file"),
+    for model, message in [(trunc, "file ends inside tensor"), (garbage, "not a safetensors file"),
                            (badtok, "not a readable tokenizer.json")]:
         err = fails(capsys, ["generate", "--target", str(model), "--prompt", "def", "--json"], 1)
         assert message in err and str(model) in err
