@@ -213,15 +213,17 @@ class Qwen3Config:
         }
 
 
-def read_json(path: str | os.PathLike) -> dict[str, Any]:
+def read_json(path: str | os.PathLike, what: str = "file", error: type[ValueError] = ConfigError) -> Any:
+    """The parsed JSON of ``path``; a missing file is a FileNotFoundError and a malformed one an
+    ``error``, both naming the path and ``what`` it is."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: file not found")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: {what} not found")
     try:
         with open(path) as f:
             return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: {what} is not valid JSON ({e})") from None
 
 
 def load_qwen3_config(model_dir: str | os.PathLike) -> Qwen3Config:

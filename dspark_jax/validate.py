@@ -211,15 +211,10 @@ def strict_json(obj: Any, indent: int | None = None) -> str:
 
 
 def read_json_file(path: str | os.PathLike, what: str) -> Any:
-    """The parsed JSON of ``path``; a missing or malformed file is a DataError naming it."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: {what} not found")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: {what} is not valid JSON ({e})") from None
+    """The parsed JSON of ``path``; a missing or malformed file is an error naming it (DataError)."""
+    from .config import read_json
+
+    return read_json(path, what, DataError)
 
 
 # ---------------------------------------------------------------------------- numbers in files
