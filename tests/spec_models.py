@@ -227,3 +227,18 @@ def random_prompts(n: int, vocab: int, min_len: int = 1, max_len: int = 16, seed
     """Ragged prompts of lengths in [min_len, max_len] (ids below vocab - 1, the mask id)."""
     rs = np.random.RandomState(seed)
     return [rs.randint(0, vocab - 1, rs.randint(min_len, max_len + 1)).tolist() for _ in range(n)]
+
+
+def random_weights(decls, seed: int = 0, std: float = 0.3):
+    """numpy-drawn weights for a declaration tree (no jax compile, unlike ``init_tree``): norms
+    1 + 0.1 N(0, 1) (each distinct), zero-initialised weights N(0, 0.1^2), matrices N(0, std^2)."""
+    from dspark_jax.params import map_decls
+
+    rng = np.random.RandomState(seed)
+
+    def draw(decl):
+        noise = rng.standard_normal(decl.shape)
+        w = {"ones": 1 + 0.1 * noise, "zeros": 0.1 * noise}.get(decl.init, std * noise)
+        return jnp.asarray(w, jnp.float32)
+
+    return map_decls(draw, decls)
