@@ -167,23 +167,42 @@ def load_tree(source: TensorSource, decls, dtype, shardings=None, chunk_bytes: i
 # ---------------------------------------------------------------------------- Qwen3 target
 
 
+def _checked_target(model_dir, source: TensorSource) -> tuple[Qwen3Params, Qwen3Config]:
+    """The config and declarations of a Qwen3 directory, after checking that ``source``
+    holds exactly the declared tensors with their shapes (before any tensor is read)."""
+    cfg = load_qwen3_config(model_dir)
+    decls = target_decl(cfg)
+    # Tied checkpoints sometimes carry a redundant lm_head copy; it is not used.
+    check_tensors(source, decls, {"lm_head.weight"} if cfg.tie_word_embeddings else set())
+    return decls, cfg
+
+
+def _target_shardings(cfg: Qwen3Config, mesh):
+    if mesh is None:
+        return None
+    from .sharding import target_shardings
+
+    return target_shardings(cfg, mesh)
+
+
 def load_qwen3(model_dir: str | os.PathLike, dtype=None, *, mesh=None,
                chunk_bytes: int = CHUNK_BYTES) -> tuple[Qwen3Params, Qwen3Config]:
     """Load a Hugging Face Qwen3 directory (config.json + safetensors, one file or sharded)
     without torch. With a ``(data, model)`` mesh every weight is placed directly with the
     sharding the tensor-parallel forward uses (``sharding.target_shardings``)."""
-    cfg = load_qwen3_config(model_dir)
     dtype = resolve_dtype(dtype)
-    decls = target_decl(cfg)
     with TensorSource(model_dir) as source:
-        # Tied checkpoints sometimes carry a redundant lm_head copy; it is not used.
-        check_tensors(source, decls, {"lm_head.weight"} if cfg.tie_word_embeddings else set())
-        shardings = None
-        if mesh is not None:
-            from .sharding import target_shardings
+        decls, cfg = _checked_target(model_dir, source)
+        return load_tree(source, decls, dtype, _target_shardings(cfg, mesh), chunk_bytes), cfg
 
-            shardings = target_shardings(cfg, mesh)
-        return load_tree(source, decls, dtype, shardings, chunk_bytes), cfg
+
+def abstract_qwen3(model_dir: str | os.PathLike, dtype=None, *, mesh=None) -> tuple[Qwen3Params, Qwen3Config]:
+    """What ``load_qwen3`` would return, as ``jax.ShapeDtypeStruct`` leaves (with their
+    shardings on a mesh), after every check it makes before reading: reads no tensor data,
+    so a checkpoint's shapes can be checked (and ``jax.eval_shape`` run) without loading it."""
+    with TensorSource(model_dir) as source:
+        decls, cfg = _checked_target(model_dir, source)
+    return abstract_tree(decls, resolve_dtype(dtype), _target_shardings(cfg, mesh)), cfg
 
 
 def qwen3_to_hf_tensors(params: Qwen3Params, cfg: Qwen3Config) -> dict[str, np.ndarray]:
@@ -296,18 +315,39 @@ def load_draft_config(draft_dir: str | os.PathLike):
     return DraftConfig.from_hf(raw, path)
 
 
+def _check_shared_tensor_shapes(source: TensorSource, target_cfg: Qwen3Config):
+    """The draft's copies of the target's tensors, when present, have the target's shapes."""
+    from .draft import DRAFT_SHARED_TENSORS
+
+    expected = (target_cfg.vocab_size, target_cfg.hidden_size)  # embed_tokens and lm_head: [V, D]
+    for name in DRAFT_SHARED_TENSORS:
+        if name in source.file_of and source.shape(name) != expected:
+            raise CheckpointError(f"{source.model_dir}: tensor {name!r} has shape {list(source.shape(name))}, "
+                                  f"expected {list(expected)} from config.json")
+
+
 def _shared_tensor_differs(source: TensorSource, name: str, ours) -> bool:
     if name not in source.file_of:
         return False
-    if source.shape(name) != tuple(ours.shape):
-        raise CheckpointError(f"{source.model_dir}: tensor {name!r} has shape {list(source.shape(name))}, "
-                              f"expected {list(ours.shape)} from config.json")
     step = max(1, CHUNK_BYTES // max(1, 4 * math.prod(ours.shape[1:])))
     for start in range(0, ours.shape[0], step):  # compared piece by piece: no host copy of the whole
         theirs = source.read_rows(name, start, start + step).astype(np.float32)
         if not np.array_equal(theirs, np.asarray(ours[start:start + step], np.float32)):
             return True
     return False
+
+
+def _checked_draft(draft_dir, source: TensorSource, target_cfg: Qwen3Config):
+    """The config and declarations of a DeepSpec draft directory, checked against its target
+    and against the tensors ``source`` holds (before any tensor is read)."""
+    from .draft import DRAFT_SHARED_TENSORS, check_compatible, draft_decl
+
+    dcfg = load_draft_config(draft_dir)
+    check_compatible(dcfg, target_cfg, where=os.path.join(os.fspath(draft_dir), "config.json"))
+    decls = draft_decl(dcfg)
+    check_tensors(source, decls, set(DRAFT_SHARED_TENSORS))
+    _check_shared_tensor_shapes(source, target_cfg)
+    return decls, dcfg
 
 
 def load_draft(draft_dir: str | os.PathLike, target: Qwen3Params, target_cfg: Qwen3Config, dtype=None):
@@ -318,14 +358,11 @@ def load_draft(draft_dir: str | os.PathLike, target: Qwen3Params, target_cfg: Qw
     """
     import warnings
 
-    from .draft import DRAFT_SHARED_TENSORS, check_compatible, draft_decl
+    from .draft import DRAFT_SHARED_TENSORS
 
-    dcfg = load_draft_config(draft_dir)
-    check_compatible(dcfg, target_cfg, where=os.path.join(os.fspath(draft_dir), "config.json"))
     dtype = resolve_dtype(dtype)
-    decls = draft_decl(dcfg)
     with TensorSource(draft_dir) as source:
-        check_tensors(source, decls, set(DRAFT_SHARED_TENSORS))
+        decls, dcfg = _checked_draft(draft_dir, source, target_cfg)
         params = load_tree(source, decls, dtype)
         for name, of_target in DRAFT_SHARED_TENSORS.items():
             if _shared_tensor_differs(source, name, of_target(target)):
@@ -335,6 +372,14 @@ def load_draft(draft_dir: str | os.PathLike, target: Qwen3Params, target_cfg: Qw
                     stacklevel=2,
                 )
     return params, dcfg
+
+
+def abstract_draft(draft_dir: str | os.PathLike, target_cfg: Qwen3Config, dtype=None):
+    """What ``load_draft`` would return, as ``jax.ShapeDtypeStruct`` leaves, after every check
+    it makes before reading (config, compatibility with the target, tensor names and shapes)."""
+    with TensorSource(draft_dir) as source:
+        decls, dcfg = _checked_draft(draft_dir, source, target_cfg)
+    return abstract_tree(decls, resolve_dtype(dtype)), dcfg
 
 
 def _draft_entries(params, dcfg, target: Qwen3Params, dtype=None, embedding_copies: bool = True) -> list:
