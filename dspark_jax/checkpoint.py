@@ -167,14 +167,13 @@ def load_tree(source: TensorSource, decls, dtype, shardings=None, chunk_bytes: i
 # ---------------------------------------------------------------------------- Qwen3 target
 
 
-def _checked_target(model_dir, source: TensorSource) -> tuple[Qwen3Params, Qwen3Config]:
-    """The config and declarations of a Qwen3 directory, after checking that ``source``
-    holds exactly the declared tensors with their shapes (before any tensor is read)."""
-    cfg = load_qwen3_config(model_dir)
+def _checked_target(cfg: Qwen3Config, source: TensorSource) -> Qwen3Params:
+    """The declarations of a Qwen3 target, after checking that ``source`` holds exactly the
+    declared tensors with their shapes (before any tensor is read)."""
     decls = target_decl(cfg)
     # Tied checkpoints sometimes carry a redundant lm_head copy; it is not used.
     check_tensors(source, decls, {"lm_head.weight"} if cfg.tie_word_embeddings else set())
-    return decls, cfg
+    return decls
 
 
 def _target_shardings(cfg: Qwen3Config, mesh):
@@ -190,9 +189,10 @@ def load_qwen3(model_dir: str | os.PathLike, dtype=None, *, mesh=None,
     """Load a Hugging Face Qwen3 directory (config.json + safetensors, one file or sharded)
     without torch. With a ``(data, model)`` mesh every weight is placed directly with the
     sharding the tensor-parallel forward uses (``sharding.target_shardings``)."""
+    cfg = load_qwen3_config(model_dir)
     dtype = resolve_dtype(dtype)
     with TensorSource(model_dir) as source:
-        decls, cfg = _checked_target(model_dir, source)
+        decls = _checked_target(cfg, source)
         return load_tree(source, decls, dtype, _target_shardings(cfg, mesh), chunk_bytes), cfg
 
 
@@ -200,8 +200,9 @@ def abstract_qwen3(model_dir: str | os.PathLike, dtype=None, *, mesh=None) -> tu
     """What ``load_qwen3`` would return, as ``jax.ShapeDtypeStruct`` leaves (with their
     shardings on a mesh), after every check it makes before reading: reads no tensor data,
     so a checkpoint's shapes can be checked (and ``jax.eval_shape`` run) without loading it."""
+    cfg = load_qwen3_config(model_dir)
     with TensorSource(model_dir) as source:
-        decls, cfg = _checked_target(model_dir, source)
+        decls = _checked_target(cfg, source)
     return abstract_tree(decls, resolve_dtype(dtype), _target_shardings(cfg, mesh)), cfg
 
 
@@ -269,6 +270,9 @@ def save_orbax(path: str | os.PathLike, params: Any, config_json: Mapping[str, A
 
 
 def restore_orbax(path: str | os.PathLike, abstract_params: Any) -> Any:
+    """A parameter pytree saved by ``save_orbax``, restored straight into the shardings of
+    ``abstract_params`` (``jax.ShapeDtypeStruct`` leaves): each device reads its own slice,
+    whatever mesh the checkpoint was saved from."""
     import orbax.checkpoint as ocp
 
     path = os.path.abspath(os.fspath(path))
@@ -285,18 +289,21 @@ def save_qwen3_orbax(path, params: Qwen3Params, cfg: Qwen3Config):
     save_orbax(path, params, cfg.to_hf())
 
 
-def restore_qwen3_orbax(path, dtype=None) -> tuple[Qwen3Params, Qwen3Config]:
+def restore_qwen3_orbax(path, dtype=None, *, mesh=None) -> tuple[Qwen3Params, Qwen3Config]:
+    """A target saved by ``save_qwen3_orbax``; on a mesh, restored straight into the
+    tensor-parallel shardings (``sharding.target_shardings``), whatever mesh it was saved from."""
     cfg = load_qwen3_config(path)
     dtype = resolve_dtype(dtype)
-    abstract = abstract_tree(target_decl(cfg), dtype)
+    abstract = abstract_tree(target_decl(cfg), dtype, _target_shardings(cfg, mesh))
     return restore_orbax(path, abstract), cfg
 
 
 def load_target(path, dtype=None, *, mesh=None) -> tuple[Qwen3Params, Qwen3Config]:
-    """A target from either a Hugging Face directory or one of our orbax checkpoints."""
+    """A target from either a Hugging Face directory or one of our orbax checkpoints, on a
+    mesh placed directly with the tensor-parallel shardings."""
     path = os.fspath(path)
     if os.path.isdir(os.path.join(path, "params")):
-        return restore_qwen3_orbax(path, dtype)
+        return restore_qwen3_orbax(path, dtype, mesh=mesh)
     return load_qwen3(path, dtype, mesh=mesh)
 
 
@@ -337,17 +344,22 @@ def _shared_tensor_differs(source: TensorSource, name: str, ours) -> bool:
     return False
 
 
-def _checked_draft(draft_dir, source: TensorSource, target_cfg: Qwen3Config):
+def _checked_draft(draft_dir, target_cfg: Qwen3Config):
     """The config and declarations of a DeepSpec draft directory, checked against its target
-    and against the tensors ``source`` holds (before any tensor is read)."""
+    and against the tensors it holds (before any tensor is read), and its opened tensors."""
     from .draft import DRAFT_SHARED_TENSORS, check_compatible, draft_decl
 
     dcfg = load_draft_config(draft_dir)
     check_compatible(dcfg, target_cfg, where=os.path.join(os.fspath(draft_dir), "config.json"))
     decls = draft_decl(dcfg)
-    check_tensors(source, decls, set(DRAFT_SHARED_TENSORS))
-    _check_shared_tensor_shapes(source, target_cfg)
-    return decls, dcfg
+    source = TensorSource(draft_dir)
+    try:
+        check_tensors(source, decls, set(DRAFT_SHARED_TENSORS))
+        _check_shared_tensor_shapes(source, target_cfg)
+    except BaseException:
+        source.close()
+        raise
+    return decls, dcfg, source
 
 
 def load_draft(draft_dir: str | os.PathLike, target: Qwen3Params, target_cfg: Qwen3Config, dtype=None):
@@ -361,8 +373,8 @@ def load_draft(draft_dir: str | os.PathLike, target: Qwen3Params, target_cfg: Qw
     from .draft import DRAFT_SHARED_TENSORS
 
     dtype = resolve_dtype(dtype)
-    with TensorSource(draft_dir) as source:
-        decls, dcfg = _checked_draft(draft_dir, source, target_cfg)
+    decls, dcfg, source = _checked_draft(draft_dir, target_cfg)
+    with source:
         params = load_tree(source, decls, dtype)
         for name, of_target in DRAFT_SHARED_TENSORS.items():
             if _shared_tensor_differs(source, name, of_target(target)):
@@ -377,8 +389,8 @@ def load_draft(draft_dir: str | os.PathLike, target: Qwen3Params, target_cfg: Qw
 def abstract_draft(draft_dir: str | os.PathLike, target_cfg: Qwen3Config, dtype=None):
     """What ``load_draft`` would return, as ``jax.ShapeDtypeStruct`` leaves, after every check
     it makes before reading (config, compatibility with the target, tensor names and shapes)."""
-    with TensorSource(draft_dir) as source:
-        decls, dcfg = _checked_draft(draft_dir, source, target_cfg)
+    decls, dcfg, source = _checked_draft(draft_dir, target_cfg)
+    source.close()
     return abstract_tree(decls, resolve_dtype(dtype)), dcfg
 
 

@@ -139,17 +139,17 @@ def run_generate(args, on_first_result=None, on_text=None) -> dict:
         tokenizer = Tokenizer(args.tokenizer or args.target)
     prompt, chat, end_of_turn = prompt_ids(args, tokenizer)
     check_request_fits(args, len(prompt), load_qwen3_config(args.target))
-    target, tcfg = load_target(args.target, args.dtype)
-    tcfg = with_attention_backend(tcfg, args.attention_backend)
-    tcfg = with_stop_id(tcfg, end_of_turn)  # a chat answer ends with the template's end-of-turn token
-    prompts = [prompt] * args.num_samples
-    context_kw = dict(prefill_chunk=args.prefill_chunk, allow_long_context=args.allow_long_context)
-    sampling = Sampling(args.temperature, args.top_k, args.top_p)
     mesh = None
     if args.tensor_parallel > 1 or args.data_parallel > 1:
         from .sharding import make_mesh
 
         mesh = make_mesh(model=args.tensor_parallel, data=args.data_parallel)
+    target, tcfg = load_target(args.target, args.dtype, mesh=mesh)  # each weight straight onto its devices
+    tcfg = with_attention_backend(tcfg, args.attention_backend)
+    tcfg = with_stop_id(tcfg, end_of_turn)  # a chat answer ends with the template's end-of-turn token
+    prompts = [prompt] * args.num_samples
+    context_kw = dict(prefill_chunk=args.prefill_chunk, allow_long_context=args.allow_long_context)
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
 
     ar_kw = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed, cache_len=args.cache_len,
                  mesh=mesh, **context_kw)
@@ -379,6 +379,12 @@ def _add_optim_args(p, lr, steps, batch, seq_len):
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--export-dtype", choices=("float32", "bfloat16"),
                    help="dtype of the exported safetensors (default: the training dtype, float32)")
+    _add_max_shard_size(p)
+
+
+def _add_max_shard_size(p):
+    p.add_argument("--max-shard-size", help="split the exported safetensors into shards of at most this size "
+                   "(bytes, or e.g. 2GB, 500MB) plus model.safetensors.index.json (default: one file)")
 
 
 def cmd_calibrate(args):
@@ -567,7 +573,8 @@ def cmd_export_draft(args):
             config = os.path.join(args.src, "config.json")
             dtype = read_json(config).get("dtype") if os.path.isfile(config) else None
             dtype = dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
-        save_draft(args.out, draft, dcfg, target, dtype=dtype, embedding_copies=args.with_embeddings)
+        save_draft(args.out, draft, dcfg, target, dtype=dtype, embedding_copies=args.with_embeddings,
+                   max_shard_size=args.max_shard_size)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     calibration = os.path.join(args.src, "sts_calibration.json")
@@ -637,6 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--with-embeddings", action="store_true",
                    help="include copies of the target's embed_tokens / lm_head (every key DeepSpec writes)")
     x.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: the source's dtype")
+    _add_max_shard_size(x)
     x.set_defaults(func=cmd_export_draft)
 
     s = sub.add_parser("profile-sps", help="measure verification steps/s by token budget (for algorithm1/async)")

@@ -146,7 +146,8 @@ def train_target_recipe(args):
     )
     if step >= args.steps:
         export_dir = os.path.join(workdir, "model")
-        save_qwen3(export_dir, jax.device_get(state.params), cfg, dtype=args.export_dtype)
+        save_qwen3(export_dir, jax.device_get(state.params), cfg, dtype=args.export_dtype,
+                   max_shard_size=getattr(args, "max_shard_size", None))
         with open(os.path.join(workdir, "tokenizer.json")) as src, open(os.path.join(export_dir, "tokenizer.json"), "w") as dst:
             dst.write(src.read())
         _write_json(os.path.join(export_dir, "manifest.json"), {
@@ -288,7 +289,8 @@ def train_draft_recipe(args):
     if step >= args.steps:
         export_dir = os.path.join(workdir, "draft")
         save_draft(export_dir, jax.device_get(state.params), dcfg, target, dtype=args.export_dtype,
-                   embedding_copies=not getattr(args, "no_embedding_copies", False))
+                   embedding_copies=not getattr(args, "no_embedding_copies", False),
+                   max_shard_size=getattr(args, "max_shard_size", None))
         _write_json(os.path.join(export_dir, "manifest.json"), {
             "recipe": meta["command"], "config": dcfg.to_hf(), "target": args.target,
             "steps": step, "batch_size": args.batch_size, "seq_len": args.seq_len, "learning_rate": args.lr,

@@ -219,3 +219,91 @@ def test_a_shard_holding_a_tensor_another_shard_is_listed_for_is_named(sharded_c
     (sharded_copy / INDEX_FILE).write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match=rf"{first}: shard holds tensor '{moved}' but .* lists it in {second}"):
         load_qwen3(sharded_copy)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def test_export_draft_max_shard_size_writes_shards_that_load_bit_equal(saved, pair, tmp_path, capsys):
+    from dspark_jax import cli
+
+    src = saved / "single"
+    cli.main(["export-draft", str(src / "draft"), str(tmp_path / "out"), "--target", str(src / "target"),
+              "--max-shard-size", "8KB"])
+    assert (tmp_path / "out" / INDEX_FILE).exists() and len(shard_files(tmp_path / "out")) > 2
+    target, cfg = load_qwen3(src / "target", "float32")
+    assert_bit_equal(load_draft(tmp_path / "out", target, cfg)[0], pair[2])
+
+
+def test_a_bad_max_shard_size_is_a_usage_error(saved, tmp_path, capsys):
+    from dspark_jax import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["export-draft", str(saved / "single" / "draft"), str(tmp_path / "out"), "--target",
+                  str(saved / "single" / "target"), "--max-shard-size", "lots"])
+    assert e.value.code == 2
+    assert "error: --max-shard-size: max shard size 'lots': expected bytes or a size like" in capsys.readouterr().err
+
+
+def test_generate_with_tensor_parallel_loads_the_weights_straight_onto_the_mesh(saved, pair, monkeypatch, capsys):
+    from dspark_jax import checkpoint, cli
+    from dspark_jax.decoding import generate_ar
+
+    target, cfg, _, _ = pair
+    meshes = []
+    load_target = checkpoint.load_target
+
+    def spy(path, dtype=None, *, mesh=None):
+        meshes.append(mesh)
+        params, tcfg = load_target(path, dtype, mesh=mesh)
+        assert params.layers.q_proj.sharding.is_equivalent_to(target_shardings(tcfg, mesh).layers.q_proj, 4)
+        return params, tcfg
+
+    monkeypatch.setattr(checkpoint, "load_target", spy)
+    cli.main(["generate", "--mode", "ar", "--target", str(saved / "sharded" / "target"), "--prompt-ids", "5,6,7",
+              "--max-new-tokens", "4", "--tensor-parallel", "4", "--no-warmup", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert [dict(m.shape) for m in meshes] == [{"data": 1, "model": 4}]
+    assert out["samples"] == generate_ar(target, cfg, [[5, 6, 7]], max_new_tokens=4)
+
+
+# --------------------------------------------------------------------------- orbax on another mesh
+
+
+@pytest.fixture(scope="module")
+def on_tp4(saved):
+    """The target loaded onto a (data 2, model 4) mesh."""
+    mesh = make_mesh(model=4, data=2)
+    params, cfg = load_qwen3(saved / "sharded" / "target", "float32", mesh=mesh)
+    return params, cfg
+
+
+@pytest.mark.parametrize("model", [8, 2])
+def test_orbax_target_saved_from_one_mesh_restores_straight_onto_another(on_tp4, pair, model, tmp_path):
+    from dspark_jax.checkpoint import load_target, save_qwen3_orbax
+
+    params, cfg = on_tp4
+    save_qwen3_orbax(tmp_path / "orbax", params, cfg)
+    mesh = make_mesh(model=model, data=1)
+    restored, _ = load_target(tmp_path / "orbax", "float32", mesh=mesh)
+    for (path, array), (_, sharding) in zip(tree_items(restored), tree_items(target_shardings(cfg, mesh))):
+        assert array.sharding.is_equivalent_to(sharding, array.ndim), path
+    assert_bit_equal(jax.device_get(restored), jax.device_get(pair[0]))
+
+
+def test_a_training_checkpoint_of_a_sharded_run_restores_on_another_mesh_shape(on_tp4, tmp_path):
+    from dspark_jax.trainer import abstract_like, checkpoint_manager, restore_checkpoint, save_checkpoint
+
+    params, cfg = on_tp4
+    state = {"params": params, "step": jax.numpy.asarray(7)}
+    with checkpoint_manager(str(tmp_path / "checkpoints")) as manager:
+        save_checkpoint(manager, 7, state, {"step": 7}, force=True)
+        manager.wait_until_finished()
+    mesh = make_mesh(model=2, data=4)
+    shardings = {"params": target_shardings(cfg, mesh), "step": NamedSharding(mesh, jax.sharding.PartitionSpec())}
+    with checkpoint_manager(str(tmp_path / "checkpoints"), read_only=True) as manager:
+        restored, meta = restore_checkpoint(manager, abstract_like(state, shardings))
+    assert meta == {"step": 7} and int(restored["step"]) == 7
+    for (path, array), (_, sharding) in zip(tree_items(restored["params"]), tree_items(shardings["params"])):
+        assert array.sharding.is_equivalent_to(sharding, array.ndim), path
+    assert_bit_equal(jax.device_get(restored["params"]), jax.device_get(params))
