@@ -113,7 +113,16 @@ def _place(shape, sharding, read) -> jax.Array:
     (each addressable device's callback reads its own slice), or on the default device."""
     if sharding is None:
         return jnp.asarray(read(tuple((0, n) for n in shape)))
-    return jax.make_array_from_callback(shape, sharding, lambda index: read(_region(index, shape)))
+    last = {}  # devices holding the same slice (replicated axes) come one after another: read it once
+
+    def read_slice(index):
+        region = _region(index, shape)
+        if region not in last:
+            last.clear()
+            last[region] = read(region)
+        return last[region]
+
+    return jax.make_array_from_callback(shape, sharding, read_slice)
 
 
 def _read_weight(source: TensorSource, decl: ParamDecl, dtype, sharding=None, chunk_bytes: int = CHUNK_BYTES) -> jax.Array:

@@ -316,13 +316,17 @@ def _print_human(out: dict):
 
 
 def cmd_generate(args):
+    main = is_main_process()  # on several hosts every process decodes; process 0 prints
     try:
-        report = None if args.json else _print_samples
-        if args.stream:  # the text is already out; only the compile time is left to say
+        report = None if args.json or not main else _print_samples
+        if args.stream and main:  # the text is already out; only the compile time is left to say
             report = lambda samples, texts, seconds, prompt: print(f"(first call, compile included: {seconds:.1f} s)")
-        out = run_generate(args, on_first_result=report, on_text=lambda piece: print(piece, end="", flush=True))
+        out = run_generate(args, on_first_result=report,
+                           on_text=lambda piece: main and print(piece, end="", flush=True))
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
+    if not main:
+        return
     if args.json:
         print(strict_json(out))
     else:
@@ -597,6 +601,44 @@ def _add_prompt_run_args(p):
     p.add_argument("--temperature", type=float, default=1.0)
 
 
+def _add_distributed_args(p):
+    g = p.add_argument_group("multi-host (run the same command on every host, one process per host)")
+    g.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="jax.distributed coordinator (process 0's address); 'auto' lets jax find it (TPU slices, "
+                        "SLURM). The mesh then spans every host's devices; process 0 prints the results")
+    g.add_argument("--num-processes", type=int, help="with --coordinator HOST:PORT: how many processes")
+    g.add_argument("--process-id", type=int, help="with --coordinator HOST:PORT: this process's index, 0..N-1")
+
+
+def init_distributed(args):
+    """``jax.distributed.initialize`` from ``--coordinator`` / ``--num-processes`` /
+    ``--process-id``, before anything else touches jax (a no-op without ``--coordinator``)."""
+    if getattr(args, "coordinator", None) is None:
+        for option in ("num_processes", "process_id"):
+            if getattr(args, option, None) is not None:
+                raise UsageError(f"--{option.replace('_', '-')} needs --coordinator HOST:PORT")
+        return
+    import jax
+
+    if args.coordinator == "auto":
+        jax.distributed.initialize()
+        return
+    if args.num_processes is None or args.process_id is None:
+        raise UsageError("--coordinator HOST:PORT needs --num-processes N and --process-id I")
+    if not 0 <= args.process_id < args.num_processes:
+        raise UsageError(f"--process-id {args.process_id} outside 0..{args.num_processes - 1} (--num-processes)")
+    # CPU hosts exchange collectives through gloo (accelerators use their own interconnect)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
+
+
+def is_main_process() -> bool:
+    """Process 0 of a multi-host run (or the only process): the one that prints results."""
+    import jax
+
+    return jax.process_index() == 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dspark-jax", description="DSpark speculative decoding in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -700,6 +742,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_train_draft)
     for command in sub.choices.values():
         command.add_argument("--debug", action="store_true", help="show the traceback of an error")
+        _add_distributed_args(command)
     return parser
 
 
@@ -747,6 +790,7 @@ def main(argv=None):
     warnings.showwarning = _show_warning
     try:
         check_args(args)
+        init_distributed(args)
         args.func(args)
     except SystemExit as e:  # raised by a command with its message (older code paths: exit 1)
         if isinstance(e, CommandFailed) or not isinstance(e.code, str):

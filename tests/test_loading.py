@@ -245,28 +245,6 @@ def test_a_bad_max_shard_size_is_a_usage_error(saved, tmp_path, capsys):
     assert "error: --max-shard-size: max shard size 'lots': expected bytes or a size like" in capsys.readouterr().err
 
 
-def test_generate_with_tensor_parallel_loads_the_weights_straight_onto_the_mesh(saved, pair, monkeypatch, capsys):
-    from dspark_jax import checkpoint, cli
-    from dspark_jax.decoding import generate_ar
-
-    target, cfg, _, _ = pair
-    meshes = []
-    load_target = checkpoint.load_target
-
-    def spy(path, dtype=None, *, mesh=None):
-        meshes.append(mesh)
-        params, tcfg = load_target(path, dtype, mesh=mesh)
-        assert params.layers.q_proj.sharding.is_equivalent_to(target_shardings(tcfg, mesh).layers.q_proj, 4)
-        return params, tcfg
-
-    monkeypatch.setattr(checkpoint, "load_target", spy)
-    cli.main(["generate", "--mode", "ar", "--target", str(saved / "sharded" / "target"), "--prompt-ids", "5,6,7",
-              "--max-new-tokens", "4", "--tensor-parallel", "4", "--no-warmup", "--json"])
-    out = json.loads(capsys.readouterr().out)
-    assert [dict(m.shape) for m in meshes] == [{"data": 1, "model": 4}]
-    assert out["samples"] == generate_ar(target, cfg, [[5, 6, 7]], max_new_tokens=4)
-
-
 # --------------------------------------------------------------------------- orbax on another mesh
 
 
