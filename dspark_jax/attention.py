@@ -11,6 +11,10 @@ position, ``Context(k [L, B, S, K, Dh], v, layer)``: the KV cache, the drafter's
 cache, or the training context. It is only read, never copied or written here: the caller
 writes the chunk's keys into the cache after the layer stack, with one scatter.
 
+A context may be a ring (``Context.positions``: the position each slot holds, e.g. a
+sliding-window layer's cache that keeps only its window); keys are then matched by the
+position they hold, never by their slot.
+
 ``AttentionMask`` is the single description of which keys a query may read. Query t of row
 b sits at position ``q_pos[b, t]`` and reads
 
@@ -80,9 +84,10 @@ class AttentionMask:
         return dataclasses.replace(self, window=jnp.asarray(window, jnp.int32))
 
     def context_visible(self, key_pos: jax.Array) -> jax.Array:
-        """``[B, T, S']`` for context keys at positions ``key_pos [S']``."""
-        s = key_pos[None, None, :]
-        return (s < self.context_len[:, :, None]) & (self.q_pos[:, :, None] - s < self.window)
+        """``[B, T, S']`` for context keys at positions ``key_pos [S'] | [B, S']`` (a negative
+        position: an empty slot, never read)."""
+        s = key_pos[None, None, :] if key_pos.ndim == 1 else key_pos[:, None, :]
+        return (s >= 0) & (s < self.context_len[:, :, None]) & (self.q_pos[:, :, None] - s < self.window)
 
     def chunk_visible(self) -> jax.Array:
         """``[B, T, T]``: query t reads chunk key u."""
@@ -91,9 +96,12 @@ class AttentionMask:
         visible = same & (qp - kp < self.window)
         return visible & (kp <= qp) if self.causal else visible
 
-    def dense(self, capacity: int = 0) -> jax.Array:
-        """The whole mask ``[B, T, capacity + T]`` over [context positions 0..capacity-1 ; chunk]."""
-        return jnp.concatenate([self.context_visible(jnp.arange(capacity)), self.chunk_visible()], -1)
+    def dense(self, capacity: int = 0, key_pos: jax.Array | None = None) -> jax.Array:
+        """The whole mask ``[B, T, capacity + T]`` over [context slots ; chunk]; slot s holds
+        position ``key_pos[..., s]`` (default s)."""
+        key_pos = jnp.arange(capacity) if key_pos is None else key_pos
+        return jnp.concatenate([jnp.broadcast_to(self.context_visible(key_pos), self.q_pos.shape + (capacity,)),
+                                self.chunk_visible()], -1)
 
 
 @jax.tree_util.register_dataclass
@@ -104,10 +112,15 @@ class Context:
     k: jax.Array  # [L, B, S, K, Dh]
     v: jax.Array  # [L, B, S, K, Dh]
     layer: jax.Array  # [] int32
+    positions: jax.Array | None = None  # [B, S] int32 position held by each slot (a ring); None: slot s = position s
 
     @property
     def capacity(self) -> int:
         return self.k.shape[2]
+
+    def key_positions(self) -> jax.Array:
+        """``[S] | [B, S]``: the position of the key in each slot (negative: empty)."""
+        return jnp.arange(self.capacity) if self.positions is None else self.positions
 
     def layer_kv(self) -> tuple[jax.Array, jax.Array]:
         """This layer's whole ``[B, S, K, Dh]`` keys/values (the dense backends)."""
@@ -133,11 +146,15 @@ def _grouped(q: jax.Array, kv_heads: int) -> jax.Array:
     return q.reshape(B, T, kv_heads, H // kv_heads, Dh)
 
 
-def _partial(q5, k, v, visible) -> Partial:
+def _scale(q, scale: float | None) -> float:
+    return q.shape[-1] ** -0.5 if scale is None else scale
+
+
+def _partial(q5, k, v, visible, scale=None) -> Partial:
     """Softmax pieces of grouped queries ``q5 [B, T, K, G, Dh]`` over keys ``k, v [B, S, K, Dh]``
     under ``visible [B, T, S]``."""
     scores = jnp.einsum("btkgd,bskd->bkgts", q5, k, preferred_element_type=jnp.float32)
-    scores = jnp.where(visible[:, None, None], scores * (q5.shape[-1] ** -0.5), -jnp.inf)
+    scores = jnp.where(visible[:, None, None], scores * _scale(q5, scale), -jnp.inf)
     m = jnp.max(scores, axis=-1)
     p = jnp.exp(scores - jnp.where(jnp.isfinite(m), m, 0.0)[..., None])
     acc = jnp.einsum("bkgts,bskd->bkgtd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
@@ -161,16 +178,16 @@ def _finish(part: Partial, shape, dtype) -> jax.Array:
 # ---------------------------------------------------------------------------- backends
 
 
-def dense_attention(q, k, v, mask: AttentionMask, context: Context | None) -> jax.Array:
+def dense_attention(q, k, v, mask: AttentionMask, context: Context | None, scale: float | None = None) -> jax.Array:
     """The reference: one softmax over [the whole context capacity ; the chunk]. A row with no
     readable key yields a uniform average (as eager PyTorch with a finfo.min mask does)."""
-    visible = mask.dense(0 if context is None else context.capacity)
+    visible = mask.dense(0) if context is None else mask.dense(context.capacity, context.key_positions())
     if context is not None:
         ck, cv = context.layer_kv()
         k = jnp.concatenate([ck, k.astype(ck.dtype)], axis=1)
         v = jnp.concatenate([cv, v.astype(cv.dtype)], axis=1)
     q5 = _grouped(q, k.shape[2])
-    scores = jnp.einsum("btkgd,bskd->bkgts", q5, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q5, k, preferred_element_type=jnp.float32) * _scale(q, scale)
     scores = jnp.where(visible[:, None, None], scores, MASKED_SCORE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
@@ -185,17 +202,21 @@ def context_block_range(mask: AttentionMask, capacity: int, block: int) -> tuple
     return jnp.minimum(lo, hi) // block, -(-hi // block)
 
 
-def blockwise_attention(q, k, v, mask: AttentionMask, context: Context | None, block: int = BLOCK) -> jax.Array:
+def blockwise_attention(q, k, v, mask: AttentionMask, context: Context | None, scale: float | None = None,
+                        block: int = BLOCK) -> jax.Array:
     """Online softmax over the used context blocks, then the chunk. A block that would run
     past the capacity is shifted back and its already-counted keys masked, so any capacity
-    works."""
+    works. A ring context (a window's worth of slots) is read whole."""
     q5 = _grouped(q, k.shape[2])
-    part = _partial(q5, k, v, mask.chunk_visible())
+    part = _partial(q5, k, v, mask.chunk_visible(), scale)
     if context is None:
         return _finish(part, q.shape, q.dtype)
     S = context.capacity
     size = min(block, S)
-    first, last = context_block_range(mask, S, size)
+    if context.positions is None:
+        first, last = context_block_range(mask, S, size)
+    else:
+        first, last = 0, -(-S // size)
 
     def body(j, part):
         start = jnp.minimum(j * size, S - size)
@@ -203,19 +224,20 @@ def blockwise_attention(q, k, v, mask: AttentionMask, context: Context | None, b
         shape = (1,) + context.k.shape[1:2] + (size,) + context.k.shape[3:]
         kb = jax.lax.dynamic_slice(context.k, index, shape)[0]
         vb = jax.lax.dynamic_slice(context.v, index, shape)[0]
-        key_pos = start + jnp.arange(size)
-        visible = mask.context_visible(key_pos) & (key_pos >= j * size)[None, None, :]
-        return _merge(part, _partial(q5, kb, vb, visible))
+        slots = start + jnp.arange(size)
+        key_pos = slots if context.positions is None else jax.lax.dynamic_slice_in_dim(context.positions, start, size, 1)
+        visible = mask.context_visible(key_pos) & (slots >= j * size)[None, None, :]
+        return _merge(part, _partial(q5, kb, vb, visible, scale))
 
     part = jax.lax.fori_loop(first, last, body, part)
     return _finish(part, q.shape, q.dtype)
 
 
 def _dot_product(implementation: str) -> Callable:
-    def run(q, k, v, mask: AttentionMask, context: Context | None) -> jax.Array:
+    def run(q, k, v, mask: AttentionMask, context: Context | None, scale: float | None = None) -> jax.Array:
         def call(keys, values, visible):
             return jax.nn.dot_product_attention(
-                q, keys.astype(q.dtype), values.astype(q.dtype), mask=visible[:, None],
+                q, keys.astype(q.dtype), values.astype(q.dtype), mask=visible[:, None], scale=scale,
                 return_residual=True, implementation=implementation,
             )
 
@@ -223,7 +245,8 @@ def _dot_product(implementation: str) -> Callable:
         if context is None:
             return out
         ck, cv = context.layer_kv()
-        c_out, c_lse = call(ck, cv, mask.context_visible(jnp.arange(context.capacity)))
+        visible = jnp.broadcast_to(mask.context_visible(context.key_positions()), mask.q_pos.shape + (context.capacity,))
+        c_out, c_lse = call(ck, cv, visible)
         # a context with no readable key comes back with a huge negative lse: weight ~0
         m = jnp.maximum(lse, c_lse)
         w, c_w = jnp.exp(lse - m), jnp.exp(c_lse - m)
@@ -247,7 +270,8 @@ DEFAULT_BACKEND = {"cpu": "blockwise", "gpu": "blockwise", "tpu": "blockwise"}
 
 
 def register_backend(name: str, fn: AttentionFn):
-    """Add a backend ``fn(q, k, v, mask, context) -> out`` (e.g. a Pallas kernel)."""
+    """Add a backend ``fn(q, k, v, mask, context[, scale=]) -> out`` (e.g. a Pallas kernel);
+    ``scale`` (the score scale, default ``Dh ** -0.5``) is passed only when a model sets it."""
     BACKENDS[name] = fn
 
 
@@ -264,11 +288,13 @@ def check_backend(name: str) -> str:
     return name
 
 
-def attend(q, k, v, mask: AttentionMask, context: Context | None = None, backend: str = "auto") -> jax.Array:
+def attend(q, k, v, mask: AttentionMask, context: Context | None = None, backend: str = "auto",
+           scale: float | None = None) -> jax.Array:
     """Grouped-query attention of a chunk over [context ; chunk] under ``mask``.
 
     q ``[B, T, H, Dh]``; k, v ``[B, T, K, Dh]`` (H a multiple of K); returns ``[B, T, H, Dh]``.
-    Scores and softmax in float32."""
+    Scores (q . k times ``scale``, default ``Dh ** -0.5``; Gemma 4 uses 1) and softmax in float32."""
     if backend == "auto":
         backend = default_backend(jax.default_backend(), context is not None, q.dtype)
-    return BACKENDS[check_backend(backend)](q, k, v, mask, context)
+    fn = BACKENDS[check_backend(backend)]
+    return fn(q, k, v, mask, context) if scale is None else fn(q, k, v, mask, context, scale=scale)

@@ -313,7 +313,21 @@ def load_target(path, dtype=None, *, mesh=None) -> tuple[Qwen3Params, Qwen3Confi
     path = os.fspath(path)
     if os.path.isdir(os.path.join(path, "params")):
         return restore_qwen3_orbax(path, dtype, mesh=mesh)
+    if target_family(path) == "gemma4":
+        from .gemma4 import load_gemma4
+
+        return load_gemma4(path, dtype, mesh=mesh)
     return load_qwen3(path, dtype, mesh=mesh)
+
+
+def target_family(model_dir) -> str:
+    """The model family of a Hugging Face directory, from its config's model_type / architectures."""
+    from .gemma4 import is_gemma4_config
+
+    config_path = os.path.join(os.fspath(model_dir), "config.json")
+    if os.path.isfile(config_path) and is_gemma4_config(read_json(config_path)):
+        return "gemma4"
+    return "qwen3"
 
 
 # ---------------------------------------------------------------------------- DeepSpec drafts

@@ -12,7 +12,7 @@ import json
 import os
 from typing import Any, Mapping
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
 
 
 class ConfigError(ValueError):
@@ -33,6 +33,7 @@ class RopeConfig:
     beta_slow: float = 1.0  # yarn
     attention_factor: float | None = None  # yarn
     truncate: bool = True  # yarn
+    partial_rotary_factor: float = 1.0  # proportional (Gemma 4): the share of frequencies that rotate
 
     @classmethod
     def from_hf(cls, raw: Mapping[str, Any], where: str = "config.json") -> "RopeConfig":
@@ -59,6 +60,7 @@ class RopeConfig:
             beta_slow=float(params.get("beta_slow", 1.0)),
             attention_factor=params.get("attention_factor"),
             truncate=bool(params.get("truncate", True)),
+            partial_rotary_factor=float(params.get("partial_rotary_factor", 1.0)),
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -69,6 +71,8 @@ class RopeConfig:
                 out["original_max_position_embeddings"] = self.original_max_position_embeddings
         if self.rope_type == "llama3":
             out.update(low_freq_factor=self.low_freq_factor, high_freq_factor=self.high_freq_factor)
+        if self.rope_type == "proportional":
+            out["partial_rotary_factor"] = self.partial_rotary_factor
         if self.rope_type == "yarn":
             out.update(beta_fast=self.beta_fast, beta_slow=self.beta_slow, truncate=self.truncate)
             if self.attention_factor is not None:

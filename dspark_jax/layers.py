@@ -81,7 +81,12 @@ def rope_inverse_frequencies(rope: RopeConfig, head_dim: int, max_positions: int
     exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim
     inv_freq = (1.0 / (base**exponents)).astype(np.float32)
     scale = 1.0
-    if rope.rope_type == "linear":
+    if rope.rope_type == "proportional":
+        # Gemma 4 global layers: the first partial_rotary_factor share of the pairs rotate with
+        # the full head_dim's exponents; the rest get frequency 0 (cos 1, sin 0: they pass through)
+        rotating = int(rope.partial_rotary_factor * head_dim // 2)
+        inv_freq = np.where(np.arange(head_dim // 2) < rotating, inv_freq, 0.0).astype(np.float32) / rope.factor
+    elif rope.rope_type == "linear":
         inv_freq = inv_freq / rope.factor
     elif rope.rope_type == "llama3":
         old_len = rope.original_max_position_embeddings or max_positions
@@ -119,7 +124,12 @@ def rope_inverse_frequencies(rope: RopeConfig, head_dim: int, max_positions: int
 
 def rope_cos_sin(cfg: Qwen3Config, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
     """cos, sin ``[..., Dh]`` for integer positions ``[...]`` (rotate-half layout)."""
-    inv_freq, scale = rope_inverse_frequencies(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
+    return rope_tables(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, positions)
+
+
+def rope_tables(rope: RopeConfig, head_dim: int, max_positions: int, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin ``[..., head_dim]`` of one rope type for integer positions ``[...]``."""
+    inv_freq, scale = rope_inverse_frequencies(rope, head_dim, max_positions)
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles) * scale, jnp.sin(angles) * scale

@@ -1,4 +1,6 @@
-"""The Qwen3 target model as pure functions over a parameter pytree and a KV cache.
+"""The Qwen3 target model as pure functions over a parameter pytree and a KV cache, and the
+entry points every decoding loop calls for any target family (``family_of``: Gemma 4 runs
+in ``gemma4.py``, chosen by its config / parameter types).
 
 ``forward`` runs T new tokens per sequence against the cache: T = prompt length for a
 prefill, 1 for decoding, gamma + 1 for verification. It writes the chunk's keys/values at
@@ -43,6 +45,16 @@ class ForwardOutput:
     logits: jax.Array | None  # [B, T, V] float32, when asked for
 
 
+def family_of(x):
+    """The module that runs a target given its config, parameters or cache: None for Qwen3
+    (this module), ``gemma4`` for Gemma 4 (the family is read from the checkpoint at load)."""
+    from . import gemma4
+
+    if isinstance(x, (gemma4.Gemma4Config, gemma4.Gemma4Params, gemma4.Gemma4Cache)):
+        return gemma4
+    return None
+
+
 def target_decl(cfg: Qwen3Config) -> Qwen3Params:
     """The declaration of every Qwen3 weight (``params.ParamDecl`` leaves), with the names of
     a Hugging Face ``Qwen3ForCausalLM`` checkpoint."""
@@ -68,6 +80,8 @@ def init_params(key: jax.Array, cfg: Qwen3Config, dtype=jnp.float32, std: float 
 
 
 def init_cache(cfg: Qwen3Config, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+    if (family := family_of(cfg)) is not None:
+        return family.init_cache(cfg, batch, max_len, dtype)
     return KVCache.init(cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim, dtype)
 
 
@@ -78,6 +92,8 @@ def output_head(params: Qwen3Params) -> jax.Array:
 
 def compute_logits(params: Qwen3Params, hidden: jax.Array) -> jax.Array:
     """float32 logits ``[..., V]`` from final-normed hidden states ``[..., D]``."""
+    if (family := family_of(params)) is not None:
+        return family.compute_logits(params, hidden)
     return jnp.einsum("...d,dv->...v", hidden, output_head(params), preferred_element_type=jnp.float32)
 
 
@@ -170,6 +186,9 @@ def forward(
     mask (training, feature extraction) and no cache is returned. ``remat`` recomputes
     each layer in the backward pass instead of storing its activations.
     """
+    if (family := family_of(cfg)) is not None:
+        return family.forward(params, cfg, tokens, cache, feature_layers=feature_layers, with_logits=with_logits,
+                              tp_axis=tp_axis, remat=remat)
     feature_layers = check_feature_layers(cfg, feature_layers)
     B, T = tokens.shape
     lengths = jnp.zeros((B,), jnp.int32) if cache is None else cache.lengths
