@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -141,3 +142,84 @@ def test_eagle3_released_layout_round_trip(fx, tmp_path):
     for key in ("architectures", "target_layer_ids", "ttt_length", "step_loss_decay", "draft_num_hidden_layers",
                 "num_hidden_layers", "hidden_size", "num_key_value_heads", "head_dim", "tie_word_embeddings"):
         assert saved[key] == original[key], key
+
+
+# ---------------------------------------------------------------------------- lossless decoding
+
+
+def oracle_pair(sharp: float = 4.0, fc_scale: float = 0.01):
+    """The near-bigram target of ``spec_models`` (kv heads = heads, so a value head can copy
+    the embedding) and an Eagle-3 drafter built to predict it: q/k/v copy the normed embedding
+    half of the layer input, the scaled q_norm makes each entry attend (almost) to itself,
+    o_proj writes the copy into the residual and fc is nearly 0, so step 0 drafts from the
+    anchor's embedding (often accepted) and later steps from a mix of the chain's tokens
+    (often rejected)."""
+    import dataclasses
+
+    from spec_models import make_target, target_config
+
+    tcfg = target_config(vocab=32, kv_heads=4)
+    target = make_target(tcfg, 0, context=0.05)
+    cfg = eagle3.Eagle3Config(layers=dataclasses.replace(tcfg, num_hidden_layers=1, eos_token_ids=()),
+                              target_layer_ids=(0, 1), ttt_length=4)
+    D, H, K, Dh = tcfg.hidden_size, tcfg.num_attention_heads, tcfg.num_key_value_heads, tcfg.head_dim
+    p = eagle3.init_eagle3_params(jax.random.key(1), cfg, std=0.1)
+    copy = jnp.concatenate([jnp.eye(D), jnp.zeros((D, D))]).reshape(2 * D, K, Dh)[None]
+    layer = dataclasses.replace(p.layer, q_proj=copy, k_proj=copy, v_proj=copy, o_proj=jnp.eye(D).reshape(H, Dh, D)[None],
+                                q_norm=jnp.full((1, Dh), sharp), down_proj=p.layer.down_proj * 0.1)
+    return SimpleNamespace(target=target, tcfg=tcfg, draft=dataclasses.replace(p, fc=p.fc * fc_scale, layer=layer),
+                           dcfg=cfg)
+
+
+@functools.lru_cache(maxsize=None)
+def pair():
+    return oracle_pair()
+
+
+def test_greedy_speculative_with_eagle3_equals_autoregressive_batched():
+    from dspark_jax.decoding import generate_ar
+    from dspark_jax.speculative import speculative_generate
+    from spec_models import random_prompts
+
+    pr = pair()
+    prompts = random_prompts(8, 32, 1, 16, 0)
+    res = speculative_generate(pr.target, pr.tcfg, pr.draft, pr.dcfg, prompts, max_new_tokens=16, cache_len=48, trace=True)
+    assert res.samples == generate_ar(pr.target, pr.tcfg, prompts, max_new_tokens=16, cache_len=48)
+    rounds = [r for sample in res.trace for r in sample]
+    assert any(r["accepted"] == 4 for r in rounds) and any(r["accepted"] < 4 for r in rounds)  # both paths ran
+    assert 0.3 < res.stats["accepted_tokens"] / res.stats["proposed_tokens"] < 0.9
+
+
+def test_eagle3_speculative_sampling_matches_target_distribution():
+    from test_speculative import SAMPLING_PROMPT, assert_matches, exact_joint_2_3
+    from dspark_jax.speculative import speculative_generate
+
+    pr = pair()
+    sampling = Sampling(temperature=1.0)
+    joint = exact_joint_2_3(pr, sampling)
+    samples, accepted, proposed = [], 0, 0
+    for seed in (1, 2):
+        res = speculative_generate(pr.target, pr.tcfg, pr.draft, pr.dcfg, [SAMPLING_PROMPT] * 4096, max_new_tokens=4,
+                                   cache_len=32, sampling=sampling, seed=seed)
+        samples += res.samples
+        accepted += res.stats["accepted_tokens"]
+        proposed += res.stats["proposed_tokens"]
+    assert 0.2 < accepted / proposed < 0.9  # both the accept and the residual paths run often
+    S = np.array(samples)
+    assert_matches(np.bincount(S[:, 1], minlength=32), joint.sum(1))
+    assert_matches(np.bincount(S[:, 2], minlength=32), joint.sum(0))
+    assert_matches(np.bincount(S[:, 1] * 32 + S[:, 2], minlength=32 * 32), joint)
+
+
+@pytest.mark.parametrize("kw", [dict(scheduler="threshold"), dict(confidence_threshold=0.5),
+                                dict(scheduler="algorithm1"), dict(scheduler="async")])
+def test_confidence_schedulers_refuse_eagle3_before_compiling(kw, monkeypatch):
+    from dspark_jax import speculative
+
+    def must_not_compile(*a, **k):
+        raise AssertionError("compiled before refusing")
+
+    monkeypatch.setattr(speculative, "speculative_prefill", must_not_compile)
+    pr = pair()
+    with pytest.raises(ValueError, match="Eagle-3 has none.*'fixed' scheduler"):
+        speculative_start(pr.target, pr.tcfg, pr.draft, pr.dcfg, [[1, 2, 3]], max_new_tokens=4, **kw)
