@@ -334,15 +334,19 @@ def target_family(model_dir) -> str:
 
 
 def load_draft_config(draft_dir: str | os.PathLike):
-    from .draft import DraftConfig
+    """A drafter's config (``DraftConfig`` or ``Eagle3Config``: the family its
+    ``architectures`` name, ``drafters.family_for_architectures``)."""
+    from .config import ConfigError
+    from .drafters import family_for_architectures
 
     path = os.path.join(os.fspath(draft_dir), "config.json")
     raw = read_json(path)
-    archs = raw.get("architectures") or []
-    if archs and not any("DSpark" in a or "DFlash" in a for a in archs):
-        raise CheckpointError(f"{path}: architectures {archs} is not a DSpark/DFlash draft")
+    try:
+        family = family_for_architectures(raw.get("architectures") or [], path)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
     check_trained_config(raw, os.path.join(os.fspath(draft_dir), "manifest.json"), path)
-    return DraftConfig.from_hf(raw, path)
+    return family.config_from_hf(raw, path)
 
 
 def _check_shared_tensor_shapes(source: TensorSource, target_cfg: Qwen3Config):
@@ -370,11 +374,13 @@ def _shared_tensor_differs(source: TensorSource, name: str, ours) -> bool:
 def _checked_draft(draft_dir, target_cfg: Qwen3Config):
     """The config and declarations of a DeepSpec draft directory, checked against its target
     and against the tensors it holds (before any tensor is read), and its opened tensors."""
-    from .draft import DRAFT_SHARED_TENSORS, check_compatible, draft_decl
+    from .draft import DRAFT_SHARED_TENSORS
+    from .drafters import family_of
 
     dcfg = load_draft_config(draft_dir)
-    check_compatible(dcfg, target_cfg, where=os.path.join(os.fspath(draft_dir), "config.json"))
-    decls = draft_decl(dcfg)
+    family = family_of(dcfg)
+    family.check_compatible(dcfg, target_cfg, where=os.path.join(os.fspath(draft_dir), "config.json"))
+    decls = family.decl(dcfg)
     source = TensorSource(draft_dir)
     try:
         check_tensors(source, decls, set(DRAFT_SHARED_TENSORS))
@@ -418,9 +424,10 @@ def abstract_draft(draft_dir: str | os.PathLike, target_cfg: Qwen3Config, dtype=
 
 
 def _draft_entries(params, dcfg, target: Qwen3Params, dtype=None, embedding_copies: bool = True) -> list:
-    from .draft import DRAFT_SHARED_TENSORS, draft_decl
+    from .draft import DRAFT_SHARED_TENSORS
+    from .drafters import family_of
 
-    entries = _export_entries(draft_decl(dcfg), params, dtype)
+    entries = _export_entries(family_of(dcfg).decl(dcfg), params, dtype)
     if embedding_copies:
         out_dtype = entries[0][2]
         for name, of_target in DRAFT_SHARED_TENSORS.items():
@@ -474,11 +481,11 @@ def save_draft_orbax(path, params, dcfg):
 
 
 def restore_draft_orbax(path, dtype=None):
-    from .draft import draft_decl
+    from .drafters import family_of
 
     dcfg = load_draft_config(path)
     dtype = resolve_dtype(dtype)
-    abstract = abstract_tree(draft_decl(dcfg), dtype)
+    abstract = abstract_tree(family_of(dcfg).decl(dcfg), dtype)
     return restore_orbax(path, abstract), dcfg
 
 
@@ -486,7 +493,7 @@ def restore_training_drafter(workdir, dtype=None):
     """The drafter of the latest checkpoint of a ``train-draft`` run (``workdir/checkpoints``),
     finished or still training: its parameters in ``dtype`` and its config."""
     from . import train as train_lib
-    from .draft import DraftConfig, init_draft_params
+    from .drafters import config_from_hf, family_of
     from .trainer import restore_latest_params
 
     workdir = os.fspath(workdir)
@@ -494,13 +501,14 @@ def restore_training_drafter(workdir, dtype=None):
     def draft_config(meta):
         if meta.get("kind") != "draft":
             raise ValueError(f"{workdir}: the training checkpoints are a {meta.get('kind')!r} run, not a drafter")
-        return DraftConfig.from_hf(meta["config"], where=f"{workdir}/checkpoints metadata")
+        return config_from_hf(meta["config"], where=f"{workdir}/checkpoints metadata")
 
     def abstract_state(meta):
         # The optimiser's state has the same structure whatever its hyperparameters.
         optimizer = train_lib.make_optimizer(train_lib.OptimConfig())
+        dcfg = draft_config(meta)
         return jax.eval_shape(lambda: train_lib.init_train_state(
-            init_draft_params(jax.random.key(0), draft_config(meta)), optimizer))
+            family_of(dcfg).init_params(jax.random.key(0), dcfg), optimizer))
 
     params, meta = restore_latest_params(workdir, abstract_state)
     check_finite_tree(params, f"{workdir}/checkpoints")
@@ -510,16 +518,16 @@ def restore_training_drafter(workdir, dtype=None):
 def load_drafter(path, target: Qwen3Params, target_cfg: Qwen3Config, dtype=None):
     """A drafter from a DeepSpec directory, one of our orbax checkpoints, or the work directory
     of a ``train-draft`` run (its latest checkpoint, so a run can be evaluated while it trains)."""
-    from .draft import check_compatible
+    from .drafters import family_of
 
     path = os.fspath(path)
     if os.path.isdir(os.path.join(path, "params")):
         params, dcfg = restore_draft_orbax(path, dtype)
-        check_compatible(dcfg, target_cfg, where=os.path.join(path, "config.json"))
+        family_of(dcfg).check_compatible(dcfg, target_cfg, where=os.path.join(path, "config.json"))
         return params, dcfg
     if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "checkpoints")):
         params, dcfg = restore_training_drafter(path, dtype)
-        check_compatible(dcfg, target_cfg, where=os.path.join(path, "checkpoints"))
+        family_of(dcfg).check_compatible(dcfg, target_cfg, where=os.path.join(path, "checkpoints"))
         return params, dcfg
     return load_draft(path, target, target_cfg, dtype)
 
