@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import Qwen3Config, load_qwen3_config, read_json
+from .heads import MARKOV_HEADS
 from .params import ParamDecl, abstract_tree, checkpoint_tensors, decl_leaves, export_tensors, map_decls
 from .safetensors_io import CheckpointError, TensorSource, save_tensors
 from .target import Qwen3Params, target_decl
@@ -427,6 +428,9 @@ def _draft_entries(params, dcfg, target: Qwen3Params, dtype=None, embedding_copi
     from .draft import DRAFT_SHARED_TENSORS
     from .drafters import family_of
 
+    if getattr(dcfg, "plugin_head", None):
+        raise CheckpointError(f"the DeepSpec format is for the built-in heads ({', '.join(MARKOV_HEADS.names())}); "
+                              f"the plug-in head {dcfg.head_type!r} is saved as an orbax checkpoint (save_draft_orbax)")
     entries = _export_entries(family_of(dcfg).decl(dcfg), params, dtype)
     if embedding_copies:
         out_dtype = entries[0][2]
@@ -454,13 +458,13 @@ def _draft_config_of(params, target: Qwen3Params):
     layers = Qwen3Config(vocab_size=V, hidden_size=D, intermediate_size=params.layers.gate_proj.shape[-1],
                          num_hidden_layers=L, num_attention_heads=H, num_key_value_heads=params.layers.k_proj.shape[2],
                          head_dim=Dh)
-    mk = params.markov
-    r = 0 if mk is None else mk.w1.shape[1]
-    head = "vanilla" if mk is None or (mk.gate_w is None and mk.joint_w is None) else ("gated" if mk.gate_w is not None else "rnn")
+    mk = params.markov or {}
+    r = mk["w1"].shape[1] if "w1" in mk else 0
+    head = "gated" if "gate_w" in mk else "rnn" if "joint_w" in mk else "vanilla"
     conf = params.confidence
     return DraftConfig(layers=layers, block_size=1, target_layer_ids=tuple(range(params.fc.shape[0] // D)),
                        mask_token_id=0, markov_rank=r, markov_head_type=head, enable_confidence_head=conf is not None,
-                       confidence_head_with_markov=conf is not None and conf.w.shape[0] > D)
+                       confidence_head_with_markov=conf is not None and conf["w"].shape[0] > D)
 
 
 def save_draft(draft_dir: str | os.PathLike, params, dcfg, target: Qwen3Params, dtype=None,

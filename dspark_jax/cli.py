@@ -6,7 +6,7 @@
   dspark-jax demo     builds a small random target/drafter pair and runs AR vs speculative
   dspark-jax export-draft SRC OUT [--with-embeddings]   a drafter in DeepSpec's format
   dspark-jax train-target --out DIR ...   train a small Qwen3 LM (resumable)
-  dspark-jax train-draft --target DIR --out DIR --head vanilla|gated|rnn|none ...   (resumable)
+  dspark-jax train-draft --target DIR --out DIR --head vanilla|gated|rnn|none|package.module:Name ...   (resumable)
 """
 
 from __future__ import annotations
@@ -58,8 +58,9 @@ def _add_generate_args(p: argparse.ArgumentParser):
     p.add_argument("--block-size", type=int, help="drafts per round (default: the drafter's block size)")
     p.add_argument("--confidence-threshold", type=float, default=0.0,
                    help="verify only the prefix whose confidences are all >= this (0 = fixed length)")
-    p.add_argument("--scheduler", choices=("fixed", "threshold", "algorithm1", "async"),
-                   help="how many drafts each request verifies (default: threshold if a threshold is given, else fixed)")
+    p.add_argument("--scheduler",
+                   help="how many drafts each request verifies: fixed, threshold, algorithm1, async, or a plug-in "
+                        "package.module:function (default: threshold if a threshold is given, else fixed)")
     p.add_argument("--sps-profile", help="saved SPS profile JSON (dspark-jax profile-sps); default: measured at start-up")
     p.add_argument("--cache-len", type=int, help="KV cache positions (default: prompt + max-new-tokens, bucketed)")
     _add_context_args(p)
@@ -161,21 +162,22 @@ def run_generate(args, on_first_result=None, on_text=None) -> dict:
     if mode == "ar":
         call = ar_call
     else:
+        from .schedule import Calibration, SPSProfile, check_scheduler
+
+        check_scheduler(args.scheduler)  # a plug-in scheduler imports before the drafter loads
         draft, dcfg = load_drafter(args.draft, target, tcfg, args.dtype)
         dcfg = with_attention_backend(dcfg, args.attention_backend)
-        from .schedule import Calibration, SPSProfile
 
         calibration = Calibration.load(args.draft, dcfg.block_size)
         profile = None
-        if args.scheduler in ("algorithm1", "async"):
-            if args.sps_profile:
-                profile = SPSProfile.load(args.sps_profile)
-            else:
-                from .speculative import BATCH_BUCKETS, profile_verification
-                from .decoding import bucket
+        if args.sps_profile and args.scheduler not in (None, "fixed", "threshold"):  # algorithm1, async, plug-ins
+            profile = SPSProfile.load(args.sps_profile)
+        elif args.scheduler in ("algorithm1", "async"):
+            from .speculative import BATCH_BUCKETS, profile_verification
+            from .decoding import bucket
 
-                profile = profile_verification(target, tcfg, bucket(args.num_samples, BATCH_BUCKETS),
-                                               args.block_size or dcfg.block_size, draft=draft, dcfg=dcfg)
+            profile = profile_verification(target, tcfg, bucket(args.num_samples, BATCH_BUCKETS),
+                                           args.block_size or dcfg.block_size, draft=draft, dcfg=dcfg)
 
         spec_kw = dict(ar_kw, block_size=args.block_size, confidence_threshold=args.confidence_threshold,
                        trace=args.trace, scheduler=args.scheduler, sps_profile=profile, calibration=calibration)
@@ -718,7 +720,14 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("train-draft", help="train a DSpark/DFlash drafter against a frozen target (resumable)")
     r.add_argument("--target", required=True, help="target directory (Hugging Face format, with tokenizer.json)")
     r.add_argument("--out", required=True, help="work directory: regenerated data, checkpoints, metrics, final draft")
-    r.add_argument("--head", choices=("vanilla", "gated", "rnn", "none"), default="vanilla", help="none = DFlash")
+    r.add_argument("--head", default="vanilla",
+                   help="vanilla, gated, rnn, none (= DFlash), or a plug-in Markov head package.module:Name "
+                        "(a dspark_jax.heads.MarkovHead subclass, importable)")
+    r.add_argument("--head-arg", action="append", metavar="KEY=VALUE",
+                   help="a plug-in head's constructor argument (repeatable; values are JSON or strings)")
+    r.add_argument("--loss-term", nargs=2, action="append", metavar=("PATH", "WEIGHT"),
+                   help="an extra loss term package.module:function with its weight, beside DeepSpec's three "
+                        "(repeatable; see train.LossConfig)")
     r.add_argument("--markov-rank", type=int, default=256, help="Markov head rank r (DeepSpec default 256)")
     r.add_argument("--no-confidence", action="store_true", help="no confidence head")
     r.add_argument("--block-size", type=int, default=7)

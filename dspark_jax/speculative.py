@@ -119,7 +119,7 @@ class SpecConfig:
     eos_ids: tuple[int, ...] = ()
     trace_rounds: int = 0  # 0 = no trace
     mesh: Mesh | None = None  # (data, model) mesh: the target runs tensor-parallel
-    scheduler: str = "fixed"  # fixed | threshold | algorithm1 | async
+    scheduler: str = "fixed"  # fixed | threshold | algorithm1 | async | a plug-in's import path
     prefill_chunk: int = PREFILL_CHUNK  # prompt tokens per prefill forward
 
     @property
@@ -163,6 +163,8 @@ def schedule_lengths(scheduler: str, confidence_logits, survival, live, sched: S
         lengths = schedule_lib.top_k_lengths(survival, live, budget)
         stale = jnp.stack([sched.stale_survival[1], survival])
         return lengths, dataclasses.replace(sched, stale_survival=stale)
+    if scheduler not in schedule_lib.SCHEDULERS:  # a plug-in (package.module:function)
+        return schedule_lib.plugin_lengths(scheduler, survival, live, sched)
     raise ValueError(f"unknown scheduler {scheduler!r} (one of {', '.join(schedule_lib.SCHEDULERS)})")
 
 
@@ -562,8 +564,7 @@ def speculative_start(
     if not 0 <= confidence_threshold <= 1:
         raise ValueError(f"confidence_threshold must be in [0, 1], got {confidence_threshold}")
     scheduler = scheduler or ("threshold" if confidence_threshold > 0 else "fixed")
-    if scheduler not in schedule_lib.SCHEDULERS:
-        raise ValueError(f"unknown scheduler {scheduler!r} (one of {', '.join(schedule_lib.SCHEDULERS)})")
+    schedule_lib.check_scheduler(scheduler)
     if scheduler != "fixed" and draft.confidence is None:
         raise ValueError(f"scheduler {scheduler!r} needs a drafter with a confidence head (enable_confidence_head)"
                          + no_confidence_hint(dcfg))
