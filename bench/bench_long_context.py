@@ -325,22 +325,23 @@ def child_prefill(args) -> dict:
     capacity = bucket(P + 1)
     tokens = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (1, P)), jnp.int32)
 
-    def run(tokens):
+    def run(params, tokens):  # the weights an argument, not constants folded into the program
         cache = target_model.init_cache(cfg, 1, capacity)
         logits, cache, _ = prefill(params, cfg, tokens, jnp.array([P], jnp.int32), cache, chunk_size=args.prefill_chunk)
         return jnp.argmax(logits, -1), cache.lengths
 
-    fn = jax.jit(run)
     t = time.perf_counter()
-    compiled = fn.lower(tokens).compile()
+    compiled = jax.jit(run).lower(params, tokens).compile()
     compile_s = time.perf_counter() - t
+    program = compiled.memory_analysis()
     t = time.perf_counter()
-    jax.block_until_ready(compiled(tokens))
+    jax.block_until_ready(compiled(params, tokens))
     seconds = time.perf_counter() - t
     return {
         "prefill_len": P, "chunk": args.prefill_chunk, "capacity": capacity,
         "weight_bytes": param_bytes(params), "kv_cache_bytes": cache_bytes(cfg, 1, capacity, jnp.float32),
         "peak_rss_bytes": peak_rss_bytes(), "rss_after_weights_bytes": after_weights,
+        "program_temp_bytes": getattr(program, "temp_size_in_bytes", None),
         "compile_s": compile_s, "prefill_s": seconds, "tokens_per_s": P / seconds,
     }
 
@@ -350,7 +351,9 @@ def part_prefill(args) -> dict:
            "--prefill-len", str(args.prefill_len), "--prefill-chunk", str(args.prefill_chunk)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
-        return {"prefill_len": args.prefill_len, "error": out.stderr.strip().splitlines()[-1:]}
+        why = (f"killed by signal {-out.returncode} (out of memory?)" if out.returncode < 0
+               else (out.stderr.strip().splitlines() or ["exit %d" % out.returncode])[-1])
+        return {"prefill_len": args.prefill_len, "error": why}
     r = json.loads(out.stdout.strip().splitlines()[-1])
     r["budget_bytes"] = r["weight_bytes"] + r["kv_cache_bytes"] + int(1.5 * 2**30)
     r["within_budget"] = r["peak_rss_bytes"] <= r["budget_bytes"]
@@ -414,6 +417,8 @@ def main(argv=None):
             print(f"  peak RSS {gib(r['peak_rss_bytes'])}; weights {gib(r['weight_bytes'])} + KV cache "
                   f"{gib(r['kv_cache_bytes'])} + 1.5 GiB = {gib(r['budget_bytes'])}: "
                   f"{'within' if r['within_budget'] else 'OVER'} budget")
+            if r.get("program_temp_bytes") is not None:
+                print(f"  (the compiled prefill's own buffers: {gib(r['program_temp_bytes'])} beside the weights)")
 
 
 if __name__ == "__main__":
