@@ -101,9 +101,14 @@ def mem_available() -> int:
     return 0
 
 
-def run_child(code_root: str, model_dir: str | None, need_bytes: int) -> dict:
-    """Load in a fresh interpreter with ``code_root`` first on the path: its peak RSS and time."""
+def run_child(code_root: str, model_dir: str | None, need_bytes: int, wait_seconds: float = 600) -> dict | None:
+    """Load in a fresh interpreter with ``code_root`` first on the path: its peak RSS and time
+    (None when the machine did not have ``need_bytes`` free within ``wait_seconds``)."""
+    deadline = time.monotonic() + wait_seconds
     while mem_available() < need_bytes:
+        if time.monotonic() > deadline:
+            print(f"  skipped: {mem_available() / 1e9:.1f} GB available, this load needs ~{need_bytes / 1e9:.1f} GB")
+            return None
         print(f"  (waiting: {mem_available() / 1e9:.1f} GB available, this load needs ~{need_bytes / 1e9:.1f} GB)",
               flush=True)
         time.sleep(20)
@@ -128,6 +133,9 @@ def main(argv=None):
     p.add_argument("--max-shard-size", default="1GB")
     p.add_argument("--dir", default="/work/runs/bench_loading", help="where the checkpoints are written")
     p.add_argument("--keep", action="store_true", help="keep the checkpoints")
+    p.add_argument("--before-memory", type=float, default=3.0,
+                   help="free memory the old loader needs, in parameter sizes (+ 1 GB), before it is started")
+    p.add_argument("--wait-seconds", type=float, default=600, help="how long to wait for that memory, then skip")
     args = p.parse_args(argv)
 
     loaders = {"now": ROOT} | ({"before": os.path.abspath(args.before)} if args.before else {})
@@ -148,11 +156,15 @@ def main(argv=None):
             results = {name: [] for name in loaders}
             for _ in range(args.repeats):
                 for name, root in loaders.items():  # alternating: load on the machine moves both alike
-                    need = nbytes * (5 if name == "before" else 1) + (1 << 30)
-                    r = run_child(root, model_dir, need)
+                    need = int(nbytes * (args.before_memory if name == "before" else 1)) + (1 << 30)
+                    r = run_child(root, model_dir, need, args.wait_seconds)
+                    if r is None:
+                        continue
                     results[name].append(r)
                     print(f"  {name:6s}: peak RSS {r['peak_rss'] / 1e9:.2f} GB, {r['seconds']:.1f} s", flush=True)
             for name, rs in results.items():
+                if not rs:
+                    continue
                 peak = max(r["peak_rss"] for r in rs)
                 rows.append((shape, name, rs[0]["param_bytes"], peak, baseline[name],
                              statistics.median(r["seconds"] for r in rs)))

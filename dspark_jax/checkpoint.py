@@ -27,9 +27,13 @@ from .heads import MARKOV_HEADS
 from .params import ParamDecl, abstract_tree, checkpoint_tensors, decl_leaves, export_tensors, map_decls
 from .safetensors_io import CheckpointError, TensorSource, save_tensors
 from .target import Qwen3Params, target_decl
-from .validate import check_finite, check_finite_tree, check_trained_config
+from .validate import all_finite, check_finite, check_finite_tree, check_trained_config
 
-CHUNK_BYTES = 64 << 20  # the most a loader reads and places at once (one piece of one weight)
+# The most a loader reads and places at once (one piece of one weight). The host holds a few
+# copies of a piece in flight (read, then on its way to the device), so this bounds loading's
+# memory above the weights themselves. Not smaller: XLA:CPU runs a bfloat16
+# dynamic-update-slice through float32, rewriting the whole weight per piece.
+CHUNK_BYTES = 64 << 20
 
 
 def default_dtype():
@@ -126,26 +130,30 @@ def _place(shape, sharding, read) -> jax.Array:
     return jax.make_array_from_callback(shape, sharding, read_slice)
 
 
-def _read_weight(source: TensorSource, decl: ParamDecl, dtype, sharding=None, chunk_bytes: int = CHUNK_BYTES) -> jax.Array:
+def _read_weight(source: TensorSource, decl: ParamDecl, dtype, sharding=None, chunk_bytes: int = CHUNK_BYTES):
     """One declared weight read from ``source`` into its final array, ``chunk_bytes`` at a time:
     pieces along the layer axis (or the checkpoint's row axis) are written in place into a
-    donated buffer, so the host never holds more than one piece."""
+    donated buffer, so the host never holds more than one piece. Returns the array and
+    whether every value is finite (a device scalar)."""
     dtype = np.dtype(dtype)
 
     def read(region):
         if decl.stacked:
             (l0, l1), rest = region[0], region[1:]
-            return np.stack([read_region(source, decl, decl.tensor_name(i), rest, dtype) for i in range(l0, l1)])
+            out = np.empty((l1 - l0,) + tuple(b - a for a, b in rest), dtype)  # filled layer by layer: no stacked copy
+            for i in range(l0, l1):
+                out[i - l0] = read_region(source, decl, decl.tensor_name(i), rest, dtype)
+            return out
         return read_region(source, decl, decl.name, region, dtype)
 
     shape = decl.shape
     axis = _piece_axis(decl)
-    if not shape:
-        return _place(shape, sharding, read)
-    unit = math.prod(shape) // max(shape[axis], 1) * dtype.itemsize
+    unit = math.prod(shape) // max(shape[axis] if shape else 1, 1) * dtype.itemsize
     step = max(1, chunk_bytes // max(unit, 1))
-    if step >= shape[axis]:
-        return _place(shape, sharding, read)
+    if not shape or step >= shape[axis]:
+        whole = _place(shape, sharding, read)
+        return whole, all_finite(whole)
+    finite = True  # checked piece by piece: a check of the whole would hold a bool per element
     buffer = jnp.zeros(shape, dtype, device=sharding)
     for start in range(0, shape[axis], step):
         stop = min(start + step, shape[axis])
@@ -154,15 +162,21 @@ def _read_weight(source: TensorSource, decl: ParamDecl, dtype, sharding=None, ch
         def read_piece(region, start=start):
             return read(region[:axis] + ((region[axis][0] + start, region[axis][1] + start),) + region[axis + 1:])
 
-        buffer = _update_slice(buffer, _place(piece_shape, sharding, read_piece), start, axis)
-    return buffer
+        piece = _place(piece_shape, sharding, read_piece)
+        finite = finite & all_finite(piece)
+        # one update in flight: unblocked, dispatch runs ahead of the device and every piece
+        # read so far waits in memory (a second copy of the weight)
+        buffer.block_until_ready()
+        buffer = _update_slice(buffer, piece, start, axis)
+    return buffer, finite
 
 
 
 def load_weight(source: TensorSource, decl: ParamDecl, dtype, sharding=None, chunk_bytes: int = CHUNK_BYTES) -> jax.Array:
-    """``_read_weight``, then a check that the weight holds no NaN/inf (the tensor named)."""
-    weight = _read_weight(source, decl, dtype, sharding, chunk_bytes)
-    check_finite(decl.name.replace("{layer}", "*"), weight, source.model_dir)
+    """``_read_weight``, and a clear error when the weight holds NaN/inf (the tensor named)."""
+    weight, finite = _read_weight(source, decl, dtype, sharding, chunk_bytes)
+    if not bool(finite):
+        check_finite(decl.name.replace("{layer}", "*"), weight, source.model_dir)  # counts them, names it
     return weight
 
 

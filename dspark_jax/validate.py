@@ -282,6 +282,15 @@ def _all_finite_fn():
     return _all_finite
 
 
+def all_finite(array):
+    """Whether a floating array holds no NaN / inf, as a device scalar (True for other dtypes)."""
+    import jax.numpy as jnp
+
+    if not jnp.issubdtype(array.dtype, jnp.floating) or array.size == 0:
+        return True
+    return _all_finite_fn()(array)
+
+
 def check_finite(name: str, array, where: str = ""):
     """Raise NonFiniteError when a floating array holds NaN or inf (one jitted reduction, run
     where the array lives)."""

@@ -285,3 +285,15 @@ def test_a_training_checkpoint_of_a_sharded_run_restores_on_another_mesh_shape(o
     for (path, array), (_, sharding) in zip(tree_items(restored["params"]), tree_items(shardings["params"])):
         assert array.sharding.is_equivalent_to(sharding, array.ndim), path
     assert_bit_equal(jax.device_get(restored["params"]), jax.device_get(params))
+
+
+def test_a_nan_in_the_last_piece_of_a_weight_read_in_pieces_is_named(pair, tmp_path):
+    import dataclasses
+
+    from dspark_jax.validate import NonFiniteError
+
+    target, cfg, _, _ = pair
+    damaged = dataclasses.replace(target, embed=target.embed.at[-1, -1].set(np.nan))
+    save_qwen3(tmp_path / "t", damaged, cfg)
+    with pytest.raises(NonFiniteError, match=r"tensor 'model\.embed_tokens\.weight' \[256, 32\] holds 1 NaN"):
+        load_qwen3(tmp_path / "t", "float32", chunk_bytes=4096)
