@@ -209,7 +209,7 @@ class Gemma4Config:
             "head_dim": self.head_dim, "global_head_dim": self.global_head_dim,
             "num_global_key_value_heads": self.num_global_key_value_heads, "layer_types": list(self.layer_types),
             "sliding_window": self.sliding_window,
-            "rope_parameters": {SLIDING: self.rope_sliding.to_hf(), FULL: self.rope_full.to_hf()},
+            "rope_parameters": {SLIDING: _rope_to_hf(self.rope_sliding), FULL: _rope_to_hf(self.rope_full)},
             "attention_k_eq_v": self.attention_k_eq_v, "num_kv_shared_layers": self.num_kv_shared_layers,
             "use_double_wide_mlp": self.use_double_wide_mlp, "final_logit_softcapping": self.final_logit_softcapping,
             "rms_norm_eps": self.rms_norm_eps, "tie_word_embeddings": self.tie_word_embeddings,
@@ -233,6 +233,13 @@ def _per_layer_geometry(per_layer: Mapping, layer_types, head_dim: int, kv: int,
                               f"only one geometry per layer type is supported")
     full = [geometry(i) for i, t in enumerate(layer_types) if t == FULL]
     return full[0] if full else (head_dim, kv)
+
+
+def _rope_to_hf(rope: RopeConfig) -> dict[str, Any]:
+    out = rope.to_hf()
+    if rope.rope_type == "proportional" and rope.factor == 1.0:
+        del out["factor"]  # as transformers writes Gemma 4's
+    return out
 
 
 def _rope(params: Mapping[str, Any], where: str, kind: str) -> RopeConfig:
@@ -637,3 +644,53 @@ def load_gemma4(model_dir: str | os.PathLike, dtype=None, *, mesh=None, chunk_by
             shardings = target_shardings(cfg, mesh)
         kw = {} if chunk_bytes is None else {"chunk_bytes": chunk_bytes}
         return ckpt.load_tree(source, decls, dtype, shardings, **kw), cfg
+
+
+# ---------------------------------------------------------------------------- DSpark drafter layers
+
+
+def draft_layer_specs(cfg: Gemma4Config) -> tuple[LayerSpec, ...]:
+    """The layers of DeepSpec's ``Gemma4DSparkModel`` (``cfg`` = the draft's config): every layer
+    has the full-attention geometry (global head dim, global kv heads and no v_proj with
+    k_eq_v) and its own keys/values (no window, no sharing); MLP widths follow transformers'
+    rule on the draft config (double-wide from layer n - num_kv_shared_layers on, when > 0)."""
+    n, first_wide = cfg.num_hidden_layers, cfg.num_hidden_layers - cfg.num_kv_shared_layers
+    wide = cfg.use_double_wide_mlp and first_wide > 0
+    return tuple(LayerSpec(sliding=False, head_dim=cfg.global_head_dim, kv_heads=cfg.num_global_key_value_heads,
+                           mlp_width=cfg.intermediate_size * (2 if wide and i >= first_wide else 1),
+                           values_from_keys=cfg.attention_k_eq_v, shared=False, source=i, slot=i)
+                 for i in range(n))
+
+
+def draft_layers_decl(cfg: Gemma4Config, prefix: str = "layers") -> tuple[Gemma4LayerParams, ...]:
+    return tuple(layer_decl(s, cfg, f"{prefix}.{i}") for i, s in enumerate(draft_layer_specs(cfg)))
+
+
+def draft_rope(cfg: Gemma4Config, positions: jax.Array):
+    return rope_tables(cfg.rope_full, cfg.global_head_dim, cfg.max_position_embeddings, positions)
+
+
+def draft_context_kv(layers: Sequence[Gemma4LayerParams], cfg: Gemma4Config, h_ctx: jax.Array, positions: jax.Array):
+    """Context keys/values ``[L, B, T, K, Dh]`` of every draft layer from the projected context
+    ``h_ctx [B, T, D]`` (no input norm) at ``positions [B, T]``."""
+    cos, sin = draft_rope(cfg, positions)
+    kv = [project_kv(p, cfg.rms_norm_eps, h_ctx, cos, sin) for p in layers]
+    return jnp.stack([k for k, _ in kv]), jnp.stack([v for _, v in kv])
+
+
+def draft_layers(layers: Sequence[Gemma4LayerParams], final_norm: jax.Array, cfg: Gemma4Config, x: jax.Array,
+                 mask: AttentionMask, ctx_k: jax.Array, ctx_v: jax.Array, backend: str):
+    """Block inputs ``x [B, T, D]`` through the draft layers, layer l attending to the context
+    ``ctx_k[l], ctx_v[l]`` and the block as ``mask`` says. Returns the final-normed hidden and
+    each layer's output ``[L, B, T, D]`` (after its layer scalar)."""
+    eps = cfg.rms_norm_eps
+    cos, sin = draft_rope(cfg, mask.q_pos)
+    outs = []
+    for i, p in enumerate(layers):
+        h = rms_norm(x, p.input_norm, eps)
+        q = project_q(p, eps, h, cos, sin)
+        k, v = project_kv(p, eps, h, cos, sin)
+        attn = attend(q, k, v, mask, Context(ctx_k, ctx_v, jnp.int32(i)), backend, scale=1.0)
+        x = layer_output(p, eps, x, attn, None)
+        outs.append(x)
+    return rms_norm(x, final_norm, eps), jnp.stack(outs)

@@ -85,6 +85,13 @@ def init_cache(cfg: Qwen3Config, batch: int, max_len: int, dtype=jnp.float32) ->
     return KVCache.init(cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim, dtype)
 
 
+def embed_tokens(params: Qwen3Params, tokens: jax.Array) -> jax.Array:
+    """The input embedding of ``tokens`` as the family's first layer sees it (Gemma 4: scaled)."""
+    if (family := family_of(params)) is not None:
+        return family.scaled_embedding(params.embed, tokens)
+    return params.embed[tokens]
+
+
 def output_head(params: Qwen3Params) -> jax.Array:
     """The ``[D, V]`` output projection (the transposed embedding when tied)."""
     return params.embed.T if params.lm_head is None else params.lm_head
