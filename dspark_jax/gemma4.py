@@ -694,3 +694,51 @@ def draft_layers(layers: Sequence[Gemma4LayerParams], final_norm: jax.Array, cfg
         x = layer_output(p, eps, x, attn, None)
         outs.append(x)
     return rms_norm(x, final_norm, eps), jnp.stack(outs)
+
+
+# ---------------------------------------------------------------------------- packed verification
+
+
+def forward_packed(params: Gemma4Params, cfg: Gemma4Config, tokens: jax.Array, seq_ids: jax.Array, slots: jax.Array,
+                   cache: Gemma4Cache, *, chunk_len: int, feature_layers: Sequence[int] = (), with_logits: bool = True,
+                   tp_axis: str | None = None):
+    """``target.forward_packed`` for Gemma 4: ``tokens [N]`` of several sequences on one axis
+    (token i is the ``slots[i]``-th new token of sequence ``seq_ids[i]``); attention lays them
+    on a ``[batch, chunk_len]`` grid over the cache. Returns outputs ``[N, 1, ...]`` and the
+    packed keys/values per layer type, ``{kind: [L, N, K, Dh]}``, for ``write_packed``."""
+    feature_layers = check_feature_layers(cfg, feature_layers)
+    _check_chunk(cache, cfg, chunk_len)
+    B = cache.batch
+    rows = jnp.minimum(seq_ids, B - 1)
+    positions = (cache.lengths[rows] + slots)[:, None]
+    grid_mask = AttentionMask.make(chunk_positions(cache.lengths, chunk_len), context_len=cache.lengths)
+
+    def grid(x):
+        return jnp.zeros((B, chunk_len) + x.shape[2:], x.dtype).at[seq_ids, slots].set(x[:, 0], mode="drop")
+
+    def attend_grid(q, k, v, mask, context):
+        out = attend(grid(q), grid(k), grid(v), mask, context, cfg.attention_backend, scale=1.0)
+        return out[rows, slots][:, None]
+
+    out, new_kv = run_layers(params, cfg, tokens[:, None], positions, grid_mask, cache, feature_layers, with_logits,
+                             tp_axis, False, attend_grid)
+    new_k = {kind: kv[0][:, :, 0] for kind, kv in new_kv.items() if kv is not None}
+    new_v = {kind: kv[1][:, :, 0] for kind, kv in new_kv.items() if kv is not None}
+    return out, (new_k, new_v)
+
+
+def write_packed(cache: Gemma4Cache, new_k: dict, new_v: dict, seq_ids: jax.Array, slots: jax.Array) -> Gemma4Cache:
+    """Scatter packed keys/values ``{kind: [L, N, K, Dh]}`` at (sequence, lengths + slot);
+    padding tokens (``seq_ids == batch``) are dropped. Lengths are not advanced."""
+    B, S, R = cache.batch, cache.max_len, cache.ring
+    rows = jnp.minimum(seq_ids, B - 1)
+    positions = jnp.where(seq_ids < B, cache.lengths[rows] + slots, S)
+    where = {FULL: (jnp.where(positions < S, positions, S), "full_k", "full_v"),
+             SLIDING: (jnp.where(positions < S, jnp.mod(positions, R), R), "sliding_k", "sliding_v")}
+    out = cache
+    for kind, k in new_k.items():
+        at, k_name, v_name = where[kind]
+        ck, cv = getattr(out, k_name), getattr(out, v_name)
+        out = dataclasses.replace(out, **{k_name: ck.at[:, rows, at].set(k.astype(ck.dtype), mode="drop"),
+                                          v_name: cv.at[:, rows, at].set(new_v[kind].astype(cv.dtype), mode="drop")})
+    return out

@@ -323,3 +323,15 @@ def test_drafter_exports_back_to_deepspecs_exact_tensors_and_config(fixture_dir,
             assert all(exported[field][k] == released[field][k] for k in ("full_attention", "sliding_attention"))
         else:
             assert exported[field] == released[field], field
+
+
+def test_greedy_speculative_equals_greedy_ar_on_gemma4(fixture_target, fixture_draft, ref):
+    """Packed verification (threshold scheduler, every draft offered) through the sliding
+    rings, the shared layers and the drafter: the target's greedy continuation exactly."""
+    from dspark_jax.speculative import speculative_generate
+
+    tp, tc = fixture_target
+    dp, dc = fixture_draft
+    res = speculative_generate(tp, tc, dp, dc, [ref["prompt_ids"][0].tolist()], max_new_tokens=16,
+                               scheduler="threshold")
+    assert res.samples[0] == ref["greedy_ids"][0].tolist()
