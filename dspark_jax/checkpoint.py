@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import Qwen3Config, load_qwen3_config, read_json
+from .heads import MARKOV_HEADS
 from .params import ParamDecl, abstract_tree, checkpoint_tensors, decl_leaves, export_tensors, map_decls
 from .safetensors_io import CheckpointError, TensorSource, save_tensors
 from .target import Qwen3Params, target_decl
@@ -113,7 +114,16 @@ def _place(shape, sharding, read) -> jax.Array:
     (each addressable device's callback reads its own slice), or on the default device."""
     if sharding is None:
         return jnp.asarray(read(tuple((0, n) for n in shape)))
-    return jax.make_array_from_callback(shape, sharding, lambda index: read(_region(index, shape)))
+    last = {}  # devices holding the same slice (replicated axes) come one after another: read it once
+
+    def read_slice(index):
+        region = _region(index, shape)
+        if region not in last:
+            last.clear()
+            last[region] = read(region)
+        return last[region]
+
+    return jax.make_array_from_callback(shape, sharding, read_slice)
 
 
 def _read_weight(source: TensorSource, decl: ParamDecl, dtype, sharding=None, chunk_bytes: int = CHUNK_BYTES) -> jax.Array:
@@ -167,6 +177,23 @@ def load_tree(source: TensorSource, decls, dtype, shardings=None, chunk_bytes: i
 # ---------------------------------------------------------------------------- Qwen3 target
 
 
+def _checked_target(cfg: Qwen3Config, source: TensorSource) -> Qwen3Params:
+    """The declarations of a Qwen3 target, after checking that ``source`` holds exactly the
+    declared tensors with their shapes (before any tensor is read)."""
+    decls = target_decl(cfg)
+    # Tied checkpoints sometimes carry a redundant lm_head copy; it is not used.
+    check_tensors(source, decls, {"lm_head.weight"} if cfg.tie_word_embeddings else set())
+    return decls
+
+
+def _target_shardings(cfg: Qwen3Config, mesh):
+    if mesh is None:
+        return None
+    from .sharding import target_shardings
+
+    return target_shardings(cfg, mesh)
+
+
 def load_qwen3(model_dir: str | os.PathLike, dtype=None, *, mesh=None,
                chunk_bytes: int = CHUNK_BYTES) -> tuple[Qwen3Params, Qwen3Config]:
     """Load a Hugging Face Qwen3 directory (config.json + safetensors, one file or sharded)
@@ -174,16 +201,19 @@ def load_qwen3(model_dir: str | os.PathLike, dtype=None, *, mesh=None,
     sharding the tensor-parallel forward uses (``sharding.target_shardings``)."""
     cfg = load_qwen3_config(model_dir)
     dtype = resolve_dtype(dtype)
-    decls = target_decl(cfg)
     with TensorSource(model_dir) as source:
-        # Tied checkpoints sometimes carry a redundant lm_head copy; it is not used.
-        check_tensors(source, decls, {"lm_head.weight"} if cfg.tie_word_embeddings else set())
-        shardings = None
-        if mesh is not None:
-            from .sharding import target_shardings
+        decls = _checked_target(cfg, source)
+        return load_tree(source, decls, dtype, _target_shardings(cfg, mesh), chunk_bytes), cfg
 
-            shardings = target_shardings(cfg, mesh)
-        return load_tree(source, decls, dtype, shardings, chunk_bytes), cfg
+
+def abstract_qwen3(model_dir: str | os.PathLike, dtype=None, *, mesh=None) -> tuple[Qwen3Params, Qwen3Config]:
+    """What ``load_qwen3`` would return, as ``jax.ShapeDtypeStruct`` leaves (with their
+    shardings on a mesh), after every check it makes before reading: reads no tensor data,
+    so a checkpoint's shapes can be checked (and ``jax.eval_shape`` run) without loading it."""
+    cfg = load_qwen3_config(model_dir)
+    with TensorSource(model_dir) as source:
+        decls = _checked_target(cfg, source)
+    return abstract_tree(decls, resolve_dtype(dtype), _target_shardings(cfg, mesh)), cfg
 
 
 def qwen3_to_hf_tensors(params: Qwen3Params, cfg: Qwen3Config) -> dict[str, np.ndarray]:
@@ -250,6 +280,9 @@ def save_orbax(path: str | os.PathLike, params: Any, config_json: Mapping[str, A
 
 
 def restore_orbax(path: str | os.PathLike, abstract_params: Any) -> Any:
+    """A parameter pytree saved by ``save_orbax``, restored straight into the shardings of
+    ``abstract_params`` (``jax.ShapeDtypeStruct`` leaves): each device reads its own slice,
+    whatever mesh the checkpoint was saved from."""
     import orbax.checkpoint as ocp
 
     path = os.path.abspath(os.fspath(path))
@@ -266,18 +299,21 @@ def save_qwen3_orbax(path, params: Qwen3Params, cfg: Qwen3Config):
     save_orbax(path, params, cfg.to_hf())
 
 
-def restore_qwen3_orbax(path, dtype=None) -> tuple[Qwen3Params, Qwen3Config]:
+def restore_qwen3_orbax(path, dtype=None, *, mesh=None) -> tuple[Qwen3Params, Qwen3Config]:
+    """A target saved by ``save_qwen3_orbax``; on a mesh, restored straight into the
+    tensor-parallel shardings (``sharding.target_shardings``), whatever mesh it was saved from."""
     cfg = load_qwen3_config(path)
     dtype = resolve_dtype(dtype)
-    abstract = abstract_tree(target_decl(cfg), dtype)
+    abstract = abstract_tree(target_decl(cfg), dtype, _target_shardings(cfg, mesh))
     return restore_orbax(path, abstract), cfg
 
 
 def load_target(path, dtype=None, *, mesh=None) -> tuple[Qwen3Params, Qwen3Config]:
-    """A target from either a Hugging Face directory or one of our orbax checkpoints."""
+    """A target from either a Hugging Face directory or one of our orbax checkpoints, on a
+    mesh placed directly with the tensor-parallel shardings."""
     path = os.fspath(path)
     if os.path.isdir(os.path.join(path, "params")):
-        return restore_qwen3_orbax(path, dtype)
+        return restore_qwen3_orbax(path, dtype, mesh=mesh)
     if target_family(path) == "gemma4":
         from .gemma4 import load_gemma4
 
@@ -308,29 +344,61 @@ def target_family(model_dir) -> str:
 
 
 def load_draft_config(draft_dir: str | os.PathLike):
-    from .draft import DraftConfig
+    """A drafter's config (``DraftConfig`` or ``Eagle3Config``: the family its
+    ``architectures`` name, ``drafters.family_for_architectures``)."""
+    from .config import ConfigError
+    from .drafters import family_for_architectures
 
     path = os.path.join(os.fspath(draft_dir), "config.json")
     raw = read_json(path)
-    archs = raw.get("architectures") or []
-    if archs and not any("DSpark" in a or "DFlash" in a for a in archs):
-        raise CheckpointError(f"{path}: architectures {archs} is not a DSpark/DFlash draft")
+    try:
+        family = family_for_architectures(raw.get("architectures") or [], path)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
     check_trained_config(raw, os.path.join(os.fspath(draft_dir), "manifest.json"), path)
-    return DraftConfig.from_hf(raw, path)
+    return family.config_from_hf(raw, path)
+
+
+def _check_shared_tensor_shapes(source: TensorSource, target_cfg: Qwen3Config):
+    """The draft's copies of the target's tensors, when present, have the target's shapes."""
+    from .draft import DRAFT_SHARED_TENSORS
+
+    expected = (target_cfg.vocab_size, target_cfg.hidden_size)  # embed_tokens and lm_head: [V, D]
+    for name in DRAFT_SHARED_TENSORS:
+        if name in source.file_of and source.shape(name) != expected:
+            raise CheckpointError(f"{source.model_dir}: tensor {name!r} has shape {list(source.shape(name))}, "
+                                  f"expected {list(expected)} from config.json")
 
 
 def _shared_tensor_differs(source: TensorSource, name: str, ours) -> bool:
     if name not in source.file_of:
         return False
-    if source.shape(name) != tuple(ours.shape):
-        raise CheckpointError(f"{source.model_dir}: tensor {name!r} has shape {list(source.shape(name))}, "
-                              f"expected {list(ours.shape)} from config.json")
     step = max(1, CHUNK_BYTES // max(1, 4 * math.prod(ours.shape[1:])))
     for start in range(0, ours.shape[0], step):  # compared piece by piece: no host copy of the whole
         theirs = source.read_rows(name, start, start + step).astype(np.float32)
         if not np.array_equal(theirs, np.asarray(ours[start:start + step], np.float32)):
             return True
     return False
+
+
+def _checked_draft(draft_dir, target_cfg: Qwen3Config):
+    """The config and declarations of a DeepSpec draft directory, checked against its target
+    and against the tensors it holds (before any tensor is read), and its opened tensors."""
+    from .draft import DRAFT_SHARED_TENSORS
+    from .drafters import family_of
+
+    dcfg = load_draft_config(draft_dir)
+    family = family_of(dcfg)
+    family.check_compatible(dcfg, target_cfg, where=os.path.join(os.fspath(draft_dir), "config.json"))
+    decls = family.decl(dcfg)
+    source = TensorSource(draft_dir)
+    try:
+        check_tensors(source, decls, set(DRAFT_SHARED_TENSORS))
+        _check_shared_tensor_shapes(source, target_cfg)
+    except BaseException:
+        source.close()
+        raise
+    return decls, dcfg, source
 
 
 def load_draft(draft_dir: str | os.PathLike, target: Qwen3Params, target_cfg: Qwen3Config, dtype=None):
@@ -341,14 +409,11 @@ def load_draft(draft_dir: str | os.PathLike, target: Qwen3Params, target_cfg: Qw
     """
     import warnings
 
-    from .draft import DRAFT_SHARED_TENSORS, check_compatible, draft_decl
+    from .draft import DRAFT_SHARED_TENSORS
 
-    dcfg = load_draft_config(draft_dir)
-    check_compatible(dcfg, target_cfg, where=os.path.join(os.fspath(draft_dir), "config.json"))
     dtype = resolve_dtype(dtype)
-    decls = draft_decl(dcfg)
-    with TensorSource(draft_dir) as source:
-        check_tensors(source, decls, set(DRAFT_SHARED_TENSORS))
+    decls, dcfg, source = _checked_draft(draft_dir, target_cfg)
+    with source:
         params = load_tree(source, decls, dtype)
         for name, of_target in DRAFT_SHARED_TENSORS.items():
             if _shared_tensor_differs(source, name, of_target(target)):
@@ -360,10 +425,22 @@ def load_draft(draft_dir: str | os.PathLike, target: Qwen3Params, target_cfg: Qw
     return params, dcfg
 
 
-def _draft_entries(params, dcfg, target: Qwen3Params, dtype=None, embedding_copies: bool = True) -> list:
-    from .draft import DRAFT_SHARED_TENSORS, draft_decl
+def abstract_draft(draft_dir: str | os.PathLike, target_cfg: Qwen3Config, dtype=None):
+    """What ``load_draft`` would return, as ``jax.ShapeDtypeStruct`` leaves, after every check
+    it makes before reading (config, compatibility with the target, tensor names and shapes)."""
+    decls, dcfg, source = _checked_draft(draft_dir, target_cfg)
+    source.close()
+    return abstract_tree(decls, resolve_dtype(dtype)), dcfg
 
-    entries = _export_entries(draft_decl(dcfg), params, dtype)
+
+def _draft_entries(params, dcfg, target: Qwen3Params, dtype=None, embedding_copies: bool = True) -> list:
+    from .draft import DRAFT_SHARED_TENSORS
+    from .drafters import family_of
+
+    if getattr(dcfg, "plugin_head", None):
+        raise CheckpointError(f"the DeepSpec format is for the built-in heads ({', '.join(MARKOV_HEADS.names())}); "
+                              f"the plug-in head {dcfg.head_type!r} is saved as an orbax checkpoint (save_draft_orbax)")
+    entries = _export_entries(family_of(dcfg).decl(dcfg), params, dtype)
     if embedding_copies:
         out_dtype = entries[0][2]
         for name, of_target in DRAFT_SHARED_TENSORS.items():
@@ -390,13 +467,13 @@ def _draft_config_of(params, target: Qwen3Params):
     layers = Qwen3Config(vocab_size=V, hidden_size=D, intermediate_size=params.layers.gate_proj.shape[-1],
                          num_hidden_layers=L, num_attention_heads=H, num_key_value_heads=params.layers.k_proj.shape[2],
                          head_dim=Dh)
-    mk = params.markov
-    r = 0 if mk is None else mk.w1.shape[1]
-    head = "vanilla" if mk is None or (mk.gate_w is None and mk.joint_w is None) else ("gated" if mk.gate_w is not None else "rnn")
+    mk = params.markov or {}
+    r = mk["w1"].shape[1] if "w1" in mk else 0
+    head = "gated" if "gate_w" in mk else "rnn" if "joint_w" in mk else "vanilla"
     conf = params.confidence
     return DraftConfig(layers=layers, block_size=1, target_layer_ids=tuple(range(params.fc.shape[0] // D)),
                        mask_token_id=0, markov_rank=r, markov_head_type=head, enable_confidence_head=conf is not None,
-                       confidence_head_with_markov=conf is not None and conf.w.shape[0] > D)
+                       confidence_head_with_markov=conf is not None and conf["w"].shape[0] > D)
 
 
 def save_draft(draft_dir: str | os.PathLike, params, dcfg, target: Qwen3Params, dtype=None,
@@ -417,11 +494,11 @@ def save_draft_orbax(path, params, dcfg):
 
 
 def restore_draft_orbax(path, dtype=None):
-    from .draft import draft_decl
+    from .drafters import family_of
 
     dcfg = load_draft_config(path)
     dtype = resolve_dtype(dtype)
-    abstract = abstract_tree(draft_decl(dcfg), dtype)
+    abstract = abstract_tree(family_of(dcfg).decl(dcfg), dtype)
     return restore_orbax(path, abstract), dcfg
 
 
@@ -429,7 +506,7 @@ def restore_training_drafter(workdir, dtype=None):
     """The drafter of the latest checkpoint of a ``train-draft`` run (``workdir/checkpoints``),
     finished or still training: its parameters in ``dtype`` and its config."""
     from . import train as train_lib
-    from .draft import DraftConfig, init_draft_params
+    from .drafters import config_from_hf, family_of
     from .trainer import restore_latest_params
 
     workdir = os.fspath(workdir)
@@ -437,13 +514,14 @@ def restore_training_drafter(workdir, dtype=None):
     def draft_config(meta):
         if meta.get("kind") != "draft":
             raise ValueError(f"{workdir}: the training checkpoints are a {meta.get('kind')!r} run, not a drafter")
-        return DraftConfig.from_hf(meta["config"], where=f"{workdir}/checkpoints metadata")
+        return config_from_hf(meta["config"], where=f"{workdir}/checkpoints metadata")
 
     def abstract_state(meta):
         # The optimiser's state has the same structure whatever its hyperparameters.
         optimizer = train_lib.make_optimizer(train_lib.OptimConfig())
+        dcfg = draft_config(meta)
         return jax.eval_shape(lambda: train_lib.init_train_state(
-            init_draft_params(jax.random.key(0), draft_config(meta)), optimizer))
+            family_of(dcfg).init_params(jax.random.key(0), dcfg), optimizer))
 
     params, meta = restore_latest_params(workdir, abstract_state)
     check_finite_tree(params, f"{workdir}/checkpoints")
@@ -453,16 +531,16 @@ def restore_training_drafter(workdir, dtype=None):
 def load_drafter(path, target: Qwen3Params, target_cfg: Qwen3Config, dtype=None):
     """A drafter from a DeepSpec directory, one of our orbax checkpoints, or the work directory
     of a ``train-draft`` run (its latest checkpoint, so a run can be evaluated while it trains)."""
-    from .draft import check_compatible
+    from .drafters import family_of
 
     path = os.fspath(path)
     if os.path.isdir(os.path.join(path, "params")):
         params, dcfg = restore_draft_orbax(path, dtype)
-        check_compatible(dcfg, target_cfg, where=os.path.join(path, "config.json"))
+        family_of(dcfg).check_compatible(dcfg, target_cfg, where=os.path.join(path, "config.json"))
         return params, dcfg
     if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "checkpoints")):
         params, dcfg = restore_training_drafter(path, dtype)
-        check_compatible(dcfg, target_cfg, where=os.path.join(path, "checkpoints"))
+        family_of(dcfg).check_compatible(dcfg, target_cfg, where=os.path.join(path, "checkpoints"))
         return params, dcfg
     return load_draft(path, target, target_cfg, dtype)
 

@@ -6,7 +6,7 @@
   dspark-jax demo     builds a small random target/drafter pair and runs AR vs speculative
   dspark-jax export-draft SRC OUT [--with-embeddings]   a drafter in DeepSpec's format
   dspark-jax train-target --out DIR ...   train a small Qwen3 LM (resumable)
-  dspark-jax train-draft --target DIR --out DIR --head vanilla|gated|rnn|none ...   (resumable)
+  dspark-jax train-draft --target DIR --out DIR --head vanilla|gated|rnn|none|package.module:Name ...   (resumable)
 """
 
 from __future__ import annotations
@@ -58,8 +58,9 @@ def _add_generate_args(p: argparse.ArgumentParser):
     p.add_argument("--block-size", type=int, help="drafts per round (default: the drafter's block size)")
     p.add_argument("--confidence-threshold", type=float, default=0.0,
                    help="verify only the prefix whose confidences are all >= this (0 = fixed length)")
-    p.add_argument("--scheduler", choices=("fixed", "threshold", "algorithm1", "async"),
-                   help="how many drafts each request verifies (default: threshold if a threshold is given, else fixed)")
+    p.add_argument("--scheduler",
+                   help="how many drafts each request verifies: fixed, threshold, algorithm1, async, or a plug-in "
+                        "package.module:function (default: threshold if a threshold is given, else fixed)")
     p.add_argument("--sps-profile", help="saved SPS profile JSON (dspark-jax profile-sps); default: measured at start-up")
     p.add_argument("--cache-len", type=int, help="KV cache positions (default: prompt + max-new-tokens, bucketed)")
     _add_context_args(p)
@@ -138,17 +139,17 @@ def run_generate(args, on_first_result=None, on_text=None) -> dict:
         tokenizer = Tokenizer(args.tokenizer or args.target)
     prompt, chat, end_of_turn = prompt_ids(args, tokenizer)
     check_request_fits(args, len(prompt), load_target_config(args.target))
-    target, tcfg = load_target(args.target, args.dtype)
-    tcfg = with_attention_backend(tcfg, args.attention_backend)
-    tcfg = with_stop_id(tcfg, end_of_turn)  # a chat answer ends with the template's end-of-turn token
-    prompts = [prompt] * args.num_samples
-    context_kw = dict(prefill_chunk=args.prefill_chunk, allow_long_context=args.allow_long_context)
-    sampling = Sampling(args.temperature, args.top_k, args.top_p)
     mesh = None
     if args.tensor_parallel > 1 or args.data_parallel > 1:
         from .sharding import make_mesh
 
         mesh = make_mesh(model=args.tensor_parallel, data=args.data_parallel)
+    target, tcfg = load_target(args.target, args.dtype, mesh=mesh)  # each weight straight onto its devices
+    tcfg = with_attention_backend(tcfg, args.attention_backend)
+    tcfg = with_stop_id(tcfg, end_of_turn)  # a chat answer ends with the template's end-of-turn token
+    prompts = [prompt] * args.num_samples
+    context_kw = dict(prefill_chunk=args.prefill_chunk, allow_long_context=args.allow_long_context)
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
 
     ar_kw = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed, cache_len=args.cache_len,
                  mesh=mesh, **context_kw)
@@ -160,21 +161,22 @@ def run_generate(args, on_first_result=None, on_text=None) -> dict:
     if mode == "ar":
         call = ar_call
     else:
+        from .schedule import Calibration, SPSProfile, check_scheduler
+
+        check_scheduler(args.scheduler)  # a plug-in scheduler imports before the drafter loads
         draft, dcfg = load_drafter(args.draft, target, tcfg, args.dtype)
         dcfg = with_attention_backend(dcfg, args.attention_backend)
-        from .schedule import Calibration, SPSProfile
 
         calibration = Calibration.load(args.draft, dcfg.block_size)
         profile = None
-        if args.scheduler in ("algorithm1", "async"):
-            if args.sps_profile:
-                profile = SPSProfile.load(args.sps_profile)
-            else:
-                from .speculative import BATCH_BUCKETS, profile_verification
-                from .decoding import bucket
+        if args.sps_profile and args.scheduler not in (None, "fixed", "threshold"):  # algorithm1, async, plug-ins
+            profile = SPSProfile.load(args.sps_profile)
+        elif args.scheduler in ("algorithm1", "async"):
+            from .speculative import BATCH_BUCKETS, profile_verification
+            from .decoding import bucket
 
-                profile = profile_verification(target, tcfg, bucket(args.num_samples, BATCH_BUCKETS),
-                                               args.block_size or dcfg.block_size, draft=draft, dcfg=dcfg)
+            profile = profile_verification(target, tcfg, bucket(args.num_samples, BATCH_BUCKETS),
+                                           args.block_size or dcfg.block_size, draft=draft, dcfg=dcfg)
 
         spec_kw = dict(ar_kw, block_size=args.block_size, confidence_threshold=args.confidence_threshold,
                        trace=args.trace, scheduler=args.scheduler, sps_profile=profile, calibration=calibration)
@@ -315,13 +317,17 @@ def _print_human(out: dict):
 
 
 def cmd_generate(args):
+    main = is_main_process()  # on several hosts every process decodes; process 0 prints
     try:
-        report = None if args.json else _print_samples
-        if args.stream:  # the text is already out; only the compile time is left to say
+        report = None if args.json or not main else _print_samples
+        if args.stream and main:  # the text is already out; only the compile time is left to say
             report = lambda samples, texts, seconds, prompt: print(f"(first call, compile included: {seconds:.1f} s)")
-        out = run_generate(args, on_first_result=report, on_text=lambda piece: print(piece, end="", flush=True))
+        out = run_generate(args, on_first_result=report,
+                           on_text=lambda piece: main and print(piece, end="", flush=True))
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
+    if not main:
+        return
     if args.json:
         print(strict_json(out))
     else:
@@ -378,6 +384,12 @@ def _add_optim_args(p, lr, steps, batch, seq_len):
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--export-dtype", choices=("float32", "bfloat16"),
                    help="dtype of the exported safetensors (default: the training dtype, float32)")
+    _add_max_shard_size(p)
+
+
+def _add_max_shard_size(p):
+    p.add_argument("--max-shard-size", help="split the exported safetensors into shards of at most this size "
+                   "(bytes, or e.g. 2GB, 500MB) plus model.safetensors.index.json (default: one file)")
 
 
 def cmd_calibrate(args):
@@ -566,7 +578,8 @@ def cmd_export_draft(args):
             config = os.path.join(args.src, "config.json")
             dtype = read_json(config).get("dtype") if os.path.isfile(config) else None
             dtype = dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
-        save_draft(args.out, draft, dcfg, target, dtype=dtype, embedding_copies=args.with_embeddings)
+        save_draft(args.out, draft, dcfg, target, dtype=dtype, embedding_copies=args.with_embeddings,
+                   max_shard_size=args.max_shard_size)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     calibration = os.path.join(args.src, "sts_calibration.json")
@@ -587,6 +600,44 @@ def _add_prompt_run_args(p):
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--temperature", type=float, default=1.0)
+
+
+def _add_distributed_args(p):
+    g = p.add_argument_group("multi-host (run the same command on every host, one process per host)")
+    g.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="jax.distributed coordinator (process 0's address); 'auto' lets jax find it (TPU slices, "
+                        "SLURM). The mesh then spans every host's devices; process 0 prints the results")
+    g.add_argument("--num-processes", type=int, help="with --coordinator HOST:PORT: how many processes")
+    g.add_argument("--process-id", type=int, help="with --coordinator HOST:PORT: this process's index, 0..N-1")
+
+
+def init_distributed(args):
+    """``jax.distributed.initialize`` from ``--coordinator`` / ``--num-processes`` /
+    ``--process-id``, before anything else touches jax (a no-op without ``--coordinator``)."""
+    if getattr(args, "coordinator", None) is None:
+        for option in ("num_processes", "process_id"):
+            if getattr(args, option, None) is not None:
+                raise UsageError(f"--{option.replace('_', '-')} needs --coordinator HOST:PORT")
+        return
+    import jax
+
+    if args.coordinator == "auto":
+        jax.distributed.initialize()
+        return
+    if args.num_processes is None or args.process_id is None:
+        raise UsageError("--coordinator HOST:PORT needs --num-processes N and --process-id I")
+    if not 0 <= args.process_id < args.num_processes:
+        raise UsageError(f"--process-id {args.process_id} outside 0..{args.num_processes - 1} (--num-processes)")
+    # CPU hosts exchange collectives through gloo (accelerators use their own interconnect)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
+
+
+def is_main_process() -> bool:
+    """Process 0 of a multi-host run (or the only process): the one that prints results."""
+    import jax
+
+    return jax.process_index() == 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -636,6 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--with-embeddings", action="store_true",
                    help="include copies of the target's embed_tokens / lm_head (every key DeepSpec writes)")
     x.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: the source's dtype")
+    _add_max_shard_size(x)
     x.set_defaults(func=cmd_export_draft)
 
     s = sub.add_parser("profile-sps", help="measure verification steps/s by token budget (for algorithm1/async)")
@@ -667,7 +719,14 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("train-draft", help="train a DSpark/DFlash drafter against a frozen target (resumable)")
     r.add_argument("--target", required=True, help="target directory (Hugging Face format, with tokenizer.json)")
     r.add_argument("--out", required=True, help="work directory: regenerated data, checkpoints, metrics, final draft")
-    r.add_argument("--head", choices=("vanilla", "gated", "rnn", "none"), default="vanilla", help="none = DFlash")
+    r.add_argument("--head", default="vanilla",
+                   help="vanilla, gated, rnn, none (= DFlash), or a plug-in Markov head package.module:Name "
+                        "(a dspark_jax.heads.MarkovHead subclass, importable)")
+    r.add_argument("--head-arg", action="append", metavar="KEY=VALUE",
+                   help="a plug-in head's constructor argument (repeatable; values are JSON or strings)")
+    r.add_argument("--loss-term", nargs=2, action="append", metavar=("PATH", "WEIGHT"),
+                   help="an extra loss term package.module:function with its weight, beside DeepSpec's three "
+                        "(repeatable; see train.LossConfig)")
     r.add_argument("--markov-rank", type=int, default=256, help="Markov head rank r (DeepSpec default 256)")
     r.add_argument("--no-confidence", action="store_true", help="no confidence head")
     r.add_argument("--block-size", type=int, default=7)
@@ -691,6 +750,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_train_draft)
     for command in sub.choices.values():
         command.add_argument("--debug", action="store_true", help="show the traceback of an error")
+        _add_distributed_args(command)
     return parser
 
 
@@ -738,6 +798,7 @@ def main(argv=None):
     warnings.showwarning = _show_warning
     try:
         check_args(args)
+        init_distributed(args)
         args.func(args)
     except SystemExit as e:  # raised by a command with its message (older code paths: exit 1)
         if isinstance(e, CommandFailed) or not isinstance(e.code, str):

@@ -7,9 +7,11 @@ runs through the draft layers in one pass, attending to [context (< anchor) ; th
 block] (``backbone``). Base logits come from the target's own lm_head.
 
 Sequential stage: the Markov head adds a bias B_k that depends on the previous token of the
-block (vanilla / gated / rnn; none = DFlash) and the confidence head predicts the survival
-of each drafted token. Both are one step function (``head_step``), used teacher-forced over
-whole blocks for training and inside a ``lax.scan`` for sampling at decode time.
+block (vanilla / gated / rnn; none = DFlash; or a plug-in) and the confidence head predicts
+the survival of each drafted token. Both are Flax NNX modules (``heads.py``) whose states sit
+in ``DraftParams``; one step function (``head_step``) merges them with their static graph
+definitions and is used teacher-forced over whole blocks for training and inside a
+``lax.scan`` for sampling at decode time. The backbone stays pure functions over pytrees.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from .layers import (
     rms_norm,
     rope_cos_sin,
 )
-from .params import ParamDecl, init_param, init_tree, map_decls
+from . import heads as heads_lib
+from .params import ParamDecl, init_param, init_tree
+from .plugins import is_import_path
 from .sampling import Sampling, distribution, sample
 from .target import Qwen3Params, compute_logits, embed_tokens
 from . import gemma4
@@ -48,7 +52,8 @@ class DraftConfig:
     target_layer_ids: tuple[int, ...]
     mask_token_id: int
     markov_rank: int = 0
-    markov_head_type: str = "vanilla"
+    markov_head_type: str = "vanilla"  # a built-in name, or a plug-in's import path package.module:Name
+    markov_head_args: tuple[tuple[str, Any], ...] = ()  # a plug-in head's constructor arguments (sorted)
     enable_confidence_head: bool = False
     confidence_head_with_markov: bool = True
     num_anchors: int = 512
@@ -59,22 +64,32 @@ class DraftConfig:
             raise ConfigError(f"block_size must be >= 1, got {self.block_size}")
         if self.markov_rank < 0:
             raise ConfigError(f"markov_rank must be >= 0, got {self.markov_rank}")
-        if self.markov_rank and self.markov_head_type not in MARKOV_HEAD_TYPES:
+        if self.markov_rank and not self.plugin_head and self.markov_head_type not in MARKOV_HEAD_TYPES:
             raise ConfigError(
-                f"markov_head_type {self.markov_head_type!r} not supported ({', '.join(MARKOV_HEAD_TYPES)})"
+                f"markov_head_type {self.markov_head_type!r} not supported ({', '.join(MARKOV_HEAD_TYPES)}, "
+                "or an import path package.module:Name)"
             )
+        if self.markov_head_args and not self.plugin_head:
+            raise ConfigError(f"markov_head_args {dict(self.markov_head_args)} given for the built-in head "
+                              f"{self.head_type!r} (they are for plug-in heads)")
         if not self.target_layer_ids:
             raise ConfigError("target_layer_ids is empty")
         if not 0 <= self.mask_token_id < self.layers.vocab_size:
             raise ConfigError(f"mask_token_id {self.mask_token_id} outside the vocabulary [0, {self.layers.vocab_size})")
 
     @property
+    def plugin_head(self) -> bool:
+        """A Markov head defined outside the package (``markov_head_type`` is its import path)."""
+        return is_import_path(self.markov_head_type)
+
+    @property
     def head_type(self) -> str:
-        """'none' for DFlash (markov_rank 0), else the Markov head type."""
-        return self.markov_head_type if self.markov_rank else "none"
+        """'none' for DFlash (markov_rank 0), else the Markov head type (or a plug-in's path)."""
+        return self.markov_head_type if self.markov_rank or self.plugin_head else "none"
 
     @property
     def confidence_uses_markov(self) -> bool:
+        """A built-in confidence head reads the Markov head's previous-token embedding too."""
         return self.confidence_head_with_markov and self.markov_rank > 0
 
     @property
@@ -93,7 +108,8 @@ class DraftConfig:
             target_layer_ids=tuple(int(i) for i in raw["target_layer_ids"]),
             mask_token_id=int(raw["mask_token_id"]),
             markov_rank=int(raw.get("markov_rank") or 0),
-            markov_head_type=str(raw.get("markov_head_type") or "vanilla").lower(),
+            markov_head_type=_head_type_of(raw.get("markov_head_type")),
+            markov_head_args=_head_args_of(raw.get("markov_head_args"), where),
             enable_confidence_head=bool(raw.get("enable_confidence_head", False)),
             confidence_head_with_markov=bool(raw.get("confidence_head_with_markov", True)),
             num_anchors=int(raw.get("num_anchors") or 512),
@@ -119,6 +135,8 @@ class DraftConfig:
             confidence_head_with_markov=self.confidence_head_with_markov,
             num_anchors=self.num_anchors,
         )
+        if self.markov_head_args:
+            out["markov_head_args"] = dict(self.markov_head_args)
         if self.num_target_layers is not None:
             out["num_target_layers"] = self.num_target_layers
         if gemma:
@@ -126,22 +144,17 @@ class DraftConfig:
         return out
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class MarkovParams:
-    w1: jax.Array  # [V, r] embedding of the previous token
-    w2: jax.Array  # [r, V]
-    gate_w: jax.Array | None = None  # [D + r, r] (gated)
-    gate_b: jax.Array | None = None  # [r]
-    joint_w: jax.Array | None = None  # [2r + D, 3r] (rnn)
-    joint_b: jax.Array | None = None  # [3r]
+def _head_type_of(value) -> str:
+    value = str(value or "vanilla")
+    return value if is_import_path(value) else value.lower()  # an import path is case-sensitive
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class ConfidenceParams:
-    w: jax.Array  # [D (+ r)]
-    b: jax.Array  # []
+def _head_args_of(value, where: str) -> tuple[tuple[str, Any], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, Mapping) or any(isinstance(v, (list, dict)) for v in value.values()):
+        raise ConfigError(f"{where}: markov_head_args must be an object of numbers, booleans and strings, got {value!r}")
+    return tuple(sorted((str(k), v) for k, v in value.items()))
 
 
 @jax.tree_util.register_dataclass
@@ -153,42 +166,27 @@ class DraftParams:
     hidden_norm: jax.Array  # [D]
     layers: DecoderLayerParams
     final_norm: jax.Array  # [D]
-    markov: MarkovParams | None
-    confidence: ConfidenceParams | None
+    # the heads' NNX states as pure dicts (``heads.py``; None: no parameters / no head), e.g.
+    # vanilla {"w1": [V, r], "w2": [r, V]}, gated + {"gate_w", "gate_b"}, rnn + {"joint_w", "joint_b"}
+    markov: dict | None
+    confidence: dict | None  # {"w": [D (+ feature_size)], "b": []}
 
 
 def draft_decl(dcfg: DraftConfig) -> DraftParams:
     """The declaration of every drafter weight, with the names of a DeepSpec checkpoint. The
-    checkpoint's ``embed_tokens`` / ``lm_head`` are the target's (``DRAFT_SHARED_TENSORS``)."""
-    D, V, r = dcfg.hidden_size, dcfg.layers.vocab_size, dcfg.markov_rank
+    checkpoint's ``embed_tokens`` / ``lm_head`` are the target's (``DRAFT_SHARED_TENSORS``);
+    the heads' declarations are those their modules carry (``heads.head_structure``)."""
+    D = dcfg.hidden_size
     m = len(dcfg.target_layer_ids)
-    markov = None
-    if r:
-        markov = MarkovParams(
-            w1=ParamDecl((V, r), ("vocab", "markov"), "markov_head.markov_w1.weight"),
-            w2=ParamDecl((r, V), ("markov", "vocab"), "markov_head.markov_w2.weight", 1),
-        )
-        if dcfg.markov_head_type == "gated":
-            markov.gate_w = ParamDecl((D + r, r), ("gate_in", "markov"), "markov_head.gate_proj.weight", 1)
-            markov.gate_b = ParamDecl((r,), ("markov",), "markov_head.gate_proj.bias", init="zeros")
-        elif dcfg.markov_head_type == "rnn":
-            markov.joint_w = ParamDecl((2 * r + D, 3 * r), ("joint_in", "joint_out"), "markov_head.joint_proj.weight", 1)
-            markov.joint_b = ParamDecl((3 * r,), ("joint_out",), "markov_head.joint_proj.bias", init="zeros")
-    confidence = None
-    if dcfg.enable_confidence_head:
-        width = D + (r if dcfg.confidence_uses_markov else 0)
-        confidence = ConfidenceParams(
-            w=ParamDecl((width,), ("confidence_in",), "confidence_head.proj.weight", 1),
-            b=ParamDecl((), (), "confidence_head.proj.bias", init="zeros", hf_shape_override=(1,)),
-        )
+    structure = heads_lib.head_structure(dcfg)
     return DraftParams(
         fc=ParamDecl((m * D, D), ("features", "embed"), "fc.weight", 1),
         hidden_norm=ParamDecl((D,), ("embed",), "hidden_norm.weight", init="ones"),
         layers=(gemma4.draft_layers_decl(dcfg.layers) if dcfg.is_gemma4
                 else decoder_layer_decl(dcfg.layers, dcfg.layers.num_hidden_layers, "layers")),
         final_norm=ParamDecl((D,), ("embed",), "norm.weight", init="ones"),
-        markov=markov,
-        confidence=confidence,
+        markov=structure.markov_decls,
+        confidence=structure.confidence_decls,
     )
 
 
@@ -201,18 +199,16 @@ DRAFT_SHARED_TENSORS = {
 
 
 def init_draft_params(key: jax.Array, dcfg: DraftConfig, dtype=jnp.float32, std: float = 0.02) -> DraftParams:
+    """Random drafter weights: the heads from their modules' initialisers, the backbone from
+    its declarations (normal(std), norms ones)."""
+    k_heads, k_fc, k_layers = jax.random.split(key, 3)
     decl = draft_decl(dcfg)
-    keys = iter(jax.random.split(key, 8))
-
-    def fill(tree):  # random matrices take the next key, in this order: heads, fc, layers
-        return map_decls(lambda d: init_param(next(keys) if d.init == "normal" else None, d, dtype, std), tree)
-
-    markov, confidence, fc = fill(decl.markov), fill(decl.confidence), fill(decl.fc)
+    markov, confidence = heads_lib.init_heads(k_heads, dcfg, dtype, std)
     return DraftParams(
-        fc=fc,
-        hidden_norm=fill(decl.hidden_norm),
-        layers=init_tree(next(keys), decl.layers, dtype, std),
-        final_norm=fill(decl.final_norm),
+        fc=init_param(k_fc, decl.fc, dtype, std),
+        hidden_norm=init_param(None, decl.hidden_norm, dtype),
+        layers=init_tree(k_layers, decl.layers, dtype, std),
+        final_norm=init_param(None, decl.final_norm, dtype),
         markov=markov,
         confidence=confidence,
     )
@@ -339,48 +335,32 @@ def backbone(
 # ---------------------------------------------------------------------------- heads
 
 
-def head_state_size(dcfg: DraftConfig) -> int:
-    return dcfg.markov_rank if dcfg.head_type == "rnn" else 0
-
-
 def head_step(
     params: DraftParams,
     dcfg: DraftConfig,
-    state: jax.Array,
+    state: Any,
     prev_token: jax.Array,
     base_logits: jax.Array,
     hidden: jax.Array,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+) -> tuple[Any, jax.Array, jax.Array]:
     """One sequential step at block position k.
 
-    state ``[..., r]`` (rnn only; size 0 otherwise), prev_token ``[...]`` (x_{k-1}; the anchor
-    at k = 0), base_logits ``[..., V]`` (U_k), hidden ``[..., D]`` (h_k). Returns
+    state: the Markov head's carried state (``initial_state``), prev_token ``[...]`` (x_{k-1};
+    the anchor at k = 0), base_logits ``[..., V]`` (U_k), hidden ``[..., D]`` (h_k). Returns
     ``(new_state, logits U_k + B_k (float32), confidence logit [...])``.
     """
-    logits = base_logits.astype(jnp.float32)
-    markov = params.markov
-    prev_emb = markov.w1[prev_token] if markov is not None else None
-    head = dcfg.head_type
-    if head == "vanilla":
-        logits = logits + compute_bias(prev_emb, markov.w2)
-    elif head == "gated":
-        gate = jax.nn.sigmoid(jnp.concatenate([hidden, prev_emb], -1) @ markov.gate_w + markov.gate_b)
-        logits = logits + compute_bias(gate.astype(prev_emb.dtype) * prev_emb, markov.w2)
-    elif head == "rnn":
-        z = jnp.concatenate([state.astype(prev_emb.dtype), prev_emb, hidden], -1) @ markov.joint_w + markov.joint_b
-        gate_raw, candidate_raw, output_raw = jnp.split(z, 3, axis=-1)
-        gate = jax.nn.sigmoid(gate_raw)
-        state = gate * state + (1.0 - gate) * jnp.tanh(candidate_raw)
-        logits = logits + compute_bias(jnp.tanh(output_raw), markov.w2)
-    confidence = jnp.zeros(logits.shape[:-1], jnp.float32)
-    if params.confidence is not None:
-        feats = jnp.concatenate([hidden, prev_emb], -1) if dcfg.confidence_uses_markov else hidden
-        confidence = (feats @ params.confidence.w + params.confidence.b).astype(jnp.float32)
-    return state, logits, confidence
+    markov, confidence_head = heads_lib.merge_heads(dcfg, params.markov, params.confidence)
+    confidence = jnp.zeros(base_logits.shape[:-1], jnp.float32)
+    if confidence_head is not None:
+        confidence = confidence_head(hidden, prev_token, markov.features(hidden, prev_token, state))
+    bias, state = markov(hidden, prev_token, state)
+    return state, base_logits.astype(jnp.float32) + bias, confidence
 
 
-def compute_bias(latent: jax.Array, w2: jax.Array) -> jax.Array:
-    return jnp.einsum("...r,rv->...v", latent, w2, preferred_element_type=jnp.float32)
+def initial_head_state(params: DraftParams, dcfg: DraftConfig, lead: tuple[int, ...]) -> Any:
+    """The Markov head's state before block position 0 for leading shape ``lead``."""
+    markov, _ = heads_lib.merge_heads(dcfg, params.markov, params.confidence)
+    return markov.initial_state(lead)
 
 
 def teacher_forced_heads(
@@ -392,7 +372,7 @@ def teacher_forced_heads(
     corrected logits ``[..., K, V]`` and confidence logits ``[..., K]``.
     """
     lead = prev_tokens.shape[:-1]
-    state = jnp.zeros(lead + (head_state_size(dcfg),), jnp.float32)
+    state = initial_head_state(params, dcfg, lead)
 
     def step(state, xs):
         prev, base, h = xs
@@ -425,7 +405,7 @@ def sample_block(
     """Draft a block left to right inside one ``lax.scan``: position k samples from
     ``distribution(U_k + B_k(x_{k-1}))`` with x_{-1} = anchor."""
     B, K, _ = base_logits.shape
-    state = jnp.zeros((B, head_state_size(dcfg)), jnp.float32)
+    state = initial_head_state(params, dcfg, (B,))
 
     def step(carry, xs):
         state, prev = carry

@@ -38,9 +38,10 @@ class DecoderLayerParams:
     down_proj: jax.Array  # [L, F, D]
 
 
-def decoder_layer_decl(cfg: Qwen3Config, num_layers: int, prefix: str) -> DecoderLayerParams:
+def decoder_layer_decl(cfg: Qwen3Config, num_layers: int, prefix: str, attn_in: int | None = None) -> DecoderLayerParams:
     """The declaration of ``num_layers`` stacked decoder layers whose checkpoint tensors are
-    ``{prefix}.{i}.<Hugging Face name>``: shapes, logical axes, names, initialisers."""
+    ``{prefix}.{i}.<Hugging Face name>``: shapes, logical axes, names, initialisers.
+    ``attn_in`` is the width q/k/v project from (default hidden_size; Eagle-3: 2 x hidden)."""
     L, D, H, K, Dh, F = (
         num_layers,
         cfg.hidden_size,
@@ -49,15 +50,16 @@ def decoder_layer_decl(cfg: Qwen3Config, num_layers: int, prefix: str) -> Decode
         cfg.head_dim,
         cfg.intermediate_size,
     )
+    A = attn_in or D
 
     def weight(hf_name, shape, axes, n_in=0, init="normal"):
         return ParamDecl((L, *shape), ("layers", *axes), f"{prefix}.{{layer}}.{hf_name}", n_in, init)
 
     return DecoderLayerParams(
         input_norm=weight("input_layernorm.weight", (D,), ("embed",), init="ones"),
-        q_proj=weight("self_attn.q_proj.weight", (D, H, Dh), ("embed", "heads", "head_dim"), 1),
-        k_proj=weight("self_attn.k_proj.weight", (D, K, Dh), ("embed", "kv_heads", "head_dim"), 1),
-        v_proj=weight("self_attn.v_proj.weight", (D, K, Dh), ("embed", "kv_heads", "head_dim"), 1),
+        q_proj=weight("self_attn.q_proj.weight", (A, H, Dh), ("embed", "heads", "head_dim"), 1),
+        k_proj=weight("self_attn.k_proj.weight", (A, K, Dh), ("embed", "kv_heads", "head_dim"), 1),
+        v_proj=weight("self_attn.v_proj.weight", (A, K, Dh), ("embed", "kv_heads", "head_dim"), 1),
         o_proj=weight("self_attn.o_proj.weight", (H, Dh, D), ("heads", "head_dim", "embed"), 2),
         q_norm=weight("self_attn.q_norm.weight", (Dh,), ("head_dim",), init="ones"),
         k_norm=weight("self_attn.k_norm.weight", (Dh,), ("head_dim",), init="ones"),
@@ -176,15 +178,17 @@ def decoder_layer(
     sin: jax.Array,
     attend: AttendFn,
     tp_axis: str | None = None,
+    attn_input: jax.Array | None = None,
 ):
     """One Qwen3 decoder layer over ``x [B, T, D]``.
 
     ``attend(q, k, v) -> (out [B, T, H, Dh], aux)`` runs ``attention.attend`` with the
     caller's mask and context (the target's cache, the drafter's context + block, a packed
     batch) and returns whatever the caller keeps (``aux``, e.g. the chunk's keys/values for
-    the cache). Returns ``(x, aux)``.
+    the cache). ``attn_input [B, T, A]`` replaces ``input_norm(x)`` as what q/k/v project
+    from (Eagle-3: [input_norm(embedding) ; hidden_norm(x)]). Returns ``(x, aux)``.
     """
-    h = rms_norm(x, p.input_norm, cfg.rms_norm_eps)
+    h = rms_norm(x, p.input_norm, cfg.rms_norm_eps) if attn_input is None else attn_input
     q = project_q(p, cfg, h, cos, sin)
     k, v = project_kv(p, cfg, h, cos, sin)
     out, aux = attend(q, k, v)

@@ -22,9 +22,11 @@ import numpy as np
 
 from . import data as data_lib
 from . import train as train_lib
-from .checkpoint import load_target, resolve_dtype, save_draft, save_qwen3
+from .checkpoint import cast_tree, load_target, resolve_dtype, save_draft, save_draft_orbax, save_qwen3
 from .config import Qwen3Config
 from .draft import DraftConfig, init_draft_params
+from .heads import MARKOV_HEADS, head_structure
+from .plugins import parse_plugin_args
 from .target import init_params
 from .tokenizer import Tokenizer
 from .trainer import data_parallel_mesh, run_training
@@ -146,7 +148,8 @@ def train_target_recipe(args):
     )
     if step >= args.steps:
         export_dir = os.path.join(workdir, "model")
-        save_qwen3(export_dir, jax.device_get(state.params), cfg, dtype=args.export_dtype)
+        save_qwen3(export_dir, jax.device_get(state.params), cfg, dtype=args.export_dtype,
+                   max_shard_size=getattr(args, "max_shard_size", None))
         with open(os.path.join(workdir, "tokenizer.json")) as src, open(os.path.join(export_dir, "tokenizer.json"), "w") as dst:
             dst.write(src.read())
         _write_json(os.path.join(export_dir, "manifest.json"), {
@@ -238,6 +241,18 @@ def check_draft_data_args(args):
         raise ValueError(f"--prose-fraction must be in [0, 1], got {args.prose_fraction}")
     if any(t < 0 for t in np.atleast_1d(args.regen_temperature)):
         raise ValueError(f"--regen-temperature values must be >= 0, got {args.regen_temperature}")
+    check_plugin_args(args)
+
+
+def check_plugin_args(args):
+    """--head / --head-arg / --loss-term: importable, well-formed, before anything loads."""
+    head = getattr(args, "head", "vanilla")
+    head_args = parse_plugin_args(getattr(args, "head_arg", None))
+    if head_args and MARKOV_HEADS.is_builtin(head):
+        raise ValueError(f"--head-arg is for plug-in heads (package.module:Name); the built-in head {head!r} "
+                         "takes --markov-rank")
+    MARKOV_HEADS.resolve(head)
+    train_lib.loss_terms_from_args(getattr(args, "loss_term", None))
 
 
 def train_draft_recipe(args):
@@ -256,19 +271,21 @@ def train_draft_recipe(args):
         block_size=args.block_size, target_layer_ids=layer_ids, mask_token_id=mask_id,
         markov_rank=0 if args.head == "none" else args.markov_rank,
         markov_head_type="vanilla" if args.head == "none" else args.head,
+        markov_head_args=parse_plugin_args(getattr(args, "head_arg", None)),
         enable_confidence_head=not args.no_confidence, num_anchors=args.num_anchors,
         num_target_layers=tcfg.num_hidden_layers,
     )
     from .draft import check_compatible
 
     check_compatible(dcfg, tcfg)
+    head_structure(dcfg)  # a plug-in head is built (abstractly) now: a bad constructor fails before the data
     arrays = prepare_draft_data(args, workdir, target, tcfg, tok)
     if args.precompute:
         arrays = precompute_features(target, tcfg, dcfg, arrays, args.batch_size)
     oc = train_lib.OptimConfig(learning_rate=args.lr, warmup_fraction=args.warmup, total_steps=args.steps,
                                weight_decay=args.weight_decay, clip_norm=args.clip_norm)
     optimizer = train_lib.make_optimizer(oc)
-    lc = train_lib.LossConfig()
+    lc = train_lib.LossConfig(extra_terms=train_lib.loss_terms_from_args(getattr(args, "loss_term", None)))
     params = init_draft_params(jax.random.key(args.seed), dcfg)
     state = train_lib.init_train_state(params, optimizer)
     mesh = data_parallel_mesh(args.data_parallel)
@@ -287,8 +304,13 @@ def train_draft_recipe(args):
     )
     if step >= args.steps:
         export_dir = os.path.join(workdir, "draft")
-        save_draft(export_dir, jax.device_get(state.params), dcfg, target, dtype=args.export_dtype,
-                   embedding_copies=not getattr(args, "no_embedding_copies", False))
+        params = jax.device_get(state.params)
+        if getattr(dcfg, "plugin_head", None):  # the DeepSpec format has no names for a plug-in's weights: its NNX state in orbax
+            save_draft_orbax(export_dir, cast_tree(params, args.export_dtype), dcfg)
+        else:
+            save_draft(export_dir, params, dcfg, target, dtype=args.export_dtype,
+                       embedding_copies=not getattr(args, "no_embedding_copies", False),
+                       max_shard_size=getattr(args, "max_shard_size", None))
         _write_json(os.path.join(export_dir, "manifest.json"), {
             "recipe": meta["command"], "config": dcfg.to_hf(), "target": args.target,
             "steps": step, "batch_size": args.batch_size, "seq_len": args.seq_len, "learning_rate": args.lr,

@@ -20,9 +20,41 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .plugins import PluginError, Registry
 from .validate import DataError, finite_list, read_json_file, write_json_atomic
 
 SCHEDULERS = ("fixed", "threshold", "algorithm1", "async")
+
+
+def _check_scheduler_fn(obj, spec):
+    if not callable(obj):
+        raise PluginError(f"scheduler {spec!r} is not a function (got {obj!r})")
+
+
+# Plug-in schedulers: ``fn(survival [B, K], live [B], schedule_state) -> lengths [B]`` (int, drafts
+# verified per request, 0..K), or ``(lengths, new schedule_state)``; pure and traceable, since
+# they run inside the decoding loop. LOSSLESS ONLY IF the decision "verify draft j of request r"
+# reads survival[r, <= j] alone (and other requests' survival): survival[r, j + 1] depends on the
+# drafted token x_j, so letting it decide whether x_j is verified biases the output
+# distribution (the retrospective search of Appendix A is the counterexample).
+SCHEDULER_PLUGINS = Registry("scheduler", {name: None for name in SCHEDULERS}, check=_check_scheduler_fn)
+
+
+def check_scheduler(spec: str | None):
+    """A built-in scheduler name or an importable plug-in (None: the default)."""
+    if spec is not None:
+        SCHEDULER_PLUGINS.resolve(spec)
+
+
+def plugin_lengths(spec: str, survival: jax.Array, live: jax.Array, sched):
+    """The lengths ``[B]`` (clipped to 0..K) and schedule state a plug-in scheduler returns."""
+    out = SCHEDULER_PLUGINS.resolve(spec)(survival, live, sched)
+    lengths, sched = out if isinstance(out, tuple) else (out, sched)
+    lengths = jnp.asarray(lengths)
+    if lengths.shape != live.shape or not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise PluginError(f"scheduler {spec!r} returned lengths of shape {lengths.shape} and dtype {lengths.dtype}; "
+                          f"expected integers of shape {live.shape} (drafts verified per request)")
+    return jnp.clip(lengths.astype(jnp.int32), 0, survival.shape[-1]), sched
 
 
 # ---------------------------------------------------------------------------- survival

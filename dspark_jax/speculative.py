@@ -26,6 +26,7 @@ import numpy as np
 
 from . import draft as draft_model
 from . import target as target_model
+from .drafters import family_of
 from .cache import KVCache
 from .config import Qwen3Config
 from .decoding import (PREFILL_CHUNK, bucket, cache_bytes, check_cache_memory, is_eos, loop_until_done, prefill,
@@ -69,7 +70,7 @@ class SpecState:
     done: jax.Array  # [B] bool
     anchor: jax.Array  # [B] last committed token (not yet in the target cache)
     target_cache: KVCache
-    draft_cache: KVCache
+    draft_cache: object  # the drafter family's state: a KVCache (DSpark), eagle3.Eagle3State
     key: jax.Array
     max_new_tokens: jax.Array  # [] int32
     schedule: "ScheduleState"
@@ -118,7 +119,7 @@ class SpecConfig:
     eos_ids: tuple[int, ...] = ()
     trace_rounds: int = 0  # 0 = no trace
     mesh: Mesh | None = None  # (data, model) mesh: the target runs tensor-parallel
-    scheduler: str = "fixed"  # fixed | threshold | algorithm1 | async
+    scheduler: str = "fixed"  # fixed | threshold | algorithm1 | async | a plug-in's import path
     prefill_chunk: int = PREFILL_CHUNK  # prompt tokens per prefill forward
 
     @property
@@ -129,6 +130,14 @@ class SpecConfig:
     def packed(self) -> bool:
         """Every scheduler but 'fixed' verifies a packed, bucketed token axis."""
         return self.scheduler != "fixed"
+
+
+def no_confidence_hint(dcfg) -> str:
+    """Why a drafter without a confidence head has none, where that is a choice."""
+    if family_of(dcfg).name == "eagle3":
+        return ("; Eagle-3 has none (and its draft probability q(d_k) depends on d_k itself, so a schedule "
+                "read from it would not be lossless): use the 'fixed' scheduler")
+    return ""
 
 
 def verify_lengths(confidence_logits: jax.Array, threshold: jax.Array) -> jax.Array:
@@ -154,6 +163,8 @@ def schedule_lengths(scheduler: str, confidence_logits, survival, live, sched: S
         lengths = schedule_lib.top_k_lengths(survival, live, budget)
         stale = jnp.stack([sched.stale_survival[1], survival])
         return lengths, dataclasses.replace(sched, stale_survival=stale)
+    if scheduler not in schedule_lib.SCHEDULERS:  # a plug-in (package.module:function)
+        return schedule_lib.plugin_lengths(scheduler, survival, live, sched)
     raise ValueError(f"unknown scheduler {scheduler!r} (one of {', '.join(schedule_lib.SCHEDULERS)})")
 
 
@@ -264,7 +275,8 @@ def speculative_round(
     key, k_draft, k_accept = jax.random.split(s.key, 3)
     live = ~s.done
 
-    block, _ = draft_model.draft_block(k_draft, draft, dcfg, target, s.draft_cache, s.anchor, sampling, K)
+    family = family_of(dcfg)
+    block, draft_state = family.propose(k_draft, draft, dcfg, target, s.draft_cache, s.anchor, sampling, K)
     sched = s.schedule
     survival = schedule_lib.survival(block.confidence_logits, sched.temperatures)  # [B, K]
     lengths, sched = schedule_lengths(scfg.scheduler, block.confidence_logits, survival, live, sched)
@@ -298,7 +310,7 @@ def speculative_round(
 
     advance = jnp.where(live, n + 1, 0)
     target_cache = target_cache.advance(advance)
-    draft_cache = draft_model.append_context(draft, dcfg, s.draft_cache, features, advance)
+    draft_cache = family.commit(draft, dcfg, target, draft_state, features, committed, advance)
     done = (
         s.done
         | jnp.any(eos_hit & (slots < count[:, None]), -1)
@@ -369,14 +381,16 @@ def speculative_prefill(
     dtype = target.embed.dtype
     cache = constrain_cache(target_model.init_cache(scfg.target, B, cache_len, dtype), scfg.mesh)
     # every prefill chunk's target features go straight into the drafter's context cache
-    draft_cache = draft_model.init_context_cache(scfg.draft, B, cache_len, dtype)
+    family = family_of(scfg.draft)
+    draft_cache = family.init_state(draft, scfg.draft, B, cache_len, dtype)
     logits, cache, draft_cache = prefill(
         target, scfg.target, prompt_tokens, prompt_lengths, cache, chunk_size=scfg.prefill_chunk,
         feature_layers=scfg.draft.target_layer_ids, mesh=scfg.mesh,
-        on_chunk=functools.partial(draft_model.append_context, draft, scfg.draft), carry=draft_cache,
+        on_chunk=family.prefill_chunk_fn(draft, scfg.draft, target, prompt_tokens, prompt_lengths), carry=draft_cache,
     )
     key, sub = jax.random.split(key)
     first = sample_logits(sub, logits, scfg.sampling)
+    draft_cache = family.start(draft, scfg.draft, target, draft_cache, first)
     K, R = scfg.num_drafts, scfg.trace_rounds
     zeros = jnp.zeros((B,), jnp.int32)
     trace = None
@@ -541,19 +555,20 @@ def speculative_start(
     calls reuse one compilation. Prompts are prefilled ``prefill_chunk`` tokens at a time, the
     drafter's context cache chunk by chunk alongside.
     """
-    draft_model.check_compatible(dcfg, tcfg)
+    family_of(dcfg).check_compatible(dcfg, tcfg)
     K = block_size or dcfg.block_size
     if not 1 <= K <= dcfg.block_size:
         raise ValueError(f"block_size must be in 1..{dcfg.block_size} (the drafter's block size), got {K}")
     if confidence_threshold > 0 and draft.confidence is None:
-        raise ValueError("confidence_threshold > 0 needs a drafter with a confidence head (enable_confidence_head)")
+        raise ValueError("confidence_threshold > 0 needs a drafter with a confidence head (enable_confidence_head)"
+                         + no_confidence_hint(dcfg))
     if not 0 <= confidence_threshold <= 1:
         raise ValueError(f"confidence_threshold must be in [0, 1], got {confidence_threshold}")
     scheduler = scheduler or ("threshold" if confidence_threshold > 0 else "fixed")
-    if scheduler not in schedule_lib.SCHEDULERS:
-        raise ValueError(f"unknown scheduler {scheduler!r} (one of {', '.join(schedule_lib.SCHEDULERS)})")
+    schedule_lib.check_scheduler(scheduler)
     if scheduler != "fixed" and draft.confidence is None:
-        raise ValueError(f"scheduler {scheduler!r} needs a drafter with a confidence head (enable_confidence_head)")
+        raise ValueError(f"scheduler {scheduler!r} needs a drafter with a confidence head (enable_confidence_head)"
+                         + no_confidence_hint(dcfg))
     if scheduler != "fixed" and mesh is not None and mesh.shape["data"] != 1:
         raise ValueError(f"scheduler {scheduler!r} verifies a packed token axis: use a mesh with data=1 (tensor parallel only)")
     prepared = prepare_prompts(prompts, tcfg.vocab_size, max_new_tokens, cache_len, extra_cache=K + 1,
@@ -618,9 +633,12 @@ def profile_verification(target, tcfg, batch: int, num_drafts: int, context: int
 
     draft_seconds = 0.0
     if draft is not None:
-        ctx = draft_model.init_context_cache(dcfg, batch, context + num_drafts + 2, target.embed.dtype).advance(context)
-        fn = jax.jit(lambda c, a: draft_model.draft_block(jax.random.key(0), draft, dcfg, target, c, a, Sampling(),
-                                                          num_drafts)[0].tokens)
+        family = family_of(dcfg)
+        ctx = family.init_state(draft, dcfg, batch, context + num_drafts + 2, target.embed.dtype)
+        ctx = jax.tree.map(lambda x: x.advance(context) if isinstance(x, KVCache) else x, ctx,
+                           is_leaf=lambda x: isinstance(x, KVCache))  # as if `context` positions were committed
+        fn = jax.jit(lambda c, a: family.propose(jax.random.key(0), draft, dcfg, target, c, a, Sampling(),
+                                                 num_drafts)[0].tokens)
         draft_seconds = median_seconds(fn, ctx, jnp.zeros((batch,), jnp.int32), repeats=repeats)
     seconds = {}
     for size in packed_buckets(batch, num_drafts):

@@ -26,6 +26,8 @@ from .attention import AttentionMask
 from . import target as target_model
 from .config import Qwen3Config
 from .draft import DraftConfig, DraftParams
+from .plugins import PluginError, Registry
+from .validate import UsageError
 from .target import Qwen3Params
 
 
@@ -193,10 +195,54 @@ def draft_training_forward(
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
+    """DeepSpec's three weights, the position decay, and plug-in terms ``((import path, weight), ...)``.
+
+    A plug-in loss term is ``fn(draft_logits [B, n, K, V], target_probs [B, n, K, V],
+    confidence_logits [B, n, K], supervision_mask [B, n, K] (float, 1 = supervised slot),
+    position_weights [B, n, K] (mask * exp(-k / decay_gamma))) -> scalar``; DeepSpec's terms are
+    ``sum(w * term) / sum(w)``. The loss adds ``weight * fn(...)``."""
+
     ce: float = 0.1
     l1: float = 0.9
     confidence: float = 1.0
     decay_gamma: float = 4.0
+    extra_terms: tuple[tuple[str, float], ...] = ()
+
+
+LOSS_TERMS = Registry("loss term", {})
+
+
+def loss_terms_from_args(items) -> tuple[tuple[str, float], ...]:
+    """``--loss-term PATH WEIGHT`` pairs, each importable and its weight a finite number."""
+    import math
+
+    out = []
+    for path, weight in items or ():
+        try:
+            w = float(weight)
+        except ValueError:
+            raise UsageError(f"--loss-term {path}: the weight must be a number, got {weight!r}") from None
+        if not math.isfinite(w):
+            raise UsageError(f"--loss-term {path}: the weight must be finite, got {weight}")
+        if not callable(LOSS_TERMS.resolve(path)):
+            raise PluginError(f"loss term {path!r} is not a function")
+        out.append((path, w))
+    return tuple(out)
+
+
+def loss_term_metric(path: str) -> str:
+    return f"loss_term[{path}]"
+
+
+def plugin_loss_terms(out: "DraftTrainOutput", p: jax.Array, mask: jax.Array, w: jax.Array, lc: LossConfig) -> dict:
+    """The value of each plug-in term of ``lc`` on a batch (metric name -> scalar)."""
+    values = {}
+    for path, _ in lc.extra_terms:
+        value = jnp.asarray(LOSS_TERMS.resolve(path)(out.draft_logits, p, out.confidence_logits, mask, w))
+        if value.shape != ():
+            raise PluginError(f"loss term {path!r} must return a scalar, got shape {value.shape}")
+        values[loss_term_metric(path)] = value.astype(jnp.float32)
+    return values
 
 
 def draft_loss_terms(out: DraftTrainOutput, lc: LossConfig) -> tuple[jax.Array, dict]:
@@ -216,6 +262,10 @@ def draft_loss_terms(out: DraftTrainOutput, lc: LossConfig) -> tuple[jax.Array, 
     den = jnp.sum(w) + 1e-6
     terms = {name: jnp.sum(w * t) / den for name, t in (("ce_loss", ce), ("l1_loss", l1), ("confidence_loss", bce))}
     loss = lc.ce * terms["ce_loss"] + lc.l1 * terms["l1_loss"] + lc.confidence * terms["confidence_loss"]
+    extra = plugin_loss_terms(out, p, mask, w, lc)
+    for (path, weight) in lc.extra_terms:
+        loss = loss + weight * extra[loss_term_metric(path)]
+    terms.update(extra)
 
     slots = jnp.sum(mask, axis=(0, 1))
     accept_at = jnp.sum(mask * accept, axis=(0, 1)) / jnp.maximum(slots, 1.0)

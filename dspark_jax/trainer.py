@@ -146,8 +146,18 @@ def save_checkpoint(manager, step: int, state, meta: dict, force: bool = False):
     manager.save(step, args=args, force=force)
 
 
+def abstract_like(tree, sharding=None):
+    """``jax.ShapeDtypeStruct`` per array of ``tree``, placed with ``sharding`` (one sharding
+    for every leaf, or a matching tree of them) when given: what orbax restores into."""
+    if sharding is None or isinstance(sharding, jax.sharding.Sharding):
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sharding)
+
+
 def restore_checkpoint(manager, abstract_state) -> tuple[Any, dict] | None:
-    """The latest checkpoint (state, metadata), or None when the directory has none."""
+    """The latest checkpoint (state, metadata), or None when the directory has none; each
+    array restored straight into the sharding its ``abstract_state`` leaf names (any mesh:
+    orbax reads each device's slice, whatever mesh saved it)."""
     import orbax.checkpoint as ocp
 
     step = manager.latest_step()
@@ -231,8 +241,7 @@ def run_training(
 
     os.makedirs(workdir, exist_ok=True)
     manager = checkpoint_manager(os.path.join(workdir, "checkpoints"), save_every)
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
-    restored = restore_checkpoint(manager, abstract)
+    restored = restore_checkpoint(manager, abstract_like(state, None if mesh is None else NamedSharding(mesh, P())))
     start = 0
     if restored is not None:
         state, saved_meta = restored

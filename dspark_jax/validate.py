@@ -106,6 +106,15 @@ def check_args(args) -> None:
     if values.get("sps_profile") and values.get("scheduler") not in SPS_SCHEDULERS:
         warnings.warn(f"--sps-profile is read by --scheduler {' or '.join(SPS_SCHEDULERS)} only; ignored with "
                       f"--scheduler {values.get('scheduler') or '(default)'}", DSparkWarning, stacklevel=2)
+    if values.get("max_shard_size") is not None:
+        from .safetensors_io import parse_size
+
+        try:
+            size = parse_size(values["max_shard_size"])
+        except ValueError as e:
+            raise UsageError(f"--max-shard-size: {e}") from None
+        if size < 1:
+            raise UsageError(f"--max-shard-size must be positive, got {values['max_shard_size']!r}")
     check_input_files(values)
     if values.get("command") == "calibrate":  # every round commits >= 1 token: an upper bound, known now
         most = values["num_prompts"] * values["max_new_tokens"]

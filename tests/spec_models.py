@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dspark_jax.config import Qwen3Config
-from dspark_jax.draft import DraftConfig, DraftParams, MarkovParams, init_draft_params
+from dspark_jax.draft import DraftConfig, DraftParams, init_draft_params
 from dspark_jax.target import Qwen3Params, forward, init_cache, init_params
 
 HEAD_TYPES = ("vanilla", "gated", "rnn", "none")
@@ -175,21 +175,19 @@ def make_draft(
             if r != V:
                 raise ValueError("zero_mass_tokens needs markov_rank = vocab")
             w2 = w2.at[:, jnp.asarray(zero_mass_tokens)].set(-1e9)
-        markov = MarkovParams(w1=w1, w2=w2)
+        markov = {"w1": w1, "w2": w2}
         if head == "gated":
-            markov.gate_w = 0.1 * jax.random.normal(k_gate, (D + r, r), jnp.float32)
-            markov.gate_b = jnp.full((r,), 3.0, jnp.float32)
+            markov["gate_w"] = 0.1 * jax.random.normal(k_gate, (D + r, r), jnp.float32)
+            markov["gate_b"] = jnp.full((r,), 3.0, jnp.float32)
         elif head == "rnn":
             joint_w = 0.1 * jax.random.normal(k_joint, (2 * r + D, 3 * r), jnp.float32)
-            markov.joint_w = joint_w.at[r : 2 * r, 2 * r :].add(3.0 * jnp.eye(r, dtype=jnp.float32))
-            markov.joint_b = jnp.zeros((3 * r,), jnp.float32)
+            markov["joint_w"] = joint_w.at[r : 2 * r, 2 * r :].add(3.0 * jnp.eye(r, dtype=jnp.float32))
+            markov["joint_b"] = jnp.zeros((3 * r,), jnp.float32)
         final_norm = final_norm * base_scale
     confidence = params.confidence
     if confidence is not None:
-        width = confidence.w.shape[0]
-        confidence = dataclasses.replace(
-            confidence, w=confidence_std * jax.random.normal(k_conf, (width,), jnp.float32)
-        )
+        width = confidence["w"].shape[0]
+        confidence = {**confidence, "w": confidence_std * jax.random.normal(k_conf, (width,), jnp.float32)}
     return dataclasses.replace(params, layers=layers, final_norm=final_norm, markov=markov, confidence=confidence)
 
 
@@ -227,3 +225,18 @@ def random_prompts(n: int, vocab: int, min_len: int = 1, max_len: int = 16, seed
     """Ragged prompts of lengths in [min_len, max_len] (ids below vocab - 1, the mask id)."""
     rs = np.random.RandomState(seed)
     return [rs.randint(0, vocab - 1, rs.randint(min_len, max_len + 1)).tolist() for _ in range(n)]
+
+
+def random_weights(decls, seed: int = 0, std: float = 0.3):
+    """numpy-drawn weights for a declaration tree (no jax compile, unlike ``init_tree``): norms
+    1 + 0.1 N(0, 1) (each distinct), zero-initialised weights N(0, 0.1^2), matrices N(0, std^2)."""
+    from dspark_jax.params import map_decls
+
+    rng = np.random.RandomState(seed)
+
+    def draw(decl):
+        noise = rng.standard_normal(decl.shape)
+        w = {"ones": 1 + 0.1 * noise, "zeros": 0.1 * noise}.get(decl.init, std * noise)
+        return jnp.asarray(w, jnp.float32)
+
+    return map_decls(draw, decls)

@@ -511,23 +511,23 @@ def numpy_heads(params: Dr.DraftParams, dcfg: Dr.DraftConfig, base, hidden, prev
     logits, conf = np.zeros((B, K, V)), np.zeros((B, K))
     for k in range(K):
         h = hidden[:, k]
-        e = f64(mk.w1)[prev[:, k]] if mk is not None else None
+        e = f64(mk["w1"])[prev[:, k]] if mk is not None else None
         if dcfg.head_type == "vanilla":
-            bias = e @ f64(mk.w2)
+            bias = e @ f64(mk["w2"])
         elif dcfg.head_type == "gated":
-            g = sig(np.concatenate([h, e], -1) @ f64(mk.gate_w) + f64(mk.gate_b))
-            bias = (g * e) @ f64(mk.w2)
+            g = sig(np.concatenate([h, e], -1) @ f64(mk["gate_w"]) + f64(mk["gate_b"]))
+            bias = (g * e) @ f64(mk["w2"])
         elif dcfg.head_type == "rnn":
-            z = np.concatenate([state, e, h], -1) @ f64(mk.joint_w) + f64(mk.joint_b)
+            z = np.concatenate([state, e, h], -1) @ f64(mk["joint_w"]) + f64(mk["joint_b"])
             gate, cand, out = z[:, :r], z[:, r : 2 * r], z[:, 2 * r :]
             state = sig(gate) * state + (1 - sig(gate)) * np.tanh(cand)
-            bias = np.tanh(out) @ f64(mk.w2)
+            bias = np.tanh(out) @ f64(mk["w2"])
         else:
             bias = 0.0
         logits[:, k] = base[:, k] + bias
         if params.confidence is not None:
             feats = np.concatenate([h, e], -1) if dcfg.confidence_uses_markov else h
-            conf[:, k] = feats @ f64(params.confidence.w) + f64(params.confidence.b)
+            conf[:, k] = feats @ f64(params.confidence["w"]) + f64(params.confidence["b"])
     return logits, conf
 
 

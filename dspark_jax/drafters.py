@@ -1,0 +1,134 @@
+"""Drafter families: what the speculative loop, the loader, training and eval call on a drafter.
+
+A family is chosen by the drafter config's ``family`` (``DraftConfig``: "dspark", covering
+DSpark and DFlash; ``eagle3.Eagle3Config``: "eagle3"), or, reading a checkpoint, by the
+``architectures`` of its ``config.json``. ``register_family`` adds one (a research drafter):
+the loop stays the same ``lax.while_loop``, only these calls change.
+
+The drafter's decoding state is whatever the family carries through the loop
+(``SpecState.draft_cache``): DSpark's context cache (``KVCache``), Eagle-3's
+``Eagle3State`` (cache + the hidden of the next proposal).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+from . import draft as dspark
+from . import eagle3
+from .config import ConfigError
+
+
+class DrafterFamily:
+    """The DSpark / DFlash family (parallel block drafting, Markov + confidence heads); the
+    methods are the interface every family implements."""
+
+    name = "dspark"
+    architectures: tuple[str, ...] = ("DSpark", "DFlash")  # substrings of config.json "architectures"
+    config_class: Any = dspark.DraftConfig
+
+    def config_from_hf(self, raw, where):
+        return self.config_class.from_hf(raw, where)
+
+    def decl(self, dcfg):
+        """The parameter declaration tree (``params.ParamDecl`` leaves, checkpoint names)."""
+        return dspark.draft_decl(dcfg)
+
+    def init_params(self, key, dcfg, dtype=None, std: float = 0.02):
+        return dspark.init_draft_params(key, dcfg, *(() if dtype is None else (dtype,)), std=std)
+
+    def check_compatible(self, dcfg, tcfg, where: str = "draft"):
+        dspark.check_compatible(dcfg, tcfg, where)
+
+    def init_state(self, params, dcfg, batch: int, cache_len: int, dtype):
+        """The empty decoding state of a batch."""
+        return dspark.init_context_cache(dcfg, batch, cache_len, dtype)
+
+    def prefill_chunk_fn(self, params, dcfg, target, prompt_tokens, prompt_lengths):
+        """``fn(state, features [B, C, F], num_new [B]) -> state`` for each prefill chunk."""
+        return functools.partial(dspark.append_context, params, dcfg)
+
+    def start(self, params, dcfg, target, state, first_token):
+        """The state after the prefill, once the first token is sampled."""
+        return state
+
+    def propose(self, key, params, dcfg, target, state, anchor, sampling, num_drafts: int):
+        """(``draft.DraftBlock`` of ``num_drafts`` tokens, state)."""
+        block, _ = dspark.draft_block(key, params, dcfg, target, state, anchor, sampling, num_drafts)
+        return block, state
+
+    def commit(self, params, dcfg, target, state, features, tokens, num_new):
+        """Fold the verified positions' target features ``[B, K+1, F]`` (with the tokens after
+        them ``[B, K+1]``) into the state, committing the first ``num_new [B]``."""
+        return dspark.append_context(params, dcfg, state, features, num_new)
+
+
+class Eagle3Family(DrafterFamily):
+    """Eagle-3: one layer drafting a chain (``eagle3``); no confidence head."""
+
+    name = "eagle3"
+    architectures = ("Eagle3",)
+    config_class = eagle3.Eagle3Config
+
+    def decl(self, dcfg):
+        return eagle3.eagle3_decl(dcfg)
+
+    def init_params(self, key, dcfg, dtype=None, std: float = 0.02):
+        return eagle3.init_eagle3_params(key, dcfg, *(() if dtype is None else (dtype,)), std=std)
+
+    def check_compatible(self, dcfg, tcfg, where: str = "draft"):
+        eagle3.check_compatible(dcfg, tcfg, where)
+
+    def init_state(self, params, dcfg, batch, cache_len, dtype):
+        return eagle3.init_state(dcfg, batch, cache_len, dtype)
+
+    def prefill_chunk_fn(self, params, dcfg, target, prompt_tokens, prompt_lengths):
+        return functools.partial(eagle3.prefill_chunk, params, dcfg, target, prompt_tokens, prompt_lengths)
+
+    def start(self, params, dcfg, target, state, first_token):
+        return eagle3.start(params, dcfg, target, state, first_token)
+
+    def propose(self, key, params, dcfg, target, state, anchor, sampling, num_drafts):
+        return eagle3.propose(key, params, dcfg, target, state, anchor, sampling, num_drafts)
+
+    def commit(self, params, dcfg, target, state, features, tokens, num_new):
+        return eagle3.commit(params, dcfg, target, state, features, tokens, num_new)
+
+
+FAMILIES: dict[str, DrafterFamily] = {}
+
+
+def register_family(family: DrafterFamily) -> DrafterFamily:
+    """Add (or replace) a drafter family, keyed by ``family.name``."""
+    FAMILIES[family.name] = family
+    return family
+
+
+register_family(DrafterFamily())
+register_family(Eagle3Family())
+
+
+def family_of(dcfg) -> DrafterFamily:
+    """The family of a drafter config (``DraftConfig`` has no ``family`` field: DSpark)."""
+    name = getattr(dcfg, "family", "dspark")
+    if name not in FAMILIES:
+        raise ConfigError(f"unknown drafter family {name!r} (registered: {', '.join(FAMILIES)})")
+    return FAMILIES[name]
+
+
+def family_for_architectures(archs: Sequence[str], where: str = "config.json") -> DrafterFamily:
+    """The family whose architecture names match a ``config.json``'s (none given: DSpark,
+    as older DeepSpec DSpark configs write none)."""
+    if not archs:
+        return FAMILIES["dspark"]
+    for family in FAMILIES.values():
+        if any(tag in a for a in archs for tag in family.architectures):
+            return family
+    known = ", ".join(tag for f in FAMILIES.values() for tag in f.architectures)
+    raise ConfigError(f"{where}: architectures {list(archs)} is not a drafter this library runs ({known})")
+
+
+def config_from_hf(raw, where: str = "config.json"):
+    """A drafter config of the family its ``architectures`` name."""
+    return family_for_architectures(raw.get("architectures") or [], where).config_from_hf(raw, where)
