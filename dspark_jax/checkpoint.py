@@ -335,6 +335,15 @@ def load_target(path, dtype=None, *, mesh=None) -> tuple[Qwen3Params, Qwen3Confi
     return load_qwen3(path, dtype, mesh=mesh)
 
 
+def load_target_config(model_dir):
+    """The config of a Hugging Face target directory, of whichever family it is."""
+    if target_family(model_dir) == "gemma4":
+        from .gemma4 import load_gemma4_config
+
+        return load_gemma4_config(model_dir)
+    return load_qwen3_config(model_dir)
+
+
 def target_family(model_dir) -> str:
     """The model family of a Hugging Face directory, from its config's model_type / architectures."""
     from .gemma4 import is_gemma4_config

@@ -116,8 +116,7 @@ def run_generate(args, on_first_result=None, on_text=None) -> dict:
     first (compiling) call returns, before the timed second call and the ``--compare-ar`` run.
     With ``--stream`` that first call is streamed, each new piece of text passed to ``on_text``."""
     from .chat import with_stop_id
-    from .checkpoint import load_drafter, load_target
-    from .config import load_qwen3_config
+    from .checkpoint import load_drafter, load_target, load_target_config
     from .decoding import generate_ar
     from .sampling import Sampling
     from .speculative import speculative_generate
@@ -139,7 +138,7 @@ def run_generate(args, on_first_result=None, on_text=None) -> dict:
     if args.prompt is not None or args.messages is not None or args.tokenizer:
         tokenizer = Tokenizer(args.tokenizer or args.target)
     prompt, chat, end_of_turn = prompt_ids(args, tokenizer)
-    check_request_fits(args, len(prompt), load_qwen3_config(args.target))
+    check_request_fits(args, len(prompt), load_target_config(args.target))
     mesh = None
     if args.tensor_parallel > 1 or args.data_parallel > 1:
         from .sharding import make_mesh

@@ -89,6 +89,8 @@ def check_cache_memory(nbytes: int, what: str):
 
 def cache_bytes(cfg: Qwen3Config, batch: int, cache_len: int, dtype) -> int:
     """Bytes of a target KV cache (keys and values of every layer)."""
+    if (family := target_model.family_of(cfg)) is not None:
+        return family.cache_bytes(cfg, batch, cache_len, dtype)
     per_entry = cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
     return 2 * batch * cache_len * per_entry
 

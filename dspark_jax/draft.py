@@ -37,16 +37,17 @@ from . import heads as heads_lib
 from .params import ParamDecl, init_param, init_tree
 from .plugins import is_import_path
 from .sampling import Sampling, distribution, sample
-from .target import Qwen3Params, compute_logits
+from .target import Qwen3Params, compute_logits, embed_tokens
+from . import gemma4
 
 MARKOV_HEAD_TYPES = ("vanilla", "gated", "rnn")
 
 
 @dataclasses.dataclass(frozen=True)
 class DraftConfig:
-    """A DeepSpec draft ``config.json``: Qwen3 layer shapes plus the DSpark fields."""
+    """A DeepSpec draft ``config.json``: Qwen3 (or Gemma 4) layer shapes plus the DSpark fields."""
 
-    layers: Qwen3Config  # num_hidden_layers = number of draft layers
+    layers: Qwen3Config | gemma4.Gemma4Config  # num_hidden_layers = number of draft layers
     block_size: int
     target_layer_ids: tuple[int, ...]
     mask_token_id: int
@@ -101,7 +102,8 @@ class DraftConfig:
             if raw.get(field) is None:
                 raise ConfigError(f"{where}: missing DSpark field {field!r}")
         return cls(
-            layers=Qwen3Config.from_hf(raw, where),
+            layers=(gemma4.Gemma4Config.from_hf(raw, where) if gemma4.is_gemma4_config(raw)
+                    else Qwen3Config.from_hf(raw, where)),
             block_size=int(raw["block_size"]),
             target_layer_ids=tuple(int(i) for i in raw["target_layer_ids"]),
             mask_token_id=int(raw["mask_token_id"]),
@@ -114,10 +116,15 @@ class DraftConfig:
             num_target_layers=raw.get("num_target_layers"),
         )
 
+    @property
+    def is_gemma4(self) -> bool:
+        return isinstance(self.layers, gemma4.Gemma4Config)
+
     def to_hf(self) -> dict[str, Any]:
-        out = self.layers.to_hf()
+        gemma = self.is_gemma4
+        out = self.layers.to_hf_text() if gemma else self.layers.to_hf()
         out.update(
-            architectures=["Qwen3DSparkModel"],
+            architectures=["Gemma4DSparkModel" if gemma else "Qwen3DSparkModel"],
             layer_types=["full_attention"] * self.layers.num_hidden_layers,
             block_size=self.block_size,
             target_layer_ids=list(self.target_layer_ids),
@@ -132,6 +139,8 @@ class DraftConfig:
             out["markov_head_args"] = dict(self.markov_head_args)
         if self.num_target_layers is not None:
             out["num_target_layers"] = self.num_target_layers
+        if gemma:
+            out.update(tie_word_embeddings=False, target_model_type="gemma4", target_text_model_type="gemma4_text")
         return out
 
 
@@ -173,7 +182,8 @@ def draft_decl(dcfg: DraftConfig) -> DraftParams:
     return DraftParams(
         fc=ParamDecl((m * D, D), ("features", "embed"), "fc.weight", 1),
         hidden_norm=ParamDecl((D,), ("embed",), "hidden_norm.weight", init="ones"),
-        layers=decoder_layer_decl(dcfg.layers, dcfg.layers.num_hidden_layers, "layers"),
+        layers=(gemma4.draft_layers_decl(dcfg.layers) if dcfg.is_gemma4
+                else decoder_layer_decl(dcfg.layers, dcfg.layers.num_hidden_layers, "layers")),
         final_norm=ParamDecl((D,), ("embed",), "norm.weight", init="ones"),
         markov=structure.markov_decls,
         confidence=structure.confidence_decls,
@@ -226,6 +236,8 @@ def check_compatible(dcfg: DraftConfig, tcfg: Qwen3Config, where: str = "draft")
 def init_context_cache(dcfg: DraftConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
     """The drafter's context cache: keys/values of projected target features, per draft layer."""
     c = dcfg.layers
+    if dcfg.is_gemma4:  # every draft layer has the full-attention geometry
+        return KVCache.init(c.num_hidden_layers, batch, max_len, c.num_global_key_value_heads, c.global_head_dim, dtype)
     return KVCache.init(c.num_hidden_layers, batch, max_len, c.num_key_value_heads, c.head_dim, dtype)
 
 
@@ -241,6 +253,8 @@ def context_kv(params: DraftParams, dcfg: DraftConfig, features: jax.Array, posi
     """Context keys/values ``[L, B, T, K, Dh]`` of every draft layer for target features at
     ``positions [B, T]``. H_ctx enters k_proj/v_proj as is (no input_layernorm)."""
     h_ctx = project_context(params, dcfg, features)
+    if dcfg.is_gemma4:
+        return gemma4.draft_context_kv(params.layers, dcfg.layers, h_ctx, positions)
     cos, sin = rope_cos_sin(dcfg.layers, positions)
     return jax.vmap(lambda layer: project_kv(layer, dcfg.layers, h_ctx, cos, sin))(params.layers)
 
@@ -275,6 +289,8 @@ def draft_layers(
     """
     c = dcfg.layers
     backend = backend or c.attention_backend
+    if dcfg.is_gemma4:
+        return gemma4.draft_layers(params.layers, params.final_norm, c, x, mask, ctx_k, ctx_v, backend)
     cos, sin = rope_cos_sin(c, mask.q_pos)
 
     def body(x, scanned):
@@ -312,7 +328,7 @@ def backbone(
     tokens = block_inputs(dcfg, anchor, block_size)
     # the block is bidirectional and reads the context before its anchor
     mask = AttentionMask.make(chunk_positions(cache.lengths, block_size), context_len=cache.lengths, causal=False)
-    x = target.embed[tokens]
+    x = embed_tokens(target, tokens)
     return draft_layers(params, dcfg, x, mask, cache.k, cache.v)
 
 

@@ -209,7 +209,7 @@ class Gemma4Config:
             "head_dim": self.head_dim, "global_head_dim": self.global_head_dim,
             "num_global_key_value_heads": self.num_global_key_value_heads, "layer_types": list(self.layer_types),
             "sliding_window": self.sliding_window,
-            "rope_parameters": {SLIDING: self.rope_sliding.to_hf(), FULL: self.rope_full.to_hf()},
+            "rope_parameters": {SLIDING: _rope_to_hf(self.rope_sliding), FULL: _rope_to_hf(self.rope_full)},
             "attention_k_eq_v": self.attention_k_eq_v, "num_kv_shared_layers": self.num_kv_shared_layers,
             "use_double_wide_mlp": self.use_double_wide_mlp, "final_logit_softcapping": self.final_logit_softcapping,
             "rms_norm_eps": self.rms_norm_eps, "tie_word_embeddings": self.tie_word_embeddings,
@@ -233,6 +233,13 @@ def _per_layer_geometry(per_layer: Mapping, layer_types, head_dim: int, kv: int,
                               f"only one geometry per layer type is supported")
     full = [geometry(i) for i, t in enumerate(layer_types) if t == FULL]
     return full[0] if full else (head_dim, kv)
+
+
+def _rope_to_hf(rope: RopeConfig) -> dict[str, Any]:
+    out = rope.to_hf()
+    if rope.rope_type == "proportional" and rope.factor == 1.0:
+        del out["factor"]  # as transformers writes Gemma 4's
+    return out
 
 
 def _rope(params: Mapping[str, Any], where: str, kind: str) -> RopeConfig:
@@ -637,3 +644,101 @@ def load_gemma4(model_dir: str | os.PathLike, dtype=None, *, mesh=None, chunk_by
             shardings = target_shardings(cfg, mesh)
         kw = {} if chunk_bytes is None else {"chunk_bytes": chunk_bytes}
         return ckpt.load_tree(source, decls, dtype, shardings, **kw), cfg
+
+
+# ---------------------------------------------------------------------------- DSpark drafter layers
+
+
+def draft_layer_specs(cfg: Gemma4Config) -> tuple[LayerSpec, ...]:
+    """The layers of DeepSpec's ``Gemma4DSparkModel`` (``cfg`` = the draft's config): every layer
+    has the full-attention geometry (global head dim, global kv heads and no v_proj with
+    k_eq_v) and its own keys/values (no window, no sharing); MLP widths follow transformers'
+    rule on the draft config (double-wide from layer n - num_kv_shared_layers on, when > 0)."""
+    n, first_wide = cfg.num_hidden_layers, cfg.num_hidden_layers - cfg.num_kv_shared_layers
+    wide = cfg.use_double_wide_mlp and first_wide > 0
+    return tuple(LayerSpec(sliding=False, head_dim=cfg.global_head_dim, kv_heads=cfg.num_global_key_value_heads,
+                           mlp_width=cfg.intermediate_size * (2 if wide and i >= first_wide else 1),
+                           values_from_keys=cfg.attention_k_eq_v, shared=False, source=i, slot=i)
+                 for i in range(n))
+
+
+def draft_layers_decl(cfg: Gemma4Config, prefix: str = "layers") -> tuple[Gemma4LayerParams, ...]:
+    return tuple(layer_decl(s, cfg, f"{prefix}.{i}") for i, s in enumerate(draft_layer_specs(cfg)))
+
+
+def draft_rope(cfg: Gemma4Config, positions: jax.Array):
+    return rope_tables(cfg.rope_full, cfg.global_head_dim, cfg.max_position_embeddings, positions)
+
+
+def draft_context_kv(layers: Sequence[Gemma4LayerParams], cfg: Gemma4Config, h_ctx: jax.Array, positions: jax.Array):
+    """Context keys/values ``[L, B, T, K, Dh]`` of every draft layer from the projected context
+    ``h_ctx [B, T, D]`` (no input norm) at ``positions [B, T]``."""
+    cos, sin = draft_rope(cfg, positions)
+    kv = [project_kv(p, cfg.rms_norm_eps, h_ctx, cos, sin) for p in layers]
+    return jnp.stack([k for k, _ in kv]), jnp.stack([v for _, v in kv])
+
+
+def draft_layers(layers: Sequence[Gemma4LayerParams], final_norm: jax.Array, cfg: Gemma4Config, x: jax.Array,
+                 mask: AttentionMask, ctx_k: jax.Array, ctx_v: jax.Array, backend: str):
+    """Block inputs ``x [B, T, D]`` through the draft layers, layer l attending to the context
+    ``ctx_k[l], ctx_v[l]`` and the block as ``mask`` says. Returns the final-normed hidden and
+    each layer's output ``[L, B, T, D]`` (after its layer scalar)."""
+    eps = cfg.rms_norm_eps
+    cos, sin = draft_rope(cfg, mask.q_pos)
+    outs = []
+    for i, p in enumerate(layers):
+        h = rms_norm(x, p.input_norm, eps)
+        q = project_q(p, eps, h, cos, sin)
+        k, v = project_kv(p, eps, h, cos, sin)
+        attn = attend(q, k, v, mask, Context(ctx_k, ctx_v, jnp.int32(i)), backend, scale=1.0)
+        x = layer_output(p, eps, x, attn, None)
+        outs.append(x)
+    return rms_norm(x, final_norm, eps), jnp.stack(outs)
+
+
+# ---------------------------------------------------------------------------- packed verification
+
+
+def forward_packed(params: Gemma4Params, cfg: Gemma4Config, tokens: jax.Array, seq_ids: jax.Array, slots: jax.Array,
+                   cache: Gemma4Cache, *, chunk_len: int, feature_layers: Sequence[int] = (), with_logits: bool = True,
+                   tp_axis: str | None = None):
+    """``target.forward_packed`` for Gemma 4: ``tokens [N]`` of several sequences on one axis
+    (token i is the ``slots[i]``-th new token of sequence ``seq_ids[i]``); attention lays them
+    on a ``[batch, chunk_len]`` grid over the cache. Returns outputs ``[N, 1, ...]`` and the
+    packed keys/values per layer type, ``{kind: [L, N, K, Dh]}``, for ``write_packed``."""
+    feature_layers = check_feature_layers(cfg, feature_layers)
+    _check_chunk(cache, cfg, chunk_len)
+    B = cache.batch
+    rows = jnp.minimum(seq_ids, B - 1)
+    positions = (cache.lengths[rows] + slots)[:, None]
+    grid_mask = AttentionMask.make(chunk_positions(cache.lengths, chunk_len), context_len=cache.lengths)
+
+    def grid(x):
+        return jnp.zeros((B, chunk_len) + x.shape[2:], x.dtype).at[seq_ids, slots].set(x[:, 0], mode="drop")
+
+    def attend_grid(q, k, v, mask, context):
+        out = attend(grid(q), grid(k), grid(v), mask, context, cfg.attention_backend, scale=1.0)
+        return out[rows, slots][:, None]
+
+    out, new_kv = run_layers(params, cfg, tokens[:, None], positions, grid_mask, cache, feature_layers, with_logits,
+                             tp_axis, False, attend_grid)
+    new_k = {kind: kv[0][:, :, 0] for kind, kv in new_kv.items() if kv is not None}
+    new_v = {kind: kv[1][:, :, 0] for kind, kv in new_kv.items() if kv is not None}
+    return out, (new_k, new_v)
+
+
+def write_packed(cache: Gemma4Cache, new_k: dict, new_v: dict, seq_ids: jax.Array, slots: jax.Array) -> Gemma4Cache:
+    """Scatter packed keys/values ``{kind: [L, N, K, Dh]}`` at (sequence, lengths + slot);
+    padding tokens (``seq_ids == batch``) are dropped. Lengths are not advanced."""
+    B, S, R = cache.batch, cache.max_len, cache.ring
+    rows = jnp.minimum(seq_ids, B - 1)
+    positions = jnp.where(seq_ids < B, cache.lengths[rows] + slots, S)
+    where = {FULL: (jnp.where(positions < S, positions, S), "full_k", "full_v"),
+             SLIDING: (jnp.where(positions < S, jnp.mod(positions, R), R), "sliding_k", "sliding_v")}
+    out = cache
+    for kind, k in new_k.items():
+        at, k_name, v_name = where[kind]
+        ck, cv = getattr(out, k_name), getattr(out, v_name)
+        out = dataclasses.replace(out, **{k_name: ck.at[:, rows, at].set(k.astype(ck.dtype), mode="drop"),
+                                          v_name: cv.at[:, rows, at].set(new_v[kind].astype(cv.dtype), mode="drop")})
+    return out

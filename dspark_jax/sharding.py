@@ -42,6 +42,8 @@ def make_mesh(model: int = 1, data: int = 1, devices=None) -> Mesh:
 
 def kv_replication(cfg: Qwen3Config, model: int) -> int:
     """How many times each kv head is repeated so kv heads split evenly over ``model``."""
+    if getattr(cfg, "family", "qwen3") != "qwen3":
+        raise ValueError(f"tensor parallelism (a mesh) is not supported for {cfg.family} targets yet; run without --tp / mesh")
     H, K = cfg.num_attention_heads, cfg.num_key_value_heads
     if H % model:
         raise ValueError(f"num_attention_heads={H} is not divisible by the model axis size {model}")

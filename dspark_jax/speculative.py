@@ -216,7 +216,8 @@ def packed_verify(target, tcfg, cache: KVCache, verify_tokens, lengths, live, fe
             unpack = starts[:, None] + jnp.minimum(jnp.arange(T)[None, :], jnp.maximum(counts - 1, 0)[:, None])
             unpack = jnp.minimum(unpack, size - 1)
             pad = ((0, 0), (0, largest - size), (0, 0), (0, 0))
-            return out.logits[unpack, 0], out.features[unpack, 0], jnp.pad(new_k, pad), jnp.pad(new_v, pad)
+            pad_all = lambda kv: jax.tree.map(lambda a: jnp.pad(a, pad), kv)  # a pytree per layer type (Gemma 4)
+            return out.logits[unpack, 0], out.features[unpack, 0], pad_all(new_k), pad_all(new_v)
 
         return run
 

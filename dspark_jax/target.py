@@ -85,6 +85,13 @@ def init_cache(cfg: Qwen3Config, batch: int, max_len: int, dtype=jnp.float32) ->
     return KVCache.init(cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim, dtype)
 
 
+def embed_tokens(params: Qwen3Params, tokens: jax.Array) -> jax.Array:
+    """The input embedding of ``tokens`` as the family's first layer sees it (Gemma 4: scaled)."""
+    if (family := family_of(params)) is not None:
+        return family.scaled_embedding(params.embed, tokens)
+    return params.embed[tokens]
+
+
 def output_head(params: Qwen3Params) -> jax.Array:
     """The ``[D, V]`` output projection (the transposed embedding when tied)."""
     return params.embed.T if params.lm_head is None else params.lm_head
@@ -224,6 +231,9 @@ def forward_packed(
     ``[L, N, K, Dh]`` each, for ``write_packed``. Padding tokens carry ``seq_ids == batch``.
     Outputs have shape ``[N, 1, ...]``.
     """
+    if (family := family_of(cfg)) is not None:
+        return family.forward_packed(params, cfg, tokens, seq_ids, slots, cache, chunk_len=chunk_len,
+                                     feature_layers=feature_layers, with_logits=with_logits, tp_axis=tp_axis)
     feature_layers = check_feature_layers(cfg, feature_layers)
     B = cache.batch
     rows = jnp.minimum(seq_ids, B - 1)
@@ -244,6 +254,8 @@ def forward_packed(
 def write_packed(cache: KVCache, new_k: jax.Array, new_v: jax.Array, seq_ids: jax.Array, slots: jax.Array) -> KVCache:
     """Scatter packed keys/values ``[L, N, K, Dh]`` at (sequence, lengths + slot); padding
     tokens (``seq_ids == batch``) are dropped. Lengths are not advanced."""
+    if (family := family_of(cache)) is not None:
+        return family.write_packed(cache, new_k, new_v, seq_ids, slots)
     B = cache.batch
     rows = jnp.minimum(seq_ids, B - 1)
     positions = jnp.where(seq_ids < B, cache.lengths[rows] + slots, cache.max_len)

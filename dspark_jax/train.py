@@ -173,7 +173,7 @@ def draft_training_forward(
     ctx_positions = jnp.broadcast_to(jnp.arange(S), (B, S))
     ctx_k, ctx_v = draft_model.context_kv(params, dcfg, features, ctx_positions)
     mask = training_attention_mask(anchors, keep, K)
-    x = target.embed[block_tokens.reshape(B, n * K)]
+    x = target_model.embed_tokens(target, block_tokens.reshape(B, n * K))
     # the whole context is live in training: the dense backend (differentiable, no loop)
     backend = "dense" if dcfg.layers.attention_backend == "auto" else dcfg.layers.attention_backend
     hidden, layer_out = draft_model.draft_layers(params, dcfg, x, mask, ctx_k, ctx_v, backend)

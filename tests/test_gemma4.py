@@ -197,3 +197,141 @@ def test_untied_gemma4_without_k_eq_v_matches_transformers(tmp_path):
     ids = np.random.RandomState(5).randint(0, cfg.vocab_size, (1, 20)).astype(np.int32)
     out, _ = run_chunk(params, cfg, jnp.asarray(ids), None)
     np.testing.assert_allclose(np.asarray(out.logits), hf_gemma4_forward(model, ids)[0], rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- the DSpark drafter
+
+
+@pytest.fixture(scope="module")
+def fixture_draft(fixture_dir, fixture_target):
+    from dspark_jax.checkpoint import load_draft
+
+    return load_draft(fixture_dir / "draft", *fixture_target, "float32")
+
+
+@pytest.fixture(scope="module")
+def eval_path(fixture_target, fixture_draft, ref):
+    """DeepSpec's eval path replayed: prefill, round 1, verify, 2 drafts accepted, the context
+    append of the 3 committed positions, round 2; arrays keyed by the reference names."""
+    from dspark_jax import draft as Dr
+    from test_draft import kv_to_deepspec
+
+    tp, tc = fixture_target
+    dp, dc = fixture_draft
+    ids = jnp.asarray(ref["prompt_ids"], jnp.int32)
+    P, accepted = ids.shape[1], 2
+    ours: dict = {}
+    cache = target.init_cache(tc, 1, 64)
+    pre, cache = run_chunk(tp, tc, ids, cache, dc.target_layer_ids)
+    cache = cache.advance(P)
+    ours["context_features"] = pre.features
+    anchor1 = jnp.argmax(pre.logits[:, -1], -1).astype(jnp.int32)
+    fx = type("Fx", (), dict(dp=dp, dc=dc, tp=tp))
+    from test_draft import draft_round
+
+    ctx1 = Dr.append_context(dp, dc, Dr.init_context_cache(dc, 1, 64), pre.features, jnp.array([P]))
+    ours["r1_ctx_proj"] = Dr.project_context(dp, dc, pre.features)
+    ours["r1_draft_cache_k"], ours["r1_draft_cache_v"] = kv_to_deepspec(ctx1.k, P), kv_to_deepspec(ctx1.v, P)
+    ours.update({f"r1_{k}": v for k, v in draft_round(fx, ctx1, anchor1).items()})
+    vin = jnp.concatenate([anchor1[:, None], ours["r1_draft_tokens"]], 1)
+    vout, _ = run_chunk(tp, tc, vin, cache, dc.target_layer_ids)
+    ours.update(r1_verify_input_ids=vin, r1_verify_logits=vout.logits, r1_verify_context_features=vout.features)
+    anchor2 = jnp.argmax(vout.logits[:, accepted], -1).astype(jnp.int32)
+    ours["r2_target_hidden_states"] = vout.features[:, : accepted + 1]
+    ours["r2_ctx_proj"] = Dr.project_context(dp, dc, ours["r2_target_hidden_states"])
+    ctx2 = Dr.append_context(dp, dc, ctx1, vout.features, jnp.array([accepted + 1]))
+    S2 = P + accepted + 1
+    ours["r2_draft_cache_k"], ours["r2_draft_cache_v"] = kv_to_deepspec(ctx2.k, S2), kv_to_deepspec(ctx2.v, S2)
+    ours.update({f"r2_{k}": v for k, v in draft_round(fx, ctx2, anchor2).items()})
+    ours["r2_verify_input_ids"] = jnp.concatenate([anchor2[:, None], ours["r2_draft_tokens"]], 1)
+    return ours, int(anchor1[0]), int(anchor2[0])
+
+
+DRAFT_FLOATS = ["context_features", "r1_verify_logits", "r1_verify_context_features", "r2_target_hidden_states"] + [
+    f"{r}_{n}" for r in ("r1", "r2") for n in ("ctx_proj", "draft_cache_k", "draft_cache_v", "layer_out",
+                                             "block_hidden", "base_logits", "corrected_logits", "confidence_logits")]
+DRAFT_IDS = [f"{r}_{n}" for r in ("r1", "r2") for n in ("draft_input_ids", "draft_tokens", "verify_input_ids")]
+
+
+def test_drafter_config_is_deepspecs_gemma4_dspark(fixture_draft):
+    from dspark_jax import draft as Dr
+
+    dp, dc = fixture_draft
+    assert dc.is_gemma4 and dc.head_type == "vanilla" and dc.target_layer_ids == (-1, 2, 4)
+    assert [s.mlp_width for s in gemma4.draft_layer_specs(dc.layers)] == [48, 96, 96]
+    assert all(p.v_proj is None and p.k_proj.shape == (64, 1, 32) for p in dp.layers)  # k_eq_v, global geometry
+    assert Dr.init_context_cache(dc, 1, 8).k.shape == (3, 1, 8, 1, 32)
+
+
+def test_drafter_eval_path_floats_match_deepspec(eval_path, ref):
+    ours = eval_path[0]
+    for name in DRAFT_FLOATS:
+        np.testing.assert_allclose(np.asarray(ours[name]), ref[name], **TOL, err_msg=name)
+
+
+def test_drafter_eval_path_tokens_equal_deepspec(eval_path, ref):
+    ours, anchor1, anchor2 = eval_path
+    assert (anchor1, anchor2) == (215, 245)
+    for name in DRAFT_IDS:
+        np.testing.assert_array_equal(np.asarray(ours[name]), ref[name], err_msg=name)
+
+
+@pytest.mark.parametrize("case", ["A", "B"])
+def test_drafter_training_forward_and_losses_match_deepspec(fixture_target, fixture_draft, ref, case):
+    from dspark_jax import train as train_lib
+
+    tp, tc = fixture_target
+    dp, dc = fixture_draft
+    tokens = jnp.asarray(ref["train_input_ids"], jnp.int32)
+    feats, last = train_lib.target_features(tp, tc, dc, tokens)
+    np.testing.assert_allclose(feats, ref["train_target_hidden_states"], **TOL)
+    np.testing.assert_allclose(last, ref["train_target_last_hidden_states"], **TOL)
+    out = train_lib.draft_training_forward(
+        dp, dc, tp, tokens, jnp.asarray(ref[f"train{case}_loss_mask"]), jnp.asarray(ref["train_target_hidden_states"]),
+        jnp.asarray(ref["train_target_last_hidden_states"]), jnp.asarray(ref[f"train{case}_anchor_positions"], jnp.int32),
+        jnp.asarray(ref[f"train{case}_block_keep_mask"]))
+    for ours, name in ((out.layer_out, "layer_out"), (out.hidden, "output_hidden"), (out.draft_logits, "draft_logits"),
+                       (out.aligned_target_logits, "aligned_target_logits"),
+                       (out.confidence_logits, "confidence_pred")):
+        np.testing.assert_allclose(np.asarray(ours), ref[f"train{case}_{name}"], **TOL, err_msg=name)
+    np.testing.assert_array_equal(out.target_ids, ref[f"train{case}_target_ids"])
+    np.testing.assert_array_equal(out.eval_mask, ref[f"train{case}_eval_mask"])
+    loss, metrics = train_lib.draft_loss_terms(out, train_lib.LossConfig(ce=0.1, l1=0.9, confidence=1.0, decay_gamma=4.0))
+    np.testing.assert_allclose(loss, ref[f"train{case}_loss"], **TOL)
+    for term in ("ce_loss", "l1_loss", "confidence_loss"):
+        np.testing.assert_allclose(metrics[term], ref[f"train{case}_{term}"], **TOL, err_msg=term)
+
+
+def test_drafter_exports_back_to_deepspecs_exact_tensors_and_config(fixture_dir, fixture_target, fixture_draft, tmp_path):
+    from dspark_jax.checkpoint import save_draft
+    from dspark_jax.safetensors_io import TensorSource
+
+    tp, _ = fixture_target
+    dp, dc = fixture_draft
+    save_draft(tmp_path, dp, dc, tp)
+    with TensorSource(tmp_path) as ours, TensorSource(fixture_dir / "draft") as theirs:
+        assert ours.names() == theirs.names()
+        for name in sorted(theirs.names()):
+            np.testing.assert_array_equal(ours.get(name), theirs.get(name), err_msg=name)
+    exported = json.loads((tmp_path / "config.json").read_text())
+    released = json.loads((fixture_dir / "draft" / "config.json").read_text())
+    for field in ("architectures", "block_size", "target_layer_ids", "mask_token_id", "markov_rank", "markov_head_type",
+                  "enable_confidence_head", "global_head_dim", "num_global_key_value_heads", "attention_k_eq_v",
+                  "layer_types", "num_kv_shared_layers", "use_double_wide_mlp", "final_logit_softcapping",
+                  "tie_word_embeddings", "model_type", "rope_parameters", "hidden_size_per_layer_input"):
+        if field == "rope_parameters":  # DeepSpec's copy carries transformers' top-level rope_theta/type too
+            assert all(exported[field][k] == released[field][k] for k in ("full_attention", "sliding_attention"))
+        else:
+            assert exported[field] == released[field], field
+
+
+def test_greedy_speculative_equals_greedy_ar_on_gemma4(fixture_target, fixture_draft, ref):
+    """Packed verification (threshold scheduler, every draft offered) through the sliding
+    rings, the shared layers and the drafter: the target's greedy continuation exactly."""
+    from dspark_jax.speculative import speculative_generate
+
+    tp, tc = fixture_target
+    dp, dc = fixture_draft
+    res = speculative_generate(tp, tc, dp, dc, [ref["prompt_ids"][0].tolist()], max_new_tokens=16,
+                               scheduler="threshold")
+    assert res.samples[0] == ref["greedy_ids"][0].tolist()
