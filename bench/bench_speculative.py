@@ -13,7 +13,7 @@ speedup is the median of the back-to-back ratios, robust to bursts of load on a 
     no EOS, so every sample produces ``--new-tokens``), per batch size;
   * one round, each part jitted alone on a prepared (prefilled) state and repeated inside a
     ``fori_loop`` (so dispatch is amortised and caches update in place, as in the decoding
-    loop): draft = ``draft.draft_block``; verify = target ``forward`` of K + 1 tokens (with
+    loop): draft = the drafter family's proposal (``draft.draft_block``, Eagle-3's chain); verify = target ``forward`` of K + 1 tokens (with
     the feature layers; ``packed_verify`` at its full bucket for the packed schedulers, an
     upper bound there); round = ``speculative_round``; overhead = round - draft - verify
     (scheduling, acceptance, commit, cache bookkeeping, the drafter's context append,
@@ -44,7 +44,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from dspark_jax import draft as draft_model  # noqa: E402
+from dspark_jax.drafters import family_of  # noqa: E402
 from dspark_jax import speculative as spec  # noqa: E402
 from dspark_jax import target as target_model  # noqa: E402
 from dspark_jax.decoding import bucket, generate_ar, prepare_prompts  # noqa: E402
@@ -115,10 +115,10 @@ def block(x):
 
 @functools.partial(jax.jit, static_argnames=("dcfg", "sampling", "K", "n"))
 def draft_loop(draft, target, state, key, *, dcfg, sampling, K, n):
+    family = family_of(dcfg)  # DSpark / DFlash: draft.draft_block; Eagle-3: the K-token chain
+
     def body(i, anchor):
-        blk, _ = draft_model.draft_block(
-            jax.random.fold_in(key, i), draft, dcfg, target, state.draft_cache, anchor, sampling, K
-        )
+        blk, _ = family.propose(jax.random.fold_in(key, i), draft, dcfg, target, state.draft_cache, anchor, sampling, K)
         return blk.tokens[:, -1]
 
     return jax.lax.fori_loop(0, n, body, state.anchor)
