@@ -117,11 +117,15 @@ def block(x):
 def draft_loop(draft, target, state, key, *, dcfg, sampling, K, n):
     family = family_of(dcfg)  # DSpark / DFlash: draft.draft_block; Eagle-3: the K-token chain
 
-    def body(i, anchor):
-        blk, _ = family.propose(jax.random.fold_in(key, i), draft, dcfg, target, state.draft_cache, anchor, sampling, K)
-        return blk.tokens[:, -1]
+    def body(i, carry):
+        # the drafter's state is carried (Eagle-3's proposal writes its cache and ignores the
+        # anchor): no iteration is loop-invariant, so none can be hoisted out of the loop
+        anchor, draft_state = carry
+        blk, draft_state = family.propose(jax.random.fold_in(key, i), draft, dcfg, target, draft_state, anchor,
+                                          sampling, K)
+        return blk.tokens[:, -1], draft_state
 
-    return jax.lax.fori_loop(0, n, body, state.anchor)
+    return jax.lax.fori_loop(0, n, body, (state.anchor, state.draft_cache))[0]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "feature_layers", "K", "n", "packed"), donate_argnames=("cache",))
