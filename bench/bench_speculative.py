@@ -13,7 +13,7 @@ speedup is the median of the back-to-back ratios, robust to bursts of load on a 
     no EOS, so every sample produces ``--new-tokens``), per batch size;
   * one round, each part jitted alone on a prepared (prefilled) state and repeated inside a
     ``fori_loop`` (so dispatch is amortised and caches update in place, as in the decoding
-    loop): draft = ``draft.draft_block``; verify = target ``forward`` of K + 1 tokens (with
+    loop): draft = the drafter family's proposal (``draft.draft_block``, Eagle-3's chain); verify = target ``forward`` of K + 1 tokens (with
     the feature layers; ``packed_verify`` at its full bucket for the packed schedulers, an
     upper bound there); round = ``speculative_round``; overhead = round - draft - verify
     (scheduling, acceptance, commit, cache bookkeeping, the drafter's context append,
@@ -44,7 +44,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from dspark_jax import draft as draft_model  # noqa: E402
+from dspark_jax.drafters import family_of  # noqa: E402
 from dspark_jax import speculative as spec  # noqa: E402
 from dspark_jax import target as target_model  # noqa: E402
 from dspark_jax.decoding import bucket, generate_ar, prepare_prompts  # noqa: E402
@@ -115,13 +115,17 @@ def block(x):
 
 @functools.partial(jax.jit, static_argnames=("dcfg", "sampling", "K", "n"))
 def draft_loop(draft, target, state, key, *, dcfg, sampling, K, n):
-    def body(i, anchor):
-        blk, _ = draft_model.draft_block(
-            jax.random.fold_in(key, i), draft, dcfg, target, state.draft_cache, anchor, sampling, K
-        )
-        return blk.tokens[:, -1]
+    family = family_of(dcfg)  # DSpark / DFlash: draft.draft_block; Eagle-3: the K-token chain
 
-    return jax.lax.fori_loop(0, n, body, state.anchor)
+    def body(i, carry):
+        # the drafter's state is carried (Eagle-3's proposal writes its cache and ignores the
+        # anchor): no iteration is loop-invariant, so none can be hoisted out of the loop
+        anchor, draft_state = carry
+        blk, draft_state = family.propose(jax.random.fold_in(key, i), draft, dcfg, target, draft_state, anchor,
+                                          sampling, K)
+        return blk.tokens[:, -1], draft_state
+
+    return jax.lax.fori_loop(0, n, body, (state.anchor, state.draft_cache))[0]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "feature_layers", "K", "n", "packed"), donate_argnames=("cache",))

@@ -719,6 +719,10 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("train-draft", help="train a DSpark/DFlash drafter against a frozen target (resumable)")
     r.add_argument("--target", required=True, help="target directory (Hugging Face format, with tokenizer.json)")
     r.add_argument("--out", required=True, help="work directory: regenerated data, checkpoints, metrics, final draft")
+    r.add_argument("--drafter", choices=("dspark", "eagle3"), default="dspark",
+                   help="dspark: DSpark / DFlash (--head); eagle3: one layer drafting a chain, trained with DeepSpec's "
+                        "training-time test of --block-size (ttt_length) steps")
+    r.add_argument("--step-loss-decay", type=float, default=0.8, help="eagle3: weight of TTT step k is decay^k")
     r.add_argument("--head", default="vanilla",
                    help="vanilla, gated, rnn, none (= DFlash), or a plug-in Markov head package.module:Name "
                         "(a dspark_jax.heads.MarkovHead subclass, importable)")

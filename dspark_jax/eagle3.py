@@ -59,6 +59,8 @@ class Eagle3Config:
     head_type: ClassVar[str] = "eagle3"
 
     def __post_init__(self):
+        # the drafter's lm_head is the target's: there is no tying of its own (DeepSpec writes false)
+        object.__setattr__(self, "layers", dataclasses.replace(self.layers, tie_word_embeddings=False))
         if self.ttt_length < 1:
             raise ConfigError(f"ttt_length must be >= 1, got {self.ttt_length}")
         if self.layers.num_hidden_layers != 1:
@@ -153,12 +155,14 @@ def check_compatible(cfg: Eagle3Config, tcfg: Qwen3Config, where: str = "draft")
 
 
 def default_target_layer_ids(num_layers: int, count: int = 5) -> tuple[int, ...]:
-    """DeepSpec's pattern: layer 1 first, then evenly spaced, never the last layer (fewer
-    than ``count`` + 2 layers: the first ``count`` non-final ones)."""
-    if num_layers - 1 <= count:
-        return tuple(range(max(num_layers - 1, 1)))[:count]
-    step = (num_layers - 2) / (count - 1) if count > 1 else 0
-    return tuple(sorted({min(num_layers - 2, 1 + round(i * step)) for i in range(count)}))
+    """DeepSpec's pattern: layer 1, then every (L - 4) / (count - 1) layers (Qwen3-4B's 36:
+    1, 9, 17, 25, 33; Qwen3-14B's 40: 1, 10, 19, 28, 37), never the last layer; a target too
+    shallow for that gets its first ``count`` non-final layers."""
+    if num_layers - 4 < count - 1:
+        first = 1 if num_layers - 2 >= count else 0
+        return tuple(range(first, max(num_layers - 1, 1)))[:count]
+    step = (num_layers - 4) / (count - 1) if count > 1 else 0
+    return tuple(1 + round(i * step) for i in range(count))
 
 
 # ---------------------------------------------------------------------------- the layer

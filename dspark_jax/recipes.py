@@ -24,7 +24,8 @@ from . import data as data_lib
 from . import train as train_lib
 from .checkpoint import cast_tree, load_target, resolve_dtype, save_draft, save_draft_orbax, save_qwen3
 from .config import Qwen3Config
-from .draft import DraftConfig, init_draft_params
+from .draft import DraftConfig
+from .drafters import family_of
 from .heads import MARKOV_HEADS, head_structure
 from .plugins import parse_plugin_args
 from .target import init_params
@@ -264,21 +265,29 @@ def train_draft_recipe(args):
     mask_id = tok.token_id(data_lib.MASK_TOKEN)
     if mask_id is None:
         mask_id = tcfg.vocab_size - 1
-    layer_ids = (tuple(int(i) for i in args.target_layer_ids.split(",")) if args.target_layer_ids
-                 else default_target_layer_ids(tcfg.num_hidden_layers))
-    dcfg = DraftConfig(
-        layers=dataclasses.replace(tcfg, num_hidden_layers=args.layers, eos_token_ids=()),
-        block_size=args.block_size, target_layer_ids=layer_ids, mask_token_id=mask_id,
-        markov_rank=0 if args.head == "none" else args.markov_rank,
-        markov_head_type="vanilla" if args.head == "none" else args.head,
-        markov_head_args=parse_plugin_args(getattr(args, "head_arg", None)),
-        enable_confidence_head=not args.no_confidence, num_anchors=args.num_anchors,
-        num_target_layers=tcfg.num_hidden_layers,
-    )
-    from .draft import check_compatible
+    layer_ids = tuple(int(i) for i in args.target_layer_ids.split(",")) if args.target_layer_ids else None
+    if getattr(args, "drafter", "dspark") == "eagle3":
+        from . import eagle3
 
-    check_compatible(dcfg, tcfg)
-    head_structure(dcfg)  # a plug-in head is built (abstractly) now: a bad constructor fails before the data
+        dcfg = eagle3.Eagle3Config(
+            layers=dataclasses.replace(tcfg, num_hidden_layers=1, eos_token_ids=(), tie_word_embeddings=False),
+            target_layer_ids=layer_ids or eagle3.default_target_layer_ids(tcfg.num_hidden_layers),
+            ttt_length=args.block_size, step_loss_decay=args.step_loss_decay, num_target_layers=tcfg.num_hidden_layers,
+        )
+    else:
+        dcfg = DraftConfig(
+            layers=dataclasses.replace(tcfg, num_hidden_layers=args.layers, eos_token_ids=()),
+            block_size=args.block_size, target_layer_ids=layer_ids or default_target_layer_ids(tcfg.num_hidden_layers),
+            mask_token_id=mask_id, markov_rank=0 if args.head == "none" else args.markov_rank,
+            markov_head_type="vanilla" if args.head == "none" else args.head,
+            markov_head_args=parse_plugin_args(getattr(args, "head_arg", None)),
+            enable_confidence_head=not args.no_confidence, num_anchors=args.num_anchors,
+            num_target_layers=tcfg.num_hidden_layers,
+        )
+        head_structure(dcfg)  # a plug-in head is built (abstractly) now: a bad constructor fails before the data
+    family = family_of(dcfg)
+    family.check_compatible(dcfg, tcfg)
+    layer_ids = dcfg.target_layer_ids
     arrays = prepare_draft_data(args, workdir, target, tcfg, tok)
     if args.precompute:
         arrays = precompute_features(target, tcfg, dcfg, arrays, args.batch_size)
@@ -286,14 +295,18 @@ def train_draft_recipe(args):
                                weight_decay=args.weight_decay, clip_norm=args.clip_norm)
     optimizer = train_lib.make_optimizer(oc)
     lc = train_lib.LossConfig(extra_terms=train_lib.loss_terms_from_args(getattr(args, "loss_term", None)))
-    params = init_draft_params(jax.random.key(args.seed), dcfg)
+    params = family.init_params(jax.random.key(args.seed), dcfg)
     state = train_lib.init_train_state(params, optimizer)
     mesh = data_parallel_mesh(args.data_parallel)
 
     def step_fn(state, batch, key):
+        if family.name == "eagle3":
+            from .eagle3 import train_step
+
+            return train_step(state, target, batch, key, cfg=dcfg, tcfg=tcfg, optimizer=optimizer)
         return train_lib.draft_train_step(state, target, batch, key, dcfg=dcfg, tcfg=tcfg, optimizer=optimizer, lc=lc)
 
-    print(f"drafter head={dcfg.head_type} block={dcfg.block_size} layers={args.layers} "
+    print(f"drafter head={dcfg.head_type} block={dcfg.block_size} layers={dcfg.layers.num_hidden_layers} "
           f"target_layer_ids={layer_ids}: {len(arrays['tokens'])} sequences, {args.steps} steps of {args.batch_size}")
     meta = {"kind": "draft", "config": dcfg.to_hf(), "command": _command_line(args)}
     t0 = time.time()

@@ -223,3 +223,131 @@ def test_confidence_schedulers_refuse_eagle3_before_compiling(kw, monkeypatch):
     pr = pair()
     with pytest.raises(ValueError, match="Eagle-3 has none.*'fixed' scheduler"):
         speculative_start(pr.target, pr.tcfg, pr.draft, pr.dcfg, [[1, 2, 3]], max_new_tokens=4, **kw)
+
+
+# ---------------------------------------------------------------------------- training-time test
+
+
+@functools.partial(jax.jit, static_argnames=("dcfg", "tcfg"))
+def _ttt_all(draft, target, batch, *, dcfg, tcfg):
+    """One compile for both cases: the TTT forward, its loss from the fixture's features, and
+    the loss with the target run online (lengths from the attention mask)."""
+    seq_len = eagle3.sequence_lengths(batch)
+    out = eagle3.ttt_forward(draft, dcfg, target, batch["tokens"], seq_len, batch["features"])
+    loss, metrics = eagle3.ttt_loss(draft, dcfg, target, batch["tokens"], batch["loss_mask"], seq_len,
+                                    batch["features"], batch["last_hidden"])
+    online, _ = eagle3.batch_loss(draft, dcfg, target, tcfg, {k: batch[k] for k in ("tokens", "loss_mask", "attention_mask")})
+    return seq_len, out, loss, metrics, online
+
+
+@pytest.mark.parametrize("case", ["A", "B"])
+def test_ttt_logits_and_losses_match_deepspec(fx, case):
+    """Case A: 16 real tokens; case B: 13 right-padded to 16. Online target features, every
+    step's hidden and logits on the rows some key sees, the position masks, the per-step
+    losses (local-mean normaliser) and their decayed sum."""
+    from dspark_jax.train import target_features
+
+    _, ref, target, tcfg, draft, dcfg = fx
+    get = lambda name: ref[f"train{case}_{name}"]
+    tokens, am = jnp.asarray(get("input_ids"), jnp.int32), get("attention_mask")
+    n = int(am.sum())
+    features, last_hidden = jax.jit(target_features, static_argnums=(1, 2))(target, tcfg, dcfg, tokens)
+    np.testing.assert_allclose(np.asarray(features)[:, :n], get("target_hidden_states")[:, :n], **TOL)
+    np.testing.assert_allclose(np.asarray(last_hidden)[:, :n], get("target_last_hidden_states")[:, :n], **TOL)
+    batch = {"tokens": tokens, "loss_mask": jnp.asarray(get("loss_mask")), "attention_mask": jnp.asarray(am),
+             "features": jnp.asarray(get("target_hidden_states")), "last_hidden": jnp.asarray(get("target_last_hidden_states"))}
+    seq_len, out, loss, metrics, online = _ttt_all(draft, target, batch, dcfg=dcfg, tcfg=tcfg)
+    valid = get("step_valid_query")
+    np.testing.assert_array_equal(out.valid[:, 0], valid)
+    for k in range(dcfg.ttt_length):
+        np.testing.assert_allclose(np.asarray(out.logits[k, 0])[valid[k]], get("step_draft_logits")[k][valid[k]], **TOL)
+        np.testing.assert_allclose(np.asarray(out.hidden[k, 0])[valid[k]], get("step_hidden")[k][valid[k]], **TOL)
+    np.testing.assert_array_equal(eagle3.position_masks(batch["loss_mask"], seq_len, 4)[:, 0], get("step_position_mask"))
+    np.testing.assert_allclose(metrics["step_losses"], get("step_loss"), **TOL)
+    np.testing.assert_allclose(loss, get("loss"), **TOL)
+    np.testing.assert_allclose(online, get("loss"), **TOL)  # the target run online on the batch's tokens
+    meta = json.load(open(require_fixture(NAME) / "reference.json"))["training"][f"train{case}"]["metrics"]
+    np.testing.assert_allclose(metrics["tau_probabilistic"], meta["train/tau_probabilistic"]["ratio"], **TOL)
+    np.testing.assert_allclose(metrics["accept_rate_by_position"],
+                               [meta[f"train/accept_rate@{k}"]["ratio"] for k in range(4)], **TOL)
+
+
+def test_ttt_attention_reads_exactly_deepspecs_mask(fx):
+    """ttt_attention on random q/k/v equals a dense softmax under the fixture's attention grid
+    (DeepSpec's mask_mod over k + 1 chunks of S keys) on every valid query row."""
+    _, ref, *_ = fx
+    grid, valid = ref["trainB_step_attn_allowed"], ref["trainB_step_valid_query"]
+    S, H, K, Dh = grid.shape[1], 4, 2, 8
+    rng = np.random.default_rng(0)
+    for k in range(grid.shape[0]):
+        q = rng.normal(size=(1, S, H, Dh)).astype(np.float32)
+        ks = [rng.normal(size=(1, S, K, Dh)).astype(np.float32) for _ in range(k + 1)]
+        vs = [rng.normal(size=(1, S, K, Dh)).astype(np.float32) for _ in range(k + 1)]
+        ours = np.asarray(eagle3.ttt_attention(jnp.asarray(q), [jnp.asarray(a) for a in ks], [jnp.asarray(a) for a in vs],
+                                               jnp.asarray(valid[k])[None]))
+        allowed = grid[k, :, : (k + 1) * S]  # [S, (k+1) S]
+        keys, values = np.concatenate(ks, 1)[0], np.concatenate(vs, 1)[0]  # [(k+1) S, K, Dh]
+        g = H // K
+        scores = np.einsum("shd,thd->hst", q[0], np.repeat(keys, g, 1)) / np.sqrt(Dh)
+        scores = np.where(allowed[None], scores, -1e30)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        want = np.einsum("hst,thd->shd", probs, np.repeat(values, g, 1))
+        np.testing.assert_allclose(ours[0][valid[k]], want[valid[k]], rtol=1e-5, atol=1e-5)
+
+
+TINY_TRAIN = dict(vocab=64, hidden=32, layers=3, heads=4, kv_heads=2, head_dim=8)
+
+
+@pytest.fixture(scope="module")
+def train_setup():
+    import dataclasses
+
+    from dspark_jax import train as train_lib
+    from spec_models import make_target, target_config
+
+    tcfg = target_config(**TINY_TRAIN)
+    target = make_target(tcfg, 3)
+    cfg = eagle3.Eagle3Config(layers=dataclasses.replace(tcfg, num_hidden_layers=1, eos_token_ids=()),
+                              target_layer_ids=(0, 1), ttt_length=3)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 64, (32, 16)).astype(np.int32)
+    lengths = rng.integers(8, 17, 32)
+    mask = ((np.arange(16)[None] >= 4) & (np.arange(16)[None] < lengths[:, None])).astype(np.int32)
+    tokens = np.where(np.arange(16)[None] < lengths[:, None], tokens, 0)
+    optimizer = train_lib.make_optimizer(train_lib.OptimConfig(learning_rate=3e-3, total_steps=6))
+    return target, tcfg, cfg, {"tokens": tokens, "loss_mask": mask}, optimizer
+
+
+def eagle3_run(setup, workdir, total_steps):
+    from dspark_jax import data as data_lib
+    from dspark_jax import train as train_lib
+    from dspark_jax.trainer import run_training
+
+    target, tcfg, cfg, data, optimizer = setup
+    state = train_lib.init_train_state(eagle3.init_eagle3_params(jax.random.key(5), cfg), optimizer)
+
+    def step_fn(state, batch, key):
+        return eagle3.train_step(state, target, batch, key, cfg=cfg, tcfg=tcfg, optimizer=optimizer)
+
+    return run_training(state=state, step_fn=step_fn, batches=data_lib.BatchStream(data, 8, seed=1),
+                        total_steps=total_steps, workdir=str(workdir), meta={"kind": "draft", "config": cfg.to_hf()},
+                        save_every=2, log_every=1, progress=False)
+
+
+def test_eagle3_training_lowers_the_loss_and_resumes_exactly(train_setup, tmp_path):
+    """Online against the frozen target; 4 steps, stop, then on to 6 = 6 steps straight; the
+    work directory loads as an Eagle-3 drafter (its latest checkpoint)."""
+    straight, step = eagle3_run(train_setup, tmp_path / "straight", 6)
+    assert step == 6
+    assert eagle3_run(train_setup, tmp_path / "resumed", 4)[1] == 4
+    resumed, step = eagle3_run(train_setup, tmp_path / "resumed", 6)
+    assert step == 6
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), resumed.params, straight.params)
+    log = [json.loads(l) for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 7))
+    assert log[-1]["loss"] < log[0]["loss"]
+    target, tcfg, cfg, *_ = train_setup
+    restored, restored_cfg = load_drafter(tmp_path / "resumed", target, tcfg, "float32")
+    assert restored_cfg == cfg
+    jax.tree.map(np.testing.assert_array_equal, restored, resumed.params)
