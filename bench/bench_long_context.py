@@ -208,7 +208,8 @@ def spec_state(params, cfg, draft, dcfg, scfg, capacity, used, block, batch=1):
         anchor=zeros(), target_cache=target_cache, draft_cache=ctx, key=jax.random.key(0),
         max_new_tokens=jnp.int32(1 << 30), schedule=spec.init_schedule_state(B, block),
         stats=spec.SpecStats(zeros(), zeros(), zeros(), zeros(), jnp.zeros((B, block), jnp.int32),
-                             jnp.zeros((B, block), jnp.int32), jnp.zeros((B,), jnp.float32), jnp.zeros((), jnp.int32)),
+                             jnp.zeros((B, block), jnp.int32), jnp.zeros((B,), jnp.float32), jnp.zeros((), jnp.int32),
+                             zeros()),
         trace=None,
     )
 

@@ -16,8 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from .cache import KVCache
+from .commit import DecodeState, commit, is_stop
+from .commit import start as start_state
 from .config import Qwen3Config
-from .sampling import Sampling, sample_logits
+from .sampling import Sampling, sample_logits, split
 from .sharding import constrain_cache
 from . import target as target_model
 
@@ -203,9 +205,8 @@ def prefill(
 
 
 def is_eos(tokens: jax.Array, eos_ids: Sequence[int]) -> jax.Array:
-    if not eos_ids:
-        return jnp.zeros(tokens.shape, bool)
-    return jnp.isin(tokens, jnp.asarray(eos_ids, jnp.int32))
+    """The model's EOS ids (``commit.is_stop`` adds a request's own stop ids)."""
+    return is_stop(tokens, eos_ids)
 
 
 def loop_until_done(step: Callable, state, max_steps: int = 0):
@@ -223,57 +224,41 @@ def loop_until_done(step: Callable, state, max_steps: int = 0):
     return state
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class ARState:
-    output: jax.Array  # [B, N] generated ids (garbage past num_generated)
-    num_generated: jax.Array  # [B]
-    done: jax.Array  # [B] bool
-    last_token: jax.Array  # [B] newest token, not yet in the cache
-    cache: KVCache
-    key: jax.Array
-    max_new_tokens: jax.Array  # [] int32
+ARState = DecodeState  # the AR loop's state: the decode core's, without the speculative parts
 
 
-def ar_start(params, prompt_tokens, prompt_lengths, key, max_new_tokens, cache: KVCache, *, cfg: Qwen3Config,
-             sampling: Sampling, buffer_len: int, eos_ids: tuple[int, ...], mesh=None,
-             prefill_chunk: int = PREFILL_CHUNK) -> ARState:
+def row_sampling(s: DecodeState, sampling: Sampling):
+    """The state's per-row sampling settings when it carries them, else the static ones."""
+    return sampling if s.sampling is None else s.sampling
+
+
+def ar_start(params, prompt_tokens, prompt_lengths, key, max_new_tokens, cache: KVCache, active=None, *,
+             cfg: Qwen3Config, sampling: Sampling, buffer_len: int, eos_ids: tuple[int, ...], mesh=None,
+             prefill_chunk: int = PREFILL_CHUNK) -> DecodeState:
     """Prefill ragged prompts ``[B, P]`` into ``cache`` (any cache of the batch's shape: its
     lengths are reset, its entries overwritten) and sample each first token: the state
-    ``ar_step`` advances."""
+    ``ar_step`` advances. ``active [B]`` (default all) marks real rows; padding starts done."""
     B = prompt_tokens.shape[0]
-    cache_len = cache.max_len
     cache = constrain_cache(dataclasses.replace(cache, lengths=jnp.zeros_like(cache.lengths)), mesh)
     logits, cache, _ = prefill(params, cfg, prompt_tokens, prompt_lengths, cache, chunk_size=prefill_chunk, mesh=mesh)
-    key, sub = jax.random.split(key)
+    key, sub = split(key)
     first = sample_logits(sub, logits, sampling)
-    done = is_eos(first, eos_ids) | (max_new_tokens <= 1) | (cache.lengths >= cache_len)
-    return ARState(
-        output=jnp.zeros((B, buffer_len), jnp.int32).at[:, 0].set(first),
-        num_generated=jnp.ones((B,), jnp.int32),
-        done=done,
-        last_token=first,
-        cache=cache,
-        key=key,
-        max_new_tokens=jnp.asarray(max_new_tokens, jnp.int32),
-    )
+    active = jnp.ones((B,), bool) if active is None else active
+    return start_state(first, active, cache, key, max_new_tokens, buffer_len, eos_ids)
 
 
-def ar_step(params, s: ARState, *, cfg: Qwen3Config, sampling: Sampling, eos_ids: tuple[int, ...], mesh=None) -> ARState:
+def ar_step(params, s: DecodeState, *, cfg: Qwen3Config, sampling: Sampling, eos_ids: tuple[int, ...],
+            mesh=None) -> DecodeState:
     """One token for every live row."""
-    B, buffer_len = s.output.shape
-    out, cache = run_target(params, cfg, s.last_token[:, None], s.cache, mesh=mesh)
-    key, sub = jax.random.split(s.key)
-    token = sample_logits(sub, out.logits[:, 0], sampling)
+    out, cache = run_target(params, cfg, s.anchor[:, None], s.target_cache, mesh=mesh)
+    key, sub = split(s.key)
+    token = sample_logits(sub, out.logits[:, 0], row_sampling(s, sampling))
     live = ~s.done
-    token = jnp.where(live, token, s.last_token)
+    token = jnp.where(live, token, s.anchor)
     cache = cache.advance(live.astype(jnp.int32))
-    # finished rows write out of bounds, which "drop" discards
-    slot = jnp.where(live, s.num_generated, buffer_len)
-    output = s.output.at[jnp.arange(B), slot].set(token, mode="drop")
-    num_generated = s.num_generated + live
-    done = s.done | is_eos(token, eos_ids) | (num_generated >= s.max_new_tokens) | (cache.lengths >= cache.max_len)
-    return ARState(output, num_generated, done, token, cache, key, s.max_new_tokens)
+    output, num_generated, done, _ = commit(s, token[:, None], jnp.ones_like(s.num_generated), cache, eos_ids)
+    return dataclasses.replace(s, output=output, num_generated=num_generated, done=done, anchor=token,
+                               target_cache=cache, key=key)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling", "buffer_len", "eos_ids", "mesh", "prefill_chunk"),
@@ -285,6 +270,7 @@ def ar_decode(
     key: jax.Array,
     max_new_tokens: jax.Array,
     cache: KVCache,
+    active: jax.Array | None = None,
     *,
     cfg: Qwen3Config,
     sampling: Sampling,
@@ -301,13 +287,13 @@ def ar_decode(
     entries overwritten. It is donated and returned, so a caller that decodes again with the
     same shapes passes the returned cache back and never allocates (or zero-fills) one again.
     Returns generated ids ``[B, buffer_len]`` (the EOS included, garbage after), their counts
-    ``[B]`` and the cache.
+    ``[B]`` and the cache. ``active [B]`` (default all) marks real rows (batch padding: False).
     """
-    state = ar_start(params, prompt_tokens, prompt_lengths, key, max_new_tokens, cache, cfg=cfg, sampling=sampling,
+    state = ar_start(params, prompt_tokens, prompt_lengths, key, max_new_tokens, cache, active, cfg=cfg, sampling=sampling,
                      buffer_len=buffer_len, eos_ids=eos_ids, mesh=mesh, prefill_chunk=prefill_chunk)
     step = functools.partial(ar_step, params, cfg=cfg, sampling=sampling, eos_ids=eos_ids, mesh=mesh)
     state = loop_until_done(step, state)
-    return state.output, state.num_generated, state.cache
+    return state.output, state.num_generated, state.target_cache
 
 
 def new_cache(cfg: Qwen3Config, batch: int, cache_len: int, dtype, mesh=None) -> KVCache:
@@ -332,12 +318,69 @@ def ar_continue(params, state: ARState, *, cfg: Qwen3Config, sampling: Sampling,
     return loop_until_done(step, state, max_steps)
 
 
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+def pad_batch(tokens: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pad the batch to a bucket with copies of row 0 marked inactive."""
+    B = tokens.shape[0]
+    Bb = bucket(B, BATCH_BUCKETS)
+    rows = np.concatenate([np.arange(B), np.zeros(Bb - B, np.int64)])
+    return tokens[rows], lengths[rows], np.arange(Bb) < B
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedBatch:
+    """A validated, padded, bucketed (and, with a mesh, sharded) request of either mode."""
+
+    params: object  # the target's, sharded over the mesh when there is one
+    cfg: Qwen3Config
+    tokens: np.ndarray  # [B_bucket, P_bucket] int32, right-padded
+    lengths: np.ndarray  # [B_bucket] int32
+    active: np.ndarray  # [B_bucket] bool: False rows are batch padding
+    cache_len: int
+    buffer_len: int  # output buffer: a bucket of max_new_tokens
+    rows: int  # real prompts
+
+
+def prepare_batch(
+    params,
+    cfg: Qwen3Config,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    cache_len: int | None = None,
+    extra_cache: int = 0,
+    mesh=None,
+    prefill_chunk: int = PREFILL_CHUNK,
+    allow_long_context: bool = False,
+    cache_cfgs: Sequence = (),
+) -> PreparedBatch:
+    """The host entry point of every decoding mode: validate the prompts (vocabulary, the
+    model's context, the cache), pad them and the batch to buckets, check that the KV caches
+    (the target's, plus one per config in ``cache_cfgs``, e.g. the drafter's layers) fit in
+    memory, and shard the target over ``mesh``: all before anything compiles."""
+    prepared = prepare_prompts(prompts, cfg.vocab_size, max_new_tokens, cache_len, extra_cache=extra_cache,
+                               chunk_size=prefill_chunk, max_positions=cfg.max_position_embeddings,
+                               allow_long_context=allow_long_context)
+    tokens, lengths, active = pad_batch(prepared.tokens, prepared.lengths)
+    B, dtype = tokens.shape[0], params.embed.dtype
+    what = "the KV cache" if not cache_cfgs else "the target and drafter KV caches"
+    check_cache_memory(sum(cache_bytes(c, B, prepared.cache_len, dtype) for c in (cfg, *cache_cfgs)), what)
+    if mesh is not None:
+        from .sharding import check_batch, shard_target
+
+        check_batch(B, mesh)
+        params, cfg = shard_target(params, cfg, mesh)
+    return PreparedBatch(params, cfg, tokens, lengths, active, prepared.cache_len, bucket(max_new_tokens), len(prompts))
+
+
 @dataclasses.dataclass(frozen=True)
 class ARRun:
     """A validated, bucketed ``ar`` request: what ``ar_prefill`` / ``ar_decode`` are called with."""
 
     params: object
-    args: tuple  # (prompt_tokens, prompt_lengths, key, max_new_tokens, cache): the cache is donated
+    args: tuple  # (prompt_tokens, prompt_lengths, key, max_new_tokens, cache, active): the cache is donated
     static: dict  # cfg, sampling, buffer_len, eos_ids, mesh, prefill_chunk
     rows: int
 
@@ -356,19 +399,13 @@ def prepare_ar(
     allow_long_context: bool = False,
 ) -> ARRun:
     """Validate and bucket on the host, before anything compiles (see ``generate_ar``)."""
-    prepared = prepare_prompts(prompts, cfg.vocab_size, max_new_tokens, cache_len, chunk_size=prefill_chunk,
-                               max_positions=cfg.max_position_embeddings, allow_long_context=allow_long_context)
-    check_cache_memory(cache_bytes(cfg, len(prompts), prepared.cache_len, params.embed.dtype), "the KV cache")
-    if mesh is not None:
-        from .sharding import check_batch, shard_target
-
-        params, cfg = shard_target(params, cfg, mesh)
-        check_batch(len(prompts), mesh)
-    args = (jnp.asarray(prepared.tokens), jnp.asarray(prepared.lengths), jax.random.key(seed), jnp.int32(max_new_tokens),
-            new_cache(cfg, len(prompts), prepared.cache_len, params.embed.dtype, mesh))
-    static = dict(cfg=cfg, sampling=sampling, buffer_len=bucket(max_new_tokens), eos_ids=cfg.eos_token_ids,
+    b = prepare_batch(params, cfg, prompts, max_new_tokens=max_new_tokens, cache_len=cache_len, mesh=mesh,
+                      prefill_chunk=prefill_chunk, allow_long_context=allow_long_context)
+    args = (jnp.asarray(b.tokens), jnp.asarray(b.lengths), jax.random.key(seed), jnp.int32(max_new_tokens),
+            new_cache(b.cfg, b.tokens.shape[0], b.cache_len, b.params.embed.dtype, mesh), jnp.asarray(b.active))
+    static = dict(cfg=b.cfg, sampling=sampling, buffer_len=b.buffer_len, eos_ids=b.cfg.eos_token_ids,
                   mesh=mesh, prefill_chunk=prefill_chunk)
-    return ARRun(params, args, static, len(prompts))
+    return ARRun(b.params, args, static, b.rows)
 
 
 def generate_ar(

@@ -36,7 +36,7 @@ from .layers import (
 from . import heads as heads_lib
 from .params import ParamDecl, init_param, init_tree
 from .plugins import is_import_path
-from .sampling import Sampling, distribution, sample
+from .sampling import Sampling, distribution, sample, split
 from .target import Qwen3Params, compute_logits, embed_tokens
 from . import gemma4
 
@@ -415,7 +415,7 @@ def sample_block(
         token = jnp.argmax(probs, -1).astype(jnp.int32) if sampling.greedy else sample(k, probs)
         return (state, token), (token, probs, logits, conf)
 
-    xs = (jnp.moveaxis(base_logits, 1, 0), jnp.moveaxis(hidden, 1, 0), jax.random.split(key, K))
+    xs = (jnp.moveaxis(base_logits, 1, 0), jnp.moveaxis(hidden, 1, 0), split(key, K))
     _, (tokens, probs, logits, conf) = jax.lax.scan(step, (state, anchor.astype(jnp.int32)), xs)
     swap = lambda a: jnp.moveaxis(a, 0, 1)
     return DraftBlock(swap(tokens), swap(probs), swap(logits), swap(conf))

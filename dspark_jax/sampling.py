@@ -36,9 +36,53 @@ class Sampling:
 GREEDY = Sampling()
 
 
-def distribution(logits: jax.Array, sampling: Sampling) -> jax.Array:
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class RowSampling:
+    """Per-row sampling settings as traced arrays ``[B]``: one compiled graph serves every
+    mix of temperatures / top-k / top-p in a batch (the serving engine's slots)."""
+
+    temperature: jax.Array  # [B] float32, 0 = greedy
+    top_k: jax.Array  # [B] int32, 0 = off
+    top_p: jax.Array  # [B] float32, 1 = off
+
+    greedy = False  # per row, not known when tracing
+
+    @classmethod
+    def of(cls, settings) -> "RowSampling":
+        """Stack ``Sampling`` settings, one per row."""
+        return cls(jnp.asarray([s.temperature for s in settings], jnp.float32),
+                   jnp.asarray([s.top_k for s in settings], jnp.int32),
+                   jnp.asarray([s.top_p for s in settings], jnp.float32))
+
+
+def _row_distribution(logits: jax.Array, rows: RowSampling) -> jax.Array:
+    """``distribution`` with each row's own (traced) setting; logits ``[B, ..., V]``."""
+    V = logits.shape[-1]
+    expand = lambda a: a.reshape(a.shape + (1,) * (logits.ndim - 1))
+    temperature, top_k, top_p = expand(rows.temperature), expand(rows.top_k), expand(rows.top_p)
+    greedy = jax.nn.one_hot(jnp.argmax(logits, axis=-1), V, dtype=jnp.float32)
+    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
+
+    def truncate(scaled):  # top-k, then top-p (the vocabulary sort only when a row asks for it)
+        sorted_logits = jnp.sort(scaled, axis=-1)[..., ::-1]
+        kth = jnp.take_along_axis(sorted_logits, jnp.clip(top_k - 1, 0, V - 1), axis=-1)
+        scaled = jnp.where((top_k > 0) & (scaled < kth), -jnp.inf, scaled)
+        sorted_logits = jnp.where((top_k > 0) & (sorted_logits < kth), -jnp.inf, sorted_logits)
+        sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+        cutoff = jnp.min(jnp.where(mass_before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        return jnp.where((top_p < 1.0) & (scaled < cutoff), -jnp.inf, scaled)
+
+    scaled = jax.lax.cond(jnp.any((rows.top_k > 0) | (rows.top_p < 1.0)), truncate, lambda x: x, scaled)
+    return jnp.where(temperature > 0, jax.nn.softmax(scaled, axis=-1), greedy)
+
+
+def distribution(logits: jax.Array, sampling: "Sampling | RowSampling") -> jax.Array:
     """Probabilities ``[..., V]`` (float32) to sample from for the given logits."""
     logits = logits.astype(jnp.float32)
+    if isinstance(sampling, RowSampling):
+        return _row_distribution(logits, sampling)
     V = logits.shape[-1]
     if sampling.greedy:
         return jax.nn.one_hot(jnp.argmax(logits, axis=-1), V, dtype=jnp.float32)
@@ -57,12 +101,29 @@ def distribution(logits: jax.Array, sampling: Sampling) -> jax.Array:
     return jax.nn.softmax(logits, axis=-1)
 
 
+def split(key: jax.Array, num: int = 2) -> jax.Array:
+    """``jax.random.split`` of one key (``[num]``) or of per-row keys ``[B]`` (``[num, B]``:
+    every row keeps its own stream, so its draws do not depend on its neighbours)."""
+    if key.ndim == 0:
+        return jax.random.split(key, num)
+    return jnp.moveaxis(jax.vmap(lambda k: jax.random.split(k, num))(key), 1, 0)
+
+
+def uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Uniform ``[B, ...]`` draws from one key or from per-row keys ``[B]``."""
+    if key.ndim == 0:
+        return jax.random.uniform(key, shape)
+    return jax.vmap(lambda k: jax.random.uniform(k, shape[1:]))(key)
+
+
 def sample(key: jax.Array, probs: jax.Array) -> jax.Array:
-    """One token id per row of ``probs [..., V]`` (int32)."""
-    return jax.random.categorical(key, jnp.log(probs), axis=-1).astype(jnp.int32)
+    """One token id per row of ``probs [B, ..., V]`` (int32), from one key or per-row keys ``[B]``."""
+    if key.ndim == 0:
+        return jax.random.categorical(key, jnp.log(probs), axis=-1).astype(jnp.int32)
+    return jax.vmap(lambda k, p: jax.random.categorical(k, jnp.log(p), axis=-1))(key, probs).astype(jnp.int32)
 
 
-def sample_logits(key: jax.Array, logits: jax.Array, sampling: Sampling) -> jax.Array:
+def sample_logits(key: jax.Array, logits: jax.Array, sampling: "Sampling | RowSampling") -> jax.Array:
     """Sample from warped logits; greedy is an exact argmax (no randomness)."""
     if sampling.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)

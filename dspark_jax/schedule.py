@@ -121,6 +121,17 @@ def algorithm1(a: jax.Array, live: jax.Array, sps_table: jax.Array, early_stop: 
     return lengths_from_admitted(count, r_sorted, j_sorted, a.shape[0])
 
 
+def drafting_pays(a: jax.Array, live: jax.Array, sps_table: jax.Array, draft_seconds) -> jax.Array:
+    """Whether drafting beats plain AR steps this round, judged from survival ``a [R, K]`` of an
+    earlier round: the best expected throughput of a drafted round (``tau * SPS(B)``, SPS
+    including the drafting) against R tokens per AR step (one step of R tokens without the
+    drafting's ``draft_seconds``). With ``draft_seconds`` 0: whether the budget is above zero."""
+    theta, *_ = throughput_path(a, live, sps_table)
+    R = jnp.sum(live)
+    ar_seconds = jnp.maximum(1.0 / _sps_at(sps_table, R) - draft_seconds, 1e-12)
+    return jnp.max(theta) > R / ar_seconds
+
+
 def budget_from_stale(a_stale: jax.Array, live: jax.Array, sps_table: jax.Array) -> jax.Array:
     """Asynchronous variant, step 1: the token budget K (drafts to verify in total) from the
     confidences of two rounds earlier, by an unconstrained global search (no early stop)."""
@@ -167,12 +178,14 @@ class SPSProfile:
     table: np.ndarray  # [B_max + 1] fitted, non-increasing from B = 1
     measured: np.ndarray  # [B_max + 1] raw
     buckets: tuple[int, ...] = ()
+    draft_seconds: float = 0.0  # of every step, the drafting (a round that skips it saves this)
 
     def __call__(self, tokens: int) -> float:
         return float(self.table[min(max(tokens, 1), len(self.table) - 1)])
 
     def to_json(self) -> dict:
-        return {"table": self.table.tolist(), "measured": self.measured.tolist(), "buckets": list(self.buckets)}
+        return {"table": self.table.tolist(), "measured": self.measured.tolist(), "buckets": list(self.buckets),
+                "draft_seconds": self.draft_seconds}
 
     @classmethod
     def from_json(cls, d: dict, where: str = "SPS profile") -> "SPSProfile":
@@ -182,7 +195,11 @@ class SPSProfile:
             raise DataError(f"{where}: no 'table' (steps/s by token budget); write it with dspark-jax profile-sps")
         table = finite_list(d["table"], where, "table", positive=True, min_len=2)
         measured = d.get("measured", table)
-        return cls(np.asarray(table, np.float32), np.asarray(measured, np.float32), tuple(d.get("buckets", ())))
+        draft_seconds = d.get("draft_seconds", 0.0)
+        if not isinstance(draft_seconds, (int, float)) or not 0 <= draft_seconds < 1 / max(table):
+            raise DataError(f"{where}: draft_seconds {draft_seconds!r} must be >= 0 and below every step's time")
+        return cls(np.asarray(table, np.float32), np.asarray(measured, np.float32), tuple(d.get("buckets", ())),
+                   float(draft_seconds))
 
     def save(self, path):
         write_json_atomic(path, self.to_json(), indent=None)
@@ -192,9 +209,11 @@ class SPSProfile:
         return cls.from_json(read_json_file(path, "SPS profile"), os.fspath(path))
 
 
-def profile_from_bucket_times(seconds_by_bucket: dict[int, float], max_tokens: int) -> SPSProfile:
+def profile_from_bucket_times(seconds_by_bucket: dict[int, float], max_tokens: int,
+                              draft_seconds: float = 0.0) -> SPSProfile:
     """Steps/s at every B from measured seconds per verification call at each bucket size: a
-    budget of B tokens costs the smallest bucket >= B."""
+    budget of B tokens costs the smallest bucket >= B. ``draft_seconds`` (included in every
+    bucket's time) is what a round that skips drafting saves."""
     buckets = sorted(seconds_by_bucket)
     measured = np.zeros(max_tokens + 1, np.float32)
     for b in range(1, max_tokens + 1):
@@ -202,7 +221,8 @@ def profile_from_bucket_times(seconds_by_bucket: dict[int, float], max_tokens: i
         measured[b] = 1.0 / seconds_by_bucket[size]
     measured[0] = measured[1]
     fitted = monotone_decreasing_fit(measured[1:])
-    return SPSProfile(np.concatenate([[fitted[0]], fitted]).astype(np.float32), measured, tuple(buckets))
+    return SPSProfile(np.concatenate([[fitted[0]], fitted]).astype(np.float32), measured, tuple(buckets),
+                      float(draft_seconds))
 
 
 def linear_cost_profile(max_tokens: int, fixed: float = 1.0, per_token: float = 0.05) -> SPSProfile:

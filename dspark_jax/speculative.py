@@ -29,12 +29,14 @@ from . import target as target_model
 from .drafters import family_of
 from .cache import KVCache
 from .config import Qwen3Config
-from .decoding import (PREFILL_CHUNK, bucket, cache_bytes, check_cache_memory, is_eos, loop_until_done, prefill,
-                       prepare_prompts, run_target)
-from .sharding import Mesh, check_batch, constrain_cache, shard_target, sharded_forward_packed
+from .commit import DecodeState, commit
+from .commit import start as start_state
+from .decoding import (PREFILL_CHUNK, loop_until_done, prefill, prepare_batch, row_sampling,
+                       run_target)
+from .sharding import Mesh, constrain_cache, sharded_forward_packed
 from .draft import DraftConfig, DraftParams
 from . import schedule as schedule_lib
-from .sampling import Sampling, distribution, sample, sample_logits
+from .sampling import RowSampling, Sampling, distribution, sample, sample_logits, split, uniform
 from .target import Qwen3Params
 
 
@@ -51,6 +53,14 @@ class SpecStats:
     accepted_at: jax.Array  # [B, K] rounds in which position k was accepted
     expected_accepted: jax.Array  # [B] float32: sum of survival probabilities of the verified drafts
     compute_tokens: jax.Array  # [] tokens the target actually ran (packed bucket sizes, or B*(K+1))
+    skipped: jax.Array  # [B] rounds that ran one AR step instead of drafting (see ``skip_drafting``)
+
+
+def init_stats(batch: int, num_drafts: int) -> SpecStats:
+    """Zero counters (distinct buffers: the state is donated)."""
+    zeros = lambda *shape: jnp.zeros((batch,) + shape, jnp.int32)
+    return SpecStats(zeros(), zeros(), zeros(), zeros(), zeros(num_drafts), zeros(num_drafts),
+                     jnp.zeros((batch,), jnp.float32), jnp.zeros((), jnp.int32), zeros())
 
 
 @jax.tree_util.register_dataclass
@@ -62,20 +72,7 @@ class SpecTrace:
     confidence_logits: jax.Array  # [B, R, K] along the drafted path (all K, offered or not)
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class SpecState:
-    output: jax.Array  # [B, N] generated ids (garbage past num_generated)
-    num_generated: jax.Array  # [B]
-    done: jax.Array  # [B] bool
-    anchor: jax.Array  # [B] last committed token (not yet in the target cache)
-    target_cache: KVCache
-    draft_cache: object  # the drafter family's state: a KVCache (DSpark), eagle3.Eagle3State
-    key: jax.Array
-    max_new_tokens: jax.Array  # [] int32
-    schedule: "ScheduleState"
-    stats: SpecStats
-    trace: SpecTrace | None
+SpecState = DecodeState  # the decode core's state, with the drafter context (the family's state), scheduler, stats and trace
 
 
 @jax.tree_util.register_dataclass
@@ -86,10 +83,14 @@ class ScheduleState:
     threshold: jax.Array  # [] static-threshold scheduler
     sps_table: jax.Array  # [B_max + 1] target verification steps/s by token budget
     temperatures: jax.Array  # [K] STS temperatures of the confidence logits
-    stale_survival: jax.Array  # [2, B, K] survival of the two previous rounds (async variant)
+    stale_survival: jax.Array  # [2, B, K] survival of the two previous drafted rounds
+    min_expected: jax.Array | None = None  # [B]: a row whose last expected acceptance is below it verifies nothing
+    draft_seconds: jax.Array | None = None  # [] the drafting's share of a step (schedule.SPSProfile.draft_seconds)
+    skipped: jax.Array | None = None  # [] consecutive rounds that skipped drafting
 
 
-def init_schedule_state(batch: int, num_drafts: int, threshold: float = 0.0, sps_table=None, temperatures=None):
+def init_schedule_state(batch: int, num_drafts: int, threshold: float = 0.0, sps_table=None, temperatures=None,
+                        min_expected: float = 0.0, draft_seconds: float = 0.0):
     from .schedule import linear_cost_profile
 
     if sps_table is None:
@@ -105,6 +106,9 @@ def init_schedule_state(batch: int, num_drafts: int, threshold: float = 0.0, sps
         temperatures=jnp.asarray(temperatures),
         # before two rounds have passed, the async budget assumes every draft survives
         stale_survival=jnp.ones((2, batch, num_drafts), jnp.float32),
+        min_expected=jnp.full((batch,), min_expected, jnp.float32),
+        skipped=jnp.zeros((), jnp.int32),
+        draft_seconds=jnp.float32(draft_seconds),
     )
 
 
@@ -125,6 +129,11 @@ class SpecConfig:
     @property
     def num_drafts(self) -> int:
         return self.block_size or self.draft.block_size
+
+    @property
+    def may_skip_drafting(self) -> bool:
+        """The budget schedulers may run a round as one AR step (``skip_drafting``)."""
+        return self.scheduler in ("algorithm1", "async")
 
     @property
     def packed(self) -> bool:
@@ -154,15 +163,16 @@ def schedule_lengths(scheduler: str, confidence_logits, survival, live, sched: S
     B, K = survival.shape
     if scheduler == "fixed":
         return jnp.full((B,), K, jnp.int32), sched
+    # every confidence scheduler keeps the survival of its last two rounds (async's budget,
+    # the draft-skip decision of the next rounds)
+    pushed = dataclasses.replace(sched, stale_survival=jnp.stack([sched.stale_survival[1], survival]))
     if scheduler == "threshold":
-        return verify_lengths(confidence_logits / sched.temperatures, sched.threshold), sched
+        return verify_lengths(confidence_logits / sched.temperatures, sched.threshold), pushed
     if scheduler == "algorithm1":
-        return schedule_lib.algorithm1(survival, live, sched.sps_table), sched
+        return schedule_lib.algorithm1(survival, live, sched.sps_table), pushed
     if scheduler == "async":
         budget = schedule_lib.budget_from_stale(sched.stale_survival[0], live, sched.sps_table)
-        lengths = schedule_lib.top_k_lengths(survival, live, budget)
-        stale = jnp.stack([sched.stale_survival[1], survival])
-        return lengths, dataclasses.replace(sched, stale_survival=stale)
+        return schedule_lib.top_k_lengths(survival, live, budget), pushed
     if scheduler not in schedule_lib.SCHEDULERS:  # a plug-in (package.module:function)
         return schedule_lib.plugin_lengths(scheduler, survival, live, sched)
     raise ValueError(f"unknown scheduler {scheduler!r} (one of {', '.join(schedule_lib.SCHEDULERS)})")
@@ -235,7 +245,7 @@ def accept_drafts(
     p: jax.Array,
     target_logits: jax.Array,
     lengths: jax.Array,
-    sampling: Sampling,
+    sampling: "Sampling | RowSampling",
 ) -> tuple[jax.Array, jax.Array]:
     """The lossless accept/reject rule for a batch of blocks.
 
@@ -245,10 +255,10 @@ def accept_drafts(
     bonus ``[B]``).
     """
     B, K = drafts.shape
-    k_accept, k_bonus = jax.random.split(key)
+    k_accept, k_bonus = split(key)
     p_of_draft = jnp.take_along_axis(p[:, :K], drafts[..., None], -1)[..., 0]
     q_of_draft = jnp.take_along_axis(q, drafts[..., None], -1)[..., 0]
-    u = jax.random.uniform(k_accept, (B, K))
+    u = uniform(k_accept, (B, K))
     ok = (u * q_of_draft < p_of_draft) & (jnp.arange(K)[None, :] < lengths[:, None])
     n = jnp.sum(jnp.cumprod(ok, axis=-1), axis=-1).astype(jnp.int32)
 
@@ -265,97 +275,153 @@ def accept_drafts(
     return n, sample(k_bonus, bonus_dist)
 
 
-def speculative_round(
-    target: Qwen3Params, draft: DraftParams, s: SpecState, *, scfg: SpecConfig
-) -> SpecState:
-    """One draft -> verify -> accept -> commit round for every live sequence."""
-    tcfg, dcfg, sampling, K = scfg.target, scfg.draft, scfg.sampling, scfg.num_drafts
-    B, N = s.output.shape
-    S = s.target_cache.max_len
-    key, k_draft, k_accept = jax.random.split(s.key, 3)
-    live = ~s.done
+def draft_phase(key, target: Qwen3Params, draft: DraftParams, s: SpecState, scfg: SpecConfig,
+                skip=None) -> tuple[draft_model.DraftBlock, object]:
+    """Draft a block ``[B, K]`` from each anchor and the drafter's state (returned with the
+    block: ``drafters`` families may carry what the proposal computed); when the
+    traced ``skip`` holds, an empty block instead (zeros, confidence logits -inf: nothing
+    offered), so the round verifies the anchors alone, an AR step, without drafting."""
+    sampling = row_sampling(s, scfg.sampling)
+    family = family_of(scfg.draft)
+    run = lambda: family.propose(key, draft, scfg.draft, target, s.draft_cache, s.anchor, sampling, scfg.num_drafts)
+    if skip is None:
+        return run()
+    shapes, _ = jax.eval_shape(run)
+    empty = lambda: (draft_model.DraftBlock(
+        tokens=jnp.zeros(shapes.tokens.shape, jnp.int32), probs=jnp.zeros(shapes.probs.shape, shapes.probs.dtype),
+        logits=jnp.zeros(shapes.logits.shape, shapes.logits.dtype),
+        confidence_logits=jnp.full(shapes.confidence_logits.shape, -jnp.inf, shapes.confidence_logits.dtype)),
+        s.draft_cache)
+    return jax.lax.cond(skip, empty, run)
 
-    family = family_of(dcfg)
-    block, draft_state = family.propose(k_draft, draft, dcfg, target, s.draft_cache, s.anchor, sampling, K)
-    sched = s.schedule
-    survival = schedule_lib.survival(block.confidence_logits, sched.temperatures)  # [B, K]
-    lengths, sched = schedule_lengths(scfg.scheduler, block.confidence_logits, survival, live, sched)
+
+def schedule_phase(s: SpecState, block, scfg: SpecConfig, skip=None):
+    """Drafts to verify per sequence ``[B]`` (capped so the round fits the cache), the
+    survival probabilities ``[B, K]`` and the scheduler state for the next round."""
+    survival = schedule_lib.survival(block.confidence_logits, s.schedule.temperatures)  # [B, K]
+    lengths, sched = schedule_lengths(scfg.scheduler, block.confidence_logits, survival, ~s.done, s.schedule)
+    if skip is not None:
+        # a skipped round verifies nothing and leaves the confidence history as it was
+        lengths = jnp.where(too_low_to_pay(s.schedule) | skip, 0, lengths)
+        sched = dataclasses.replace(
+            sched, stale_survival=jnp.where(skip, s.schedule.stale_survival, sched.stale_survival),
+            skipped=jnp.where(skip, s.schedule.skipped + 1, 0))
     # the round writes target entries at L .. L + l_b: keep them inside the cache
-    lengths = jnp.clip(jnp.minimum(lengths, S - 1 - s.target_cache.lengths), 0, K)
+    lengths = jnp.clip(jnp.minimum(lengths, s.target_cache.max_len - 1 - s.target_cache.lengths), 0, scfg.num_drafts)
+    return lengths, survival, sched
 
+
+def verify_phase(target: Qwen3Params, s: SpecState, block, lengths, scfg: SpecConfig):
+    """Run the target over ``[anchor, d_1..d_K]``: logits ``[B, K+1, V]``, features ``[B, K+1, F]``,
+    the cache (new entries written, lengths not yet advanced) and the tokens computed."""
     verify_tokens = jnp.concatenate([s.anchor[:, None], block.tokens], axis=1)
+    feature_layers = scfg.draft.target_layer_ids
     if scfg.packed:
-        logits, features, target_cache, compute = packed_verify(
-            target, tcfg, s.target_cache, verify_tokens, lengths, live, dcfg.target_layer_ids, scfg.mesh
-        )
-    else:
-        out, target_cache = run_target(
-            target, tcfg, verify_tokens, s.target_cache, feature_layers=dcfg.target_layer_ids, mesh=scfg.mesh
-        )
-        logits, features, compute = out.logits, out.features, jnp.int32(B * (K + 1))
-    p = distribution(logits, sampling)
-    n, bonus = accept_drafts(k_accept, block.tokens, block.probs, p, logits, lengths, sampling)
+        return packed_verify(target, scfg.target, s.target_cache, verify_tokens, lengths, ~s.done, feature_layers,
+                             scfg.mesh)
+    out, cache = run_target(target, scfg.target, verify_tokens, s.target_cache, feature_layers=feature_layers,
+                            mesh=scfg.mesh)
+    B, T = verify_tokens.shape
+    return out.logits, out.features, cache, jnp.int32(B * T)
 
-    # committed tokens c_0..c_n = d_1..d_n, bonus; stop after an EOS and at max_new_tokens
+
+def accept_phase(key, s: SpecState, block, logits, lengths, scfg: SpecConfig):
+    """Accepted drafts ``n [B]`` and the bonus ``[B]`` by the lossless rule."""
+    sampling = row_sampling(s, scfg.sampling)
+    return accept_drafts(key, block.tokens, block.probs, distribution(logits, sampling), logits, lengths, sampling)
+
+
+def commit_phase(target: Qwen3Params, draft: DraftParams, s: SpecState, draft_state, tokens, n, bonus, target_cache,
+                 features, scfg: SpecConfig, **fields) -> SpecState:
+    """Commit ``tokens[:, :n]`` then the bonus by the decode core's rule; advance the target
+    cache by n + 1 (anchor + accepted: rejected entries are never read) and append those
+    positions' target features to the drafter's context. The bonus is the new anchor."""
+    live = ~s.done
+    K = tokens.shape[1]
     slots = jnp.arange(K + 1)[None, :]
-    committed = jnp.where(slots < n[:, None], jnp.pad(block.tokens, ((0, 0), (0, 1))), bonus[:, None])
-    eos_hit = is_eos(committed, scfg.eos_ids) & (slots <= n[:, None])
-    first_eos = jnp.where(jnp.any(eos_hit, -1), jnp.argmax(eos_hit, -1), K + 1)
-    remaining = s.max_new_tokens - s.num_generated
-    count = jnp.minimum(jnp.minimum(n + 1, first_eos + 1), remaining)
-    count = jnp.where(live, count, 0)
-    write_at = jnp.where(slots < count[:, None], s.num_generated[:, None] + slots, N)
-    output = s.output.at[jnp.arange(B)[:, None], write_at].set(committed, mode="drop")
-    num_generated = s.num_generated + count
-
+    candidates = jnp.where(slots < n[:, None], jnp.pad(tokens, ((0, 0), (0, 1))), bonus[:, None])
     advance = jnp.where(live, n + 1, 0)
     target_cache = target_cache.advance(advance)
-    draft_cache = family.commit(draft, dcfg, target, draft_state, features, committed, advance)
-    done = (
-        s.done
-        | jnp.any(eos_hit & (slots < count[:, None]), -1)
-        | (num_generated >= s.max_new_tokens)
-        | (target_cache.lengths >= S)
-    )
+    output, num_generated, done, _ = commit(s, candidates, n + 1, target_cache, scfg.eos_ids)
+    draft_cache = family_of(scfg.draft).commit(draft, scfg.draft, target, draft_state, features, candidates, advance)
+    return dataclasses.replace(s, output=output, num_generated=num_generated, done=done,
+                               anchor=jnp.where(live, bonus, s.anchor), target_cache=target_cache,
+                               draft_cache=draft_cache, **fields)
 
-    stats = s.stats
+
+def record_phase(s: SpecState, new: SpecState, drafts, confidence_logits, lengths, n, bonus, survival, compute, verified,
+                 skipped: bool = False) -> SpecState:
+    """Add the round to the statistics (and the trace); ``s`` is the state before the round,
+    ``drafts [B, K]`` and ``confidence_logits [B, K]`` the drafted path (``skipped``: none)."""
+    live = ~s.done
+    K = drafts.shape[1]
     k_idx = jnp.arange(K)[None, :]
     reached = live[:, None] & (k_idx < lengths[:, None]) & (k_idx <= n[:, None])
+    stats = s.stats
     stats = SpecStats(
         rounds=stats.rounds + live,
         accepted=stats.accepted + jnp.where(live, n, 0),
         proposed=stats.proposed + jnp.where(live, lengths, 0),
-        verified=stats.verified + jnp.where(live, (lengths + 1) if scfg.packed else K + 1, 0),
+        verified=stats.verified + jnp.where(live, verified, 0),
         reached=stats.reached + reached,
         accepted_at=stats.accepted_at + (reached & (k_idx < n[:, None])),
         expected_accepted=stats.expected_accepted
         + jnp.where(live, jnp.sum(jnp.where(k_idx < lengths[:, None], survival, 0.0), -1), 0.0),
         compute_tokens=stats.compute_tokens + compute,
+        skipped=stats.skipped + (live & skipped),
     )
     trace = s.trace
     if trace is not None:
-        R = trace.accepted.shape[1]
+        B, R = trace.accepted.shape
         row = jnp.where(live, s.stats.rounds, R)
         b = jnp.arange(B)
         trace = SpecTrace(
-            proposed=trace.proposed.at[b, row].set(jnp.where(k_idx < lengths[:, None], block.tokens, -1), mode="drop"),
+            proposed=trace.proposed.at[b, row].set(jnp.where(k_idx < lengths[:, None], drafts, -1), mode="drop"),
             accepted=trace.accepted.at[b, row].set(n, mode="drop"),
             bonus=trace.bonus.at[b, row].set(bonus, mode="drop"),
-            confidence_logits=trace.confidence_logits.at[b, row].set(block.confidence_logits, mode="drop"),
+            confidence_logits=trace.confidence_logits.at[b, row].set(confidence_logits, mode="drop"),
         )
-    return SpecState(
-        output=output,
-        num_generated=num_generated,
-        done=done,
-        anchor=jnp.where(live, bonus, s.anchor),
-        target_cache=target_cache,
-        draft_cache=draft_cache,
-        key=key,
-        max_new_tokens=s.max_new_tokens,
-        schedule=sched,
-        stats=stats,
-        trace=trace,
-    )
+    return dataclasses.replace(new, stats=stats, trace=trace)
+
+
+MAX_SKIPPED_ROUNDS = 7  # then one drafted round refreshes the confidences the decision reads
+
+
+def too_low_to_pay(sched: ScheduleState) -> jax.Array:
+    """Rows ``[B]`` whose expected acceptance in the last drafted round (the sum of its
+    survival probabilities) is below ``min_expected``: they verify no drafts this round."""
+    return jnp.sum(sched.stale_survival[1], -1) < sched.min_expected
+
+
+def skip_drafting(s: SpecState, scfg: SpecConfig) -> jax.Array:
+    """Whether the coming round skips drafting (one AR step instead of draft + verify): judged
+    from the last drafted round's confidences, no drafted round beats AR steps
+    (``schedule.drafting_pays``: with no drafting cost known, the budget is zero), or every
+    live row is too low to pay. Read from the state before drafting, never from this
+    round's drafts, so it cannot bias what is committed (lossless); after
+    ``MAX_SKIPPED_ROUNDS`` skips in a row a round drafts again to refresh the confidences."""
+    sched, live = s.schedule, ~s.done
+    stale = sched.stale_survival[0] if scfg.scheduler == "async" else sched.stale_survival[1]
+    pays = schedule_lib.drafting_pays(stale, live, sched.sps_table, sched.draft_seconds)
+    nothing_pays = ~pays | jnp.all(too_low_to_pay(sched) | ~live)
+    return nothing_pays & (sched.skipped < MAX_SKIPPED_ROUNDS)
+
+
+def speculative_round(target: Qwen3Params, draft: DraftParams, s: SpecState, *, scfg: SpecConfig) -> SpecState:
+    """One draft -> schedule -> verify -> accept -> commit -> record round for every live
+    sequence. The budget schedulers may skip the drafting (``skip_drafting``): the round
+    then verifies the anchors alone, at the smallest packed bucket, i.e. one AR step."""
+    key, k_draft, k_accept = split(s.key, 3)
+    skip = skip_drafting(s, scfg) if scfg.may_skip_drafting else None
+    block, draft_state = draft_phase(k_draft, target, draft, s, scfg, skip)
+    lengths, survival, sched = schedule_phase(s, block, scfg, skip)
+    logits, features, target_cache, compute = verify_phase(target, s, block, lengths, scfg)
+    n, bonus = accept_phase(k_accept, s, block, logits, lengths, scfg)
+    new = commit_phase(target, draft, s, draft_state, block.tokens, n, bonus, target_cache, features, scfg,
+                       key=key, schedule=sched)
+    verified = lengths + 1 if scfg.packed else scfg.num_drafts + 1
+    return record_phase(s, new, block.tokens, block.confidence_logits, lengths, n, bonus, survival, compute, verified,
+                        False if skip is None else skip)
 
 
 @functools.partial(jax.jit, static_argnames=("scfg", "buffer_len", "cache_len"))
@@ -368,6 +434,8 @@ def speculative_prefill(
     key: jax.Array,
     max_new_tokens: jax.Array,
     schedule: ScheduleState,
+    sampling: RowSampling | None = None,
+    stop_ids: jax.Array | None = None,
     *,
     scfg: SpecConfig,
     buffer_len: int,
@@ -376,7 +444,9 @@ def speculative_prefill(
     """Prefill the target (sampling the first token from it), then the draft context cache.
 
     prompt_tokens ``[B, P]`` right-padded, prompt_lengths ``[B]``, active ``[B]`` (False rows
-    are batch padding and start finished)."""
+    are batch padding and start finished); ``key`` one key or per-row keys ``[B]``;
+    ``max_new_tokens`` [] or [B]. Per-request ``sampling`` (traced rows; None: ``scfg.sampling``)
+    and ``stop_ids [B, M]`` (-1 pads) are carried in the state."""
     B = prompt_tokens.shape[0]
     dtype = target.embed.dtype
     cache = constrain_cache(target_model.init_cache(scfg.target, B, cache_len, dtype), scfg.mesh)
@@ -388,11 +458,10 @@ def speculative_prefill(
         feature_layers=scfg.draft.target_layer_ids, mesh=scfg.mesh,
         on_chunk=family.prefill_chunk_fn(draft, scfg.draft, target, prompt_tokens, prompt_lengths), carry=draft_cache,
     )
-    key, sub = jax.random.split(key)
-    first = sample_logits(sub, logits, scfg.sampling)
+    key, sub = split(key)
+    first = sample_logits(sub, logits, scfg.sampling if sampling is None else sampling)
     draft_cache = family.start(draft, scfg.draft, target, draft_cache, first)
     K, R = scfg.num_drafts, scfg.trace_rounds
-    zeros = jnp.zeros((B,), jnp.int32)
     trace = None
     if R:
         trace = SpecTrace(
@@ -401,22 +470,8 @@ def speculative_prefill(
             jnp.full((B, R), -1, jnp.int32),
             jnp.zeros((B, R, K), jnp.float32),
         )
-    return SpecState(
-        output=jnp.zeros((B, buffer_len), jnp.int32).at[:, 0].set(first),
-        num_generated=jnp.ones((B,), jnp.int32),
-        done=~active | is_eos(first, scfg.eos_ids) | (max_new_tokens <= 1) | (cache.lengths >= cache_len),
-        anchor=first,
-        target_cache=cache,
-        draft_cache=draft_cache,
-        key=key,
-        max_new_tokens=jnp.asarray(max_new_tokens, jnp.int32),
-        schedule=schedule,
-        stats=SpecStats(
-            zeros, zeros, zeros, zeros, jnp.zeros((B, K), jnp.int32), jnp.zeros((B, K), jnp.int32),
-            jnp.zeros((B,), jnp.float32), jnp.zeros((), jnp.int32),
-        ),
-        trace=trace,
-    )
+    return start_state(first, active, cache, key, max_new_tokens, buffer_len, scfg.eos_ids, draft_cache=draft_cache,
+                       schedule=schedule, stats=init_stats(B, K), trace=trace, sampling=sampling, stop_ids=stop_ids)
 
 
 @functools.partial(jax.jit, static_argnames=("scfg", "max_rounds"), donate_argnames=("state",))
@@ -429,15 +484,52 @@ def speculative_decode(target: Qwen3Params, draft: DraftParams, state: SpecState
     return loop_until_done(round_fn, state, max_rounds)
 
 
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+MAX_STOP_IDS = 8  # per-request stop ids (besides the model's EOS ids)
 
 
-def pad_batch(tokens: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pad the batch to a bucket with copies of row 0 marked inactive."""
-    B = tokens.shape[0]
-    Bb = bucket(B, BATCH_BUCKETS)
-    rows = np.concatenate([np.arange(B), np.zeros(Bb - B, np.int64)])
-    return tokens[rows], lengths[rows], np.arange(Bb) < B
+@dataclasses.dataclass(frozen=True)
+class PerRequest:
+    """Per-prompt settings, validated on the host (None: one setting for the whole batch)."""
+
+    max_new_tokens: np.ndarray  # [rows] int32
+    ragged: bool  # max_new_tokens given per prompt
+    sampling: list | None  # [rows] Sampling
+    stop_ids: np.ndarray | None  # [rows, MAX_STOP_IDS] int32, -1 pads
+
+    @staticmethod
+    def padded(values, batch: int):
+        """``values`` (one per prompt) padded to the batch bucket with copies of the first."""
+        extra = batch - len(values)
+        if isinstance(values, np.ndarray):
+            return np.concatenate([values, np.repeat(values[:1], extra, 0)])
+        return list(values) + [values[0]] * extra
+
+
+def per_request(prompts, max_new_tokens, sampling, stop) -> PerRequest:
+    """Check per-prompt settings: each list has one entry per prompt."""
+    n = len(prompts)
+
+    def one_each(values, what):
+        values = list(values)
+        if len(values) != n:
+            raise ValueError(f"{len(values)} {what} for {n} prompts; give one per prompt (or one for all)")
+        return values
+
+    ragged = not isinstance(max_new_tokens, (int, np.integer))
+    limits = np.asarray(one_each(max_new_tokens, "max_new_tokens") if ragged else [max_new_tokens] * max(n, 1), np.int32)
+    if limits.size and limits.min() < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {int(limits.min())}")
+    settings = None if isinstance(sampling, Sampling) else one_each(sampling, "sampling settings")
+    stop_ids = None
+    if stop is not None:
+        stop = [tuple(int(t) for t in s) for s in one_each(stop, "stop id lists")]
+        longest = max((len(s) for s in stop), default=0)
+        if longest > MAX_STOP_IDS:
+            raise ValueError(f"at most {MAX_STOP_IDS} stop ids per prompt, got {longest}")
+        stop_ids = np.full((n, MAX_STOP_IDS), -1, np.int32)
+        for i, s in enumerate(stop):
+            stop_ids[i, : len(s)] = s
+    return PerRequest(limits, ragged, settings, stop_ids)
 
 
 @dataclasses.dataclass
@@ -467,6 +559,7 @@ def summarize_stats(stats: SpecStats, rows: int) -> dict:
         "expected_accepted_tokens": float(st.expected_accepted.sum()),
         "verification_budget_per_request": float(st.verified.sum() / max(rounds, 1)),
         "target_compute_tokens": compute_tokens,
+        "skipped_rounds": int(st.skipped.sum()),
         "rounds_per_sample": st.rounds.tolist(),
     }
 
@@ -525,8 +618,9 @@ def speculative_start(
     dcfg: DraftConfig,
     prompts: Sequence[Sequence[int]],
     *,
-    max_new_tokens: int,
-    sampling: Sampling = Sampling(),
+    max_new_tokens: "int | Sequence[int]",
+    sampling: "Sampling | Sequence[Sampling]" = Sampling(),
+    stop: Sequence[Sequence[int]] | None = None,
     block_size: int | None = None,
     confidence_threshold: float = 0.0,
     seed: int = 0,
@@ -536,6 +630,7 @@ def speculative_start(
     scheduler: str | None = None,
     sps_profile=None,
     calibration=None,
+    min_expected_accept: float = 0.0,
     prefill_chunk: int = PREFILL_CHUNK,
     allow_long_context: bool = False,
 ) -> SpecRun:
@@ -548,14 +643,23 @@ def speculative_start(
     threshold is given, else 'fixed'. Every scheduler but 'fixed' verifies a packed token axis
     bucketed to what was scheduled. ``sps_profile`` (schedule.SPSProfile) feeds Algorithm 1 and
     async (default: a synthetic linear-cost curve); ``calibration`` (schedule.Calibration) holds
-    the STS temperatures (default: the drafter's, none = 1).
+    the STS temperatures (default: the drafter's, none = 1). With 'algorithm1' / 'async' a round
+    runs one AR step instead of drafting when nothing would pay its verification
+    (``skip_drafting``); a request whose last expected acceptance (sum of survival
+    probabilities) is below ``min_expected_accept`` verifies no drafts.
 
     Validates on the host (prompt vs the model's context and the cache, vocab, block size,
     threshold, scheduler) before any compile; pads prompts and batch to buckets so similar
     calls reuse one compilation. Prompts are prefilled ``prefill_chunk`` tokens at a time, the
     drafter's context cache chunk by chunk alongside.
+
+    Per request: ``max_new_tokens`` and ``sampling`` may be one per prompt, ``stop`` lists each
+    prompt's own stop ids; they are traced rows (no recompile per setting), and with per-prompt
+    sampling every row draws from its own PRNG stream (``seed`` split per row).
     """
     family_of(dcfg).check_compatible(dcfg, tcfg)
+    rows = per_request(prompts, max_new_tokens, sampling, stop)
+    max_new_tokens = int(rows.max_new_tokens.max()) if rows.max_new_tokens.size else 0
     K = block_size or dcfg.block_size
     if not 1 <= K <= dcfg.block_size:
         raise ValueError(f"block_size must be in 1..{dcfg.block_size} (the drafter's block size), got {K}")
@@ -571,22 +675,14 @@ def speculative_start(
                          + no_confidence_hint(dcfg))
     if scheduler != "fixed" and mesh is not None and mesh.shape["data"] != 1:
         raise ValueError(f"scheduler {scheduler!r} verifies a packed token axis: use a mesh with data=1 (tensor parallel only)")
-    prepared = prepare_prompts(prompts, tcfg.vocab_size, max_new_tokens, cache_len, extra_cache=K + 1,
-                               chunk_size=prefill_chunk, max_positions=tcfg.max_position_embeddings,
-                               allow_long_context=allow_long_context)
-    tokens, lengths, active = pad_batch(prepared.tokens, prepared.lengths)
-    dtype = target.embed.dtype
-    check_cache_memory(cache_bytes(tcfg, tokens.shape[0], prepared.cache_len, dtype)
-                       + cache_bytes(dcfg.layers, tokens.shape[0], prepared.cache_len, dtype),
-                       "the target and drafter KV caches")
-    if mesh is not None:
-        check_batch(tokens.shape[0], mesh)
-        target, tcfg = shard_target(target, tcfg, mesh)
-    buffer_len = bucket(max_new_tokens)
+    b = prepare_batch(target, tcfg, prompts, max_new_tokens=max_new_tokens, cache_len=cache_len, extra_cache=K + 1,
+                      mesh=mesh, prefill_chunk=prefill_chunk, allow_long_context=allow_long_context,
+                      cache_cfgs=(dcfg.layers,))
+    target, tcfg, tokens, buffer_len = b.params, b.cfg, b.tokens, b.buffer_len
     scfg = SpecConfig(
         target=tcfg,
         draft=dcfg,
-        sampling=sampling,
+        sampling=sampling if rows.sampling is None else Sampling(),
         block_size=K if K != dcfg.block_size else 0,
         eos_ids=tcfg.eos_token_ids,
         trace_rounds=buffer_len if trace else 0,
@@ -601,19 +697,27 @@ def speculative_start(
         if len(table) < B * (K + 1) + 1:  # extend flat: budgets past the profile cost its last entry
             table = np.concatenate([table, np.full(B * (K + 1) + 1 - len(table), table[-1], np.float32)])
     temps = None if calibration is None else calibration.temperatures[:K]
-    sched = init_schedule_state(B, K, confidence_threshold, table, temps)
+    sched = init_schedule_state(B, K, confidence_threshold, table, temps, min_expected_accept,
+                                0.0 if sps_profile is None else sps_profile.draft_seconds)
+    key = jax.random.key(seed)
+    row_sampling = None
+    if rows.sampling is not None:
+        row_sampling = RowSampling.of(rows.padded(rows.sampling, B))
+        key = jax.random.split(key, B)
     state = speculative_prefill(
         target,
         draft,
         jnp.asarray(tokens),
-        jnp.asarray(lengths),
-        jnp.asarray(active),
-        jax.random.key(seed),
-        jnp.int32(max_new_tokens),
+        jnp.asarray(b.lengths),
+        jnp.asarray(b.active),
+        key,
+        jnp.asarray(rows.padded(rows.max_new_tokens, B), jnp.int32) if rows.ragged else jnp.int32(max_new_tokens),
         sched,
+        row_sampling,
+        None if rows.stop_ids is None else jnp.asarray(rows.padded(rows.stop_ids, B)),
         scfg=scfg,
         buffer_len=buffer_len,
-        cache_len=prepared.cache_len,
+        cache_len=b.cache_len,
     )
     return SpecRun(target, draft, state, scfg, len(prompts))
 
@@ -647,4 +751,4 @@ def profile_verification(target, tcfg, batch: int, num_drafts: int, context: int
         lengths = jnp.asarray([extra // batch + (b < extra % batch) for b in range(batch)], jnp.int32)
         fn = jax.jit(lambda c, l: packed_verify(target, tcfg, c, tokens, l, live, ())[0])
         seconds[size] = median_seconds(fn, cache, lengths, repeats=repeats) + draft_seconds
-    return profile_from_bucket_times(seconds, batch * (num_drafts + 1))
+    return profile_from_bucket_times(seconds, batch * (num_drafts + 1), draft_seconds)

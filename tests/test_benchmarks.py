@@ -5,6 +5,8 @@ import json
 import os
 import sys
 
+import pytest
+
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 sys.path.insert(0, BENCH)
 
@@ -33,3 +35,20 @@ def test_accelerator_benchmark_reports_ar_verify_and_round(capsys):
     assert ctx["context"] == 40 and ctx["ar"][0]["roofline_ratio"] > 0
     assert set(ctx["verify"][0]["ms_by_tokens"]) == {"1", "3"}
     assert ctx["round"][0]["round_ms"] > 0
+
+
+@pytest.mark.slow  # compiles five engines of the embedded pair (minutes on a loaded CPU); test_engine covers the engine
+def test_serving_benchmark_reports_every_figure_per_load_and_scheduler(capsys, tmp_path):
+    import bench_serving
+
+    bench_serving.main(["--loads", "20", "--duration", "0.2", "--slots", "2", "--max-new", "4", "--num-prompts", "3",
+                        "--schedulers", "ar", "async", "--profile", "synthetic", "--plot", str(tmp_path / "s.png"),
+                        "--json"])
+    out = json.loads(capsys.readouterr().out)
+    (load,) = out["loads"]
+    assert load["offered"] == 20 and set(load["results"]) == {"ar", "async"}
+    for r in load["results"].values():
+        assert r["requests"] >= 1 and r["throughput"] > 0 and r["ttft_p99"] >= r["ttft_p50"] > 0
+        assert r["per_user_p50"] > 0 and r["budget"] >= 1
+    assert load["results"]["ar"]["budget"] == 1
+    assert (tmp_path / "s.png").stat().st_size > 0

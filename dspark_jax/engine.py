@@ -1,0 +1,310 @@
+"""A continuous-batching serving engine on the decode core.
+
+A fixed number of batch slots live on the device as one ``commit.DecodeState`` (per-slot
+caches, keys, sampling settings, stop ids and token limits as traced rows). The host loop
+follows JetStream's split: **prefill** a waiting request's prompt (chunked, into a one-row
+target cache and drafter context), **insert** that row into a free slot of the donated
+state, and **generate**: a few AR steps or speculative rounds for every slot inside the one
+decoding loop (``decoding.loop_until_done``). A slot whose request finished is refilled by the
+next waiting request while the others keep their caches and continue.
+
+Compiled shapes are bounded: one generate graph per engine, one insert graph per prompt
+bucket (``decoding.prompt_bucket``). Every request has its own PRNG stream (from its seed), so
+its output does not depend on its slot, its neighbours or when it arrived.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import time
+from collections import deque
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .drafters import family_of
+from . import draft as draft_model
+from . import target as target_model
+from .cache import KVCache
+from .commit import DecodeState
+from .commit import start as start_state
+from .decoding import PREFILL_CHUNK, ar_step, bucket, check_context, loop_until_done, prefill, prompt_bucket
+from .sampling import RowSampling, Sampling, sample_logits, split
+from . import speculative as spec
+from . import schedule as schedule_lib
+
+MAX_STOP_IDS = spec.MAX_STOP_IDS  # per-request stop ids a slot holds (besides the model's EOS ids)
+
+
+@dataclasses.dataclass
+class Request:
+    """A submitted request and what it produced so far (times from ``time.perf_counter``)."""
+
+    id: int
+    prompt: list[int]
+    sampling: Sampling
+    max_new_tokens: int
+    stop: tuple[int, ...]
+    seed: int
+    submitted: float
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    started_at: float | None = None  # inserted into a slot (prefill begins)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    slot: int | None = None
+    rounds: int = 0  # decoding rounds (AR steps) it took part in
+    verified: int = 0  # target tokens run to verify it (anchors + drafts offered)
+
+    @property
+    def done(self) -> bool:
+        return self.finished_at is not None
+
+    @property
+    def budget(self) -> float:
+        """Mean verification budget per round (tokens the target ran for this request)."""
+        return self.verified / max(self.rounds, 1)
+
+
+def _put_rows(batch, row, slot, axis: int = 0):
+    """Write the one-row pytree ``row`` into ``batch`` at ``slot`` along ``axis`` of every leaf."""
+    return jax.tree.map(lambda b, r: jax.lax.dynamic_update_slice_in_dim(b, r.astype(b.dtype), slot, axis), batch, row)
+
+
+def _put_cache(batch: KVCache, row: KVCache, slot) -> KVCache:
+    return KVCache(_put_rows(batch.k, row.k, slot, 1), _put_rows(batch.v, row.v, slot, 1),
+                   _put_rows(batch.lengths, row.lengths, slot))
+
+
+def _row_cache(cache: KVCache, slot) -> KVCache:
+    take = lambda a, axis: jax.lax.dynamic_slice_in_dim(a, slot, 1, axis)
+    return KVCache(take(cache.k, 1), take(cache.v, 1), jnp.zeros((1,), jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("scfg", "tcfg", "prefill_chunk"), donate_argnames=("state",))
+def insert(target, draft, state: DecodeState, slot, tokens, length, key, max_new_tokens, stop_ids, sampling: RowSampling,
+           *, scfg, tcfg, prefill_chunk: int) -> DecodeState:
+    """Prefill one prompt ``tokens [1, P]`` (valid ``length [1]``) into slot ``slot`` of the
+    donated engine state: the slot's target cache (and drafter context), its first token,
+    key, limits and sampling; the slot's statistics restart. Other slots are untouched."""
+    cache = _row_cache(state.target_cache, slot)
+    on_chunk, carry = None, None
+    if state.draft_cache is not None:
+        on_chunk = functools.partial(draft_model.append_context, draft, scfg.draft)
+        carry = _row_cache(state.draft_cache, slot)
+    logits, cache, draft_cache = prefill(target, tcfg, tokens, length, cache, chunk_size=prefill_chunk,
+                                         feature_layers=scfg.draft.target_layer_ids if scfg else (),
+                                         on_chunk=on_chunk, carry=carry)
+    key, sub = split(key)
+    first = sample_logits(sub, logits, sampling)
+    eos_ids = tcfg.eos_token_ids
+    row = start_state(first, jnp.ones((1,), bool), cache, key, max_new_tokens, state.output.shape[1], eos_ids,
+                      stop_ids=stop_ids, sampling=sampling)
+    put = lambda name: _put_rows(getattr(state, name), getattr(row, name), slot)
+    new = dataclasses.replace(
+        state, **{name: put(name) for name in ("output", "num_generated", "done", "anchor", "key", "max_new_tokens",
+                                                "stop_ids", "sampling")},
+        target_cache=_put_cache(state.target_cache, cache, slot),
+    )
+    if state.draft_cache is None:
+        return new
+    sched, stats = state.schedule, state.stats
+    K = sched.stale_survival.shape[-1]
+    sched = dataclasses.replace(sched, stale_survival=_put_rows(sched.stale_survival, jnp.ones((2, 1, K)), slot, 1))
+    per_row = {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats) if f.name != "compute_tokens"}
+    fresh = {name: _put_rows(a, jnp.zeros((1,) + a.shape[1:], a.dtype), slot) for name, a in per_row.items()}
+    return dataclasses.replace(new, draft_cache=_put_cache(state.draft_cache, draft_cache, slot), schedule=sched,
+                               stats=dataclasses.replace(stats, **fresh))
+
+
+@functools.partial(jax.jit, static_argnames=("scfg", "tcfg", "max_steps"), donate_argnames=("state",))
+def generate(target, draft, state: DecodeState, *, scfg, tcfg, max_steps: int):
+    """Up to ``max_steps`` AR steps (``scfg`` None) or speculative rounds for every live slot,
+    then copies of what the host reads (ids, counts, done flags, per-slot rounds/verified)."""
+    if scfg is None:
+        step = functools.partial(ar_step, target, cfg=tcfg, sampling=Sampling(), eos_ids=tcfg.eos_token_ids)
+    else:
+        step = functools.partial(spec.speculative_round, target, draft, scfg=scfg)
+    state = loop_until_done(step, state, max_steps)
+    counters = (state.stats.rounds + 0, state.stats.verified + 0) if state.stats is not None else None
+    return state, (state.output + 0, state.num_generated + 0, state.done + 0, counters)
+
+
+class Engine:
+    """Continuous batching over ``slots`` device rows (see the module docstring).
+
+    ``draft``/``dcfg`` None (or ``scheduler='ar'``) decodes autoregressively; else speculative
+    rounds with ``scheduler`` (fixed | threshold | algorithm1 | async). ``max_len`` is each
+    slot's cache capacity (prompt + new tokens + one round), ``max_new_tokens`` the largest a
+    request may ask for (the output buffer), ``steps_per_call`` the rounds between two visits
+    of the host (where finished slots are refilled)."""
+
+    def __init__(self, target, tcfg, draft=None, dcfg=None, *, slots: int = 8, max_len: int = 512,
+                 max_new_tokens: int = 128, scheduler: str | None = None, block_size: int | None = None,
+                 confidence_threshold: float = 0.0, sps_profile=None, calibration=None, min_expected: float = 0.0,
+                 steps_per_call: int = 4, prefill_chunk: int = PREFILL_CHUNK, tokenizer=None, chat_template=None):
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        if steps_per_call < 1:
+            raise ValueError(f"steps_per_call must be >= 1, got {steps_per_call}")
+        self.target, self.tcfg, self.draft = target, tcfg, draft
+        self.slots, self.max_len, self.steps_per_call, self.prefill_chunk = slots, max_len, steps_per_call, prefill_chunk
+        self.tokenizer, self.chat_template = tokenizer, chat_template
+        self.max_new_tokens, self.buffer_len = max_new_tokens, bucket(max_new_tokens)
+        if scheduler == "ar" or draft is None:
+            self.scfg, K = None, 0
+        else:
+            family = family_of(dcfg)
+            if family.name != "dspark":  # slots hold a KVCache drafter context (DSpark / DFlash)
+                raise ValueError(f"the engine serves DSpark / DFlash drafters; a {family.name!r} drafter runs "
+                                 f"through speculative_generate")
+            family.check_compatible(dcfg, tcfg)
+            K = block_size or dcfg.block_size
+            scheduler = scheduler or ("threshold" if confidence_threshold > 0 else "fixed")
+            if scheduler not in schedule_lib.SCHEDULERS:
+                raise ValueError(f"unknown scheduler {scheduler!r} (one of ar, {', '.join(schedule_lib.SCHEDULERS)})")
+            if scheduler != "fixed" and draft.confidence is None:
+                raise ValueError(f"scheduler {scheduler!r} needs a drafter with a confidence head")
+            self.scfg = spec.SpecConfig(target=tcfg, draft=dcfg, block_size=K if K != dcfg.block_size else 0,
+                                        eos_ids=tcfg.eos_token_ids, scheduler=scheduler, prefill_chunk=prefill_chunk)
+        self.extra_cache = K + 1 if K else 0
+        self.state = self._empty_state(K, confidence_threshold, sps_profile, calibration, min_expected)
+        self.waiting: deque[Request] = deque()
+        self.running: dict[int, Request] = {}  # slot -> request
+        self.requests: dict[int, Request] = {}
+        self._ids = itertools.count()
+        self._seen = np.zeros(slots, np.int64)
+
+    @property
+    def scheduler(self) -> str:
+        return "ar" if self.scfg is None else self.scfg.scheduler
+
+    def _empty_state(self, K, threshold, sps_profile, calibration, min_expected) -> DecodeState:
+        B, S, dtype = self.slots, self.max_len, self.target.embed.dtype
+        fields = {}
+        if self.scfg is not None:
+            table = None
+            if sps_profile is not None:
+                table = np.asarray(sps_profile.table, np.float32)
+                if len(table) < B * (K + 1) + 1:
+                    table = np.concatenate([table, np.full(B * (K + 1) + 1 - len(table), table[-1], np.float32)])
+            temps = None if calibration is None else calibration.temperatures[:K]
+            fields = dict(
+                draft_cache=draft_model.init_context_cache(self.scfg.draft, B, S, dtype),
+                schedule=spec.init_schedule_state(B, K, threshold, table, temps, min_expected,
+                                                  0.0 if sps_profile is None else sps_profile.draft_seconds),
+                stats=spec.init_stats(B, K),
+            )
+        return DecodeState(
+            output=jnp.zeros((B, self.buffer_len), jnp.int32), num_generated=jnp.zeros((B,), jnp.int32),
+            done=jnp.ones((B,), bool), anchor=jnp.zeros((B,), jnp.int32),
+            target_cache=target_model.init_cache(self.tcfg, B, S, dtype),
+            key=jax.random.split(jax.random.key(0), B), max_new_tokens=jnp.zeros((B,), jnp.int32),
+            stop_ids=jnp.full((B, MAX_STOP_IDS), -1, jnp.int32),
+            sampling=RowSampling.of([Sampling()] * B), **fields,
+        )
+
+    # ------------------------------------------------------------------ requests
+
+    def submit(self, prompt: Sequence[int] | None = None, *, messages=None, sampling: Sampling = Sampling(),
+               max_new_tokens: int | None = None, stop: Sequence[int] = (), seed: int | None = None) -> int:
+        """Queue a request (token ids, or chat ``messages`` with the engine's tokenizer and
+        template); returns its id. ``max_new_tokens`` defaults to the engine's; ``seed`` to the
+        request id. Validated here, before anything runs."""
+        if max_new_tokens is None:
+            max_new_tokens = self.max_new_tokens
+        if (prompt is None) == (messages is None):
+            raise ValueError("give either prompt token ids or messages")
+        stop = tuple(int(t) for t in stop)
+        if messages is not None:
+            if self.tokenizer is None or self.chat_template is None:
+                raise ValueError("messages need an engine built with tokenizer= and chat_template=")
+            from .chat import encode_chat, end_of_turn_id
+
+            prompt = encode_chat(self.tokenizer, self.chat_template, messages)
+            end = end_of_turn_id(self.tokenizer, self.chat_template)
+            stop = stop + ((end,) if end is not None and end not in stop else ())
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise ValueError("empty prompt; a request needs at least one token")
+        bad = [t for t in prompt if not 0 <= t < self.tcfg.vocab_size]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} outside the vocabulary [0, {self.tcfg.vocab_size})")
+        if not 1 <= max_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"max_new_tokens must be in 1..{self.max_new_tokens} (the engine's max_new_tokens), "
+                             f"got {max_new_tokens}")
+        if len(stop) > MAX_STOP_IDS:
+            raise ValueError(f"at most {MAX_STOP_IDS} stop ids per request, got {len(stop)}")
+        check_context(len(prompt), max_new_tokens, self.tcfg.max_position_embeddings)
+        need = len(prompt) + max_new_tokens + self.extra_cache
+        if need > self.max_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens + max_new_tokens {max_new_tokens} needs {need} cache "
+                             f"positions; the engine's slots hold max_len={self.max_len}")
+        rid = next(self._ids)
+        req = Request(rid, prompt, sampling, int(max_new_tokens), stop, rid if seed is None else int(seed),
+                      time.perf_counter())
+        self.requests[rid] = req
+        self.waiting.append(req)
+        return rid
+
+    def _insert(self, slot: int, req: Request):
+        started = time.perf_counter()
+        P = prompt_bucket(len(req.prompt), self.prefill_chunk)
+        tokens = np.zeros((1, P), np.int32)
+        tokens[0, : len(req.prompt)] = req.prompt
+        stop = np.full((1, MAX_STOP_IDS), -1, np.int32)
+        stop[0, : len(req.stop)] = req.stop
+        self.state = insert(
+            self.target, self.draft, self.state, jnp.int32(slot), jnp.asarray(tokens),
+            jnp.asarray([len(req.prompt)], jnp.int32), jax.random.key(req.seed)[None],
+            jnp.asarray([req.max_new_tokens], jnp.int32), jnp.asarray(stop), RowSampling.of([req.sampling]),
+            scfg=self.scfg, tcfg=self.tcfg, prefill_chunk=self.prefill_chunk,
+        )
+        req.slot, req.started_at = slot, started
+        self.running[slot] = req
+        self._seen[slot] = 0
+
+    def step(self) -> dict[int, list[int]]:
+        """Refill free slots from the queue, run ``steps_per_call`` rounds, and return each
+        running request's newly committed ids ``{request id: ids}``."""
+        for slot in range(self.slots):
+            if slot not in self.running and self.waiting:
+                self._insert(slot, self.waiting.popleft())
+        if not self.running:
+            return {}
+        self.state, (output, counts, done, counters) = generate(
+            self.target, self.draft, self.state, scfg=self.scfg, tcfg=self.tcfg, max_steps=self.steps_per_call)
+        output, counts, done = np.asarray(output), np.asarray(counts), np.asarray(done)
+        if counters is not None:
+            rounds, verified = (np.asarray(c) for c in counters)
+        now = time.perf_counter()
+        new = {}
+        for slot, req in list(self.running.items()):
+            ids = output[slot, self._seen[slot]: counts[slot]].tolist()
+            self._seen[slot] = counts[slot]
+            if ids:
+                if req.first_token_at is None:
+                    req.first_token_at = now
+                req.tokens += ids
+                new[req.id] = ids
+            if counters is not None:
+                req.rounds, req.verified = int(rounds[slot]), int(verified[slot])
+            else:
+                req.rounds = req.verified = max(len(req.tokens) - 1, 0)
+            if done[slot]:
+                req.finished_at = now
+                del self.running[slot]
+        return new
+
+    def run_until_done(self) -> dict[int, list[int]]:
+        """Step until every submitted request finished; returns ``{request id: ids}``."""
+        while self.waiting or self.running:
+            self.step()
+        return {rid: r.tokens for rid, r in self.requests.items()}
+
+    def result(self, rid: int) -> list[int]:
+        """The ids request ``rid`` committed so far (all of them once it is done)."""
+        return self.requests[rid].tokens

@@ -1,0 +1,147 @@
+"""The serving engine and the per-request decode core: a request's output does not depend on
+its slot, its neighbours or when it arrived; per-request sampling, stop ids and token limits
+are each row's own; rounds that skip drafting keep the target's distribution.
+
+Models are the tiny near-bigram pairs of ``spec_models`` (as in test_speculative).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dspark_jax.engine import Engine
+from dspark_jax.sampling import Sampling
+from spec_models import random_prompts
+from test_speculative import (CACHE, MAX_NEW, SAMPLING_CONTEXT, SAMPLING_PROMPT, SAMPLING_ROWS, assert_matches,
+                              budget_profile, exact_joint_2_3, pair, run_ar, run_spec)
+
+VOCAB = 32
+
+
+def staggered_run(engine, prompts, limits, **submit_kw):
+    """Submit half the requests, decode a little, then submit the rest (they wait for slots
+    that finished); returns each request's ids in submission order."""
+    half = len(prompts) // 2
+    ids = [engine.submit(p, max_new_tokens=m, **submit_kw) for p, m in zip(prompts[:half], limits[:half])]
+    engine.step()
+    engine.step()
+    ids += [engine.submit(p, max_new_tokens=m, **submit_kw) for p, m in zip(prompts[half:], limits[half:])]
+    results = engine.run_until_done()
+    return [results[i] for i in ids]
+
+
+@pytest.mark.parametrize("scheduler", ["ar", "algorithm1"])
+def test_engine_greedy_output_is_each_requests_own_ar_output(scheduler):
+    """7 requests through 3 slots, arriving in two waves with different token limits: each
+    equals its own ``generate_ar`` output, whatever slot and neighbours it got."""
+    pr = pair("vanilla")
+    prompts = random_prompts(8, VOCAB, 1, 16, 21)[:7]
+    limits = [16, 5, 12, 16, 3, 9, 16]
+    ar = run_ar(pr, prompts + prompts[:1])[:7]  # one batch of 8: the AR compile test_speculative shares
+    engine = Engine(pr.target, pr.tcfg, pr.draft, pr.dcfg, slots=3, max_len=CACHE, max_new_tokens=MAX_NEW,
+                    scheduler=scheduler, steps_per_call=3)
+    out = staggered_run(engine, prompts, limits)
+    assert out == [a[:m] for a, m in zip(ar, limits)]
+    slots = {engine.requests[i].slot for i in range(7)}
+    assert slots == {0, 1, 2}  # every slot was refilled
+    if scheduler != "ar":
+        assert all(r.budget >= 1 for r in engine.requests.values())
+
+
+def test_engine_stops_each_request_at_its_own_stop_ids_eos_and_limit():
+    """Per request: its own stop ids, the model's EOS, its max_new_tokens (speculative
+    rounds commit several tokens at once, so a stop inside accepted drafts is cut there)."""
+    pr = pair("vanilla")
+    prompts = random_prompts(8, VOCAB, 1, 16, 0)
+    ar = run_ar(pr, prompts)
+    engine = Engine(pr.target, pr.tcfg, pr.draft, pr.dcfg, slots=4, max_len=CACHE, max_new_tokens=MAX_NEW,
+                    scheduler="fixed")
+    requests = []
+    for i, (prompt, full) in enumerate(zip(prompts, ar)):
+        stop = (full[6], full[3]) if i % 2 else ()  # odd requests stop at a token of their output
+        limit = MAX_NEW - i
+        requests.append((engine.submit(prompt, max_new_tokens=limit, stop=stop), full, stop, limit))
+    results = engine.run_until_done()
+    cut = 0
+    for rid, full, stop, limit in requests:
+        expected = full[:limit]
+        hits = [j for j, t in enumerate(expected) if t in stop]
+        if hits:
+            expected = expected[: hits[0] + 1]
+            cut += 1
+        assert results[rid] == expected
+    assert cut >= 3
+    eos_pair = pair("vanilla", eos=int(ar[0][4]))
+    ar_eos = run_ar(eos_pair, prompts)
+    engine = Engine(eos_pair.target, eos_pair.tcfg, eos_pair.draft, eos_pair.dcfg, slots=4, max_len=CACHE,
+                    max_new_tokens=MAX_NEW, scheduler="fixed")
+    ids = [engine.submit(p, max_new_tokens=MAX_NEW) for p in prompts]
+    results = engine.run_until_done()
+    assert [results[i] for i in ids] == ar_eos
+    assert sum(len(a) < MAX_NEW for a in ar_eos) >= 1
+
+
+def test_per_request_sampling_follows_each_requests_target_distribution():
+    """One batch, two sampling settings as traced rows (each row its own PRNG stream): each
+    half's tokens #2 and #3 follow the target's distribution under its own setting."""
+    settings = [Sampling(temperature=1.0), Sampling(temperature=1.0, top_k=8)]
+    pr = pair("vanilla", context=SAMPLING_CONTEXT)
+    half = SAMPLING_ROWS // 2
+    res = run_spec(pr, [SAMPLING_PROMPT] * SAMPLING_ROWS, max_new=4, cache_len=32, trace=False,
+                   sampling=[settings[0]] * half + [settings[1]] * half, seed=3)
+    S = np.array(res.samples)
+    assert 0 < res.stats["accepted_tokens"] < res.stats["proposed_tokens"]
+    joints = [exact_joint_2_3(pr, setting) for setting in settings]
+    # top-k zeroes most (token #2, token #3) pairs: a row sampled with the other setting fails
+    assert (joints[1] == 0).sum() > (joints[0] == 0).sum() + 100
+    for rows, joint in zip((S[:half], S[half:]), joints):
+        assert_matches(np.bincount(rows[:, 1], minlength=VOCAB), joint.sum(1))
+        assert_matches(np.bincount(rows[:, 1] * VOCAB + rows[:, 2], minlength=VOCAB * VOCAB), joint)
+
+
+def test_row_sampling_is_each_rows_own_static_setting():
+    """Traced per-row settings warp every row exactly as its static ``Sampling`` would."""
+    import jax
+
+    from dspark_jax.sampling import RowSampling, distribution
+
+    logits = 3 * jax.random.normal(jax.random.key(0), (4, 3, 50))
+    settings = [Sampling(), Sampling(0.7, 5), Sampling(1.0, 0, 0.8), Sampling(1.3, 7, 0.6)]
+    rows = np.asarray(distribution(logits, RowSampling.of(settings)))
+    for row, setting, x in zip(rows, settings, logits):
+        np.testing.assert_array_equal(row, np.asarray(distribution(x, setting)))
+
+
+def test_skipping_drafts_keeps_the_target_distribution():
+    """Rows whose last expected acceptance is too low verify nothing; when every row is, the
+    round is one AR step. Both decisions read only past rounds, so the output is still the
+    target's distribution."""
+    sampling = Sampling(temperature=1.0)
+    pr = pair("vanilla", context=SAMPLING_CONTEXT)
+    joint = exact_joint_2_3(pr, sampling)
+    samples, skipped, cut = [], 0, 0
+    for seed, min_expected in ((1, 1.5), (2, float("inf"))):
+        res = run_spec(pr, [SAMPLING_PROMPT] * SAMPLING_ROWS, max_new=4, cache_len=32, sampling=sampling, seed=seed,
+                       trace=False, scheduler="algorithm1", sps_profile=budget_profile(SAMPLING_ROWS),
+                       min_expected_accept=min_expected)
+        samples += res.samples
+        skipped += res.stats["skipped_rounds"]
+        cut += res.stats["rounds"] - res.stats["skipped_rounds"]
+    assert skipped > 0 and cut > 0
+    S = np.array(samples)
+    assert_matches(np.bincount(S[:, 1], minlength=VOCAB), joint.sum(1))
+    assert_matches(np.bincount(S[:, 2], minlength=VOCAB), joint.sum(0))
+    assert_matches(np.bincount(S[:, 1] * VOCAB + S[:, 2], minlength=VOCAB * VOCAB), joint)
+
+
+def test_engine_rejects_bad_requests_before_running():
+    pr = pair("vanilla")
+    engine = Engine(pr.target, pr.tcfg, slots=2, max_len=32, max_new_tokens=16)
+    for kw, message in [(dict(prompt=[]), "empty prompt"), (dict(prompt=[VOCAB]), "outside the vocabulary"),
+                        (dict(prompt=[1] * 20, max_new_tokens=16), "max_len=32"),
+                        (dict(prompt=[1], max_new_tokens=17), "max_new_tokens must be in 1..16"),
+                        (dict(prompt=[1], stop=list(range(9))), "at most 8 stop ids")]:
+        with pytest.raises(ValueError, match=message):
+            engine.submit(**kw)
+    assert not engine.requests
