@@ -31,7 +31,7 @@ from .cache import KVCache
 from .config import Qwen3Config
 from .commit import DecodeState, commit
 from .commit import start as start_state
-from .decoding import (PREFILL_CHUNK, loop_until_done, prefill, prepare_batch, row_sampling,
+from .decoding import (PREFILL_CHUNK, loop_until_done, pad_batch, prefill, prepare_batch, row_sampling,  # noqa: F401 (pad_batch re-exported)
                        run_target)
 from .sharding import Mesh, constrain_cache, sharded_forward_packed
 from .draft import DraftConfig, DraftParams

@@ -1,6 +1,7 @@
 """The dspark-jax command line: JSON output of generate (ar and speculative), text prompts, errors."""
 
 import json
+import pathlib
 import re
 
 import jax
@@ -91,14 +92,16 @@ def test_generate_errors_are_clear(model_dirs, capsys):
 
 def test_calibrate_writes_sts_temperatures_that_generate_then_uses(model_dirs, tmp_path, capsys):
     root, target, cfg = model_dirs
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("\n".join(json.dumps({"turns": [t]}) for t in ["def f(x):", "the quick brown", "return x"]))
-    cli.main(["calibrate", "--target", str(root / "target"), "--draft", str(root / "draft"), "--prompts", str(prompts),
-              "--max-new-tokens", "24", "--out", str(tmp_path)])
+    # a fit needs confidences that track acceptance: a random drafter's do not (its STS fit is
+    # degenerate, refused), so the calibration runs on the embedded trained pair
+    checkpoints = pathlib.Path(__file__).resolve().parents[1] / "checkpoints"
+    cli.main(["calibrate", "--target", str(checkpoints / "target"), "--draft", str(checkpoints / "dspark"),
+              "--prompts", "train", "--num-prompts", "32", "--temperature", "1", "--max-new-tokens", "64",
+              "--out", str(tmp_path)])
     printed = capsys.readouterr().out
     assert "STS on" in printed and "ECE before" in printed
     saved = json.loads((tmp_path / "sts_calibration.json").read_text())
-    assert len(saved["temperatures"]) == 3 and all(t > 0 for t in saved["temperatures"])
+    assert len(saved["temperatures"]) == 7 and all(t > 0 for t in saved["temperatures"])
     assert saved["report"]["rounds"] > 0
     profile = tmp_path / "sps.json"
     cli.main(["profile-sps", "--target", str(root / "target"), "--batch", "2", "--block-size", "3", "--out", str(profile)])

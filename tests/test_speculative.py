@@ -559,9 +559,10 @@ def test_drafts_see_exactly_the_committed_context():
 
 def test_statistics_are_consistent():
     pr = pair("gated")
-    res = run_spec(pr, prompt_batch(5), threshold=0.3, scheduler="threshold")
+    # 0.4 sits inside this random drafter's confidence range (sigmoids ~0.33-0.41), so it cuts some rounds
+    res = run_spec(pr, prompt_batch(5), threshold=0.4, scheduler="threshold")
     check_stats_and_trace(res, MAX_NEW)
-    check_verified_lengths(res, K, "threshold", 0.3)
+    check_verified_lengths(res, K, "threshold", 0.4)
     st = res.stats
     rates = st["accept_rate_by_position"]
     assert len(rates) == K and rates[0] is not None
