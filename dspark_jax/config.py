@@ -241,9 +241,13 @@ def load_qwen3_config(model_dir: str | os.PathLike) -> Qwen3Config:
             f"{path}: unsupported architecture (model_type={model_type!r}, "
             f"architectures={archs!r}); expected a Qwen3ForCausalLM"
         )
-    cfg = Qwen3Config.from_hf(raw, path)
-    # transformers' generate stops at generation_config.json's eos ids (Qwen3 instruct models list
-    # two there, one in config.json): stop at the union of both.
+    return with_generation_eos(Qwen3Config.from_hf(raw, path), model_dir)
+
+
+def with_generation_eos(cfg, model_dir: str | os.PathLike):
+    """``cfg`` (any config dataclass with ``eos_token_ids``) stopping at the union of its eos ids
+    and generation_config.json's: transformers' generate stops at the latter (Qwen3 instruct
+    models list two there, one in config.json)."""
     gen_path = os.path.join(os.fspath(model_dir), "generation_config.json")
     if os.path.exists(gen_path):
         eos = _eos_ids(read_json(gen_path).get("eos_token_id"))

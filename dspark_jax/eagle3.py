@@ -35,6 +35,7 @@ from .attention import MASKED_SCORE, AttentionMask, Context, attend
 from .cache import KVCache, chunk_positions, write_layers
 from .config import ConfigError, Qwen3Config
 from .draft import DraftBlock
+from .draft import check_compatible as draft_check_compatible
 from .layers import DecoderLayerParams, decoder_layer, decoder_layer_decl, layer_at, rms_norm, rope_cos_sin
 from .params import ParamDecl, init_tree
 from .sampling import Sampling, distribution, sample
@@ -140,14 +141,9 @@ def init_eagle3_params(key: jax.Array, cfg: Eagle3Config, dtype=jnp.float32, std
 
 
 def check_compatible(cfg: Eagle3Config, tcfg: Qwen3Config, where: str = "draft"):
-    """Clear errors when an Eagle-3 drafter cannot run against a target."""
-    if cfg.layers.vocab_size != tcfg.vocab_size:
-        raise ConfigError(f"{where}: vocab_size {cfg.layers.vocab_size} != target vocab_size {tcfg.vocab_size}")
-    if cfg.hidden_size != tcfg.hidden_size:
-        raise ConfigError(f"{where}: hidden_size {cfg.hidden_size} != target hidden_size {tcfg.hidden_size}")
-    if cfg.num_target_layers is not None and cfg.num_target_layers != tcfg.num_hidden_layers:
-        raise ConfigError(f"{where}: num_target_layers {cfg.num_target_layers} != the target's num_hidden_layers "
-                          f"{tcfg.num_hidden_layers} (the drafter was trained for another target)")
+    """Clear errors when an Eagle-3 drafter cannot run against a target: the DSpark drafter's
+    checks (vocab, hidden size, the target it was trained for, target_layer_ids in range)."""
+    draft_check_compatible(cfg, tcfg, where)
     bad = [i for i in cfg.target_layer_ids if not 0 <= i < tcfg.num_hidden_layers]
     if bad:
         raise ConfigError(f"{where}: target_layer_ids {bad} out of range for a target with {tcfg.num_hidden_layers} "

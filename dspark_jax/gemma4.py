@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 from .attention import AttentionMask, Context, attend
 from .cache import chunk_positions
-from .config import ConfigError, RopeConfig, _eos_ids, read_json
+from .config import ConfigError, RopeConfig, _eos_ids, read_json, with_generation_eos
 from .layers import apply_rope, rms_norm, rope_tables, tp_sum
 from .params import ParamDecl, init_tree
 
@@ -275,14 +275,7 @@ def load_gemma4_config(model_dir: str | os.PathLike) -> Gemma4Config:
     raw = read_json(path)
     if not is_gemma4_config(raw):
         raise ConfigError(f"{path}: model_type={raw.get('model_type')!r} is not a Gemma 4 checkpoint")
-    cfg = Gemma4Config.from_hf(raw, path)
-    gen_path = os.path.join(os.fspath(model_dir), "generation_config.json")
-    if os.path.exists(gen_path):
-        eos = _eos_ids(read_json(gen_path).get("eos_token_id"))
-        merged = tuple(dict.fromkeys(cfg.eos_token_ids + eos))
-        if merged != cfg.eos_token_ids:
-            cfg = dataclasses.replace(cfg, eos_token_ids=merged)
-    return cfg
+    return with_generation_eos(Gemma4Config.from_hf(raw, path), model_dir)
 
 
 # ---------------------------------------------------------------------------- parameters
