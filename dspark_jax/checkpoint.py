@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from .config import Qwen3Config, load_qwen3_config, read_json
@@ -27,13 +28,13 @@ from .heads import MARKOV_HEADS
 from .params import ParamDecl, abstract_tree, checkpoint_tensors, decl_leaves, export_tensors, map_decls
 from .safetensors_io import CheckpointError, TensorSource, save_tensors
 from .target import Qwen3Params, target_decl
-from .validate import all_finite, check_finite, check_finite_tree, check_trained_config
+from .validate import check_finite, check_finite_tree, check_trained_config, host_all_finite
 
-# The most a loader reads and places at once (one piece of one weight). The host holds a few
-# copies of a piece in flight (read, then on its way to the device), so this bounds loading's
-# memory above the weights themselves. Not smaller: XLA:CPU runs a bfloat16
-# dynamic-update-slice through float32, rewriting the whole weight per piece.
+# The most a loader reads at once (one piece of one weight): with the piece on its way to
+# an accelerator, this bounds loading's host memory above the weights themselves.
 CHUNK_BYTES = 64 << 20
+HOST_ALIGNMENT = 64  # bytes: XLA:CPU aliases host buffers aligned to this instead of copying them
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 
 
 def default_dtype():
@@ -74,25 +75,80 @@ def check_tensors(source: TensorSource, decls, allowed_unused: set[str] = frozen
         )
 
 
-def read_region(source: TensorSource, decl: ParamDecl, name: str, region, dtype) -> np.ndarray:
-    """``ours[region]`` of checkpoint tensor ``name`` (one layer's, our layout), reading only
-    the rows the region needs: ``region`` is a (start, stop) per axis of ``decl.tensor_shape``."""
+def host_buffer(shape, dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array aligned to 64 bytes: XLA:CPU then takes it as a
+    device buffer without copying (``jax.device_put`` aliases it), so a weight placed on a
+    CPU device is the buffer it was read into."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + HOST_ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % HOST_ALIGNMENT
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def _bits(array: np.ndarray) -> np.ndarray:
+    """The same memory as unsigned integers of the dtype's size (copies between them skip
+    ml_dtypes' slower element-wise casts)."""
+    return array.view(np.dtype(f"u{array.dtype.itemsize}"))
+
+
+def copy_cast(dest: np.ndarray, src: np.ndarray):
+    """``dest[...] = src`` in ``dest``'s dtype (strided views allowed): same dtypes copy their
+    bits; bfloat16 -> float32 is a 16-bit shift of the bits; other casts are numpy's."""
+    if dest.dtype == src.dtype:
+        np.copyto(_bits(dest), _bits(src))
+    elif src.dtype == BFLOAT16 and dest.dtype == np.float32:
+        wide = _bits(dest)
+        np.copyto(wide, _bits(src))
+        np.left_shift(wide, 16, out=wide)
+    else:
+        np.copyto(dest, src, casting="unsafe")
+
+
+def fill_tensor(source: TensorSource, decl: ParamDecl, name: str, region, out: np.ndarray, chunk_bytes: int):
+    """``out[...] = ours[region]`` of checkpoint tensor ``name`` (one layer's, our layout),
+    ``region`` a (start, stop) per axis of ``decl.tensor_shape``. Reads only the checkpoint rows
+    the region needs, at most ``chunk_bytes`` at a time, cast into ``out`` piece by piece (rows
+    in our layout go straight from the file into ``out``)."""
     shape, n_in = decl.tensor_shape, decl.n_in
-    keep = [slice(a, b) for a, b in region]
-    if decl.hf_shape_override is not None or not shape:
-        w = decl.from_hf(source.read_rows(name))
-    elif n_in == 0:  # same layout: rows of our axis 0
-        (a, b) = region[0]
-        w, keep[0] = source.read_rows(name, a, b), slice(None)
-    elif n_in == len(shape):  # [1, in] in the checkpoint
-        w = source.read_rows(name).T.reshape(shape)
-    else:  # checkpoint rows = our output axes fused; read the rows of our axis n_in's range
-        (a, b) = region[n_in]
-        inner = math.prod(shape[n_in + 1:])
-        rows = source.read_rows(name, a * inner, b * inner)
-        w = rows.T.reshape(shape[:n_in] + (b - a,) + shape[n_in + 1:])
-        keep[n_in] = slice(None)
-    return np.asarray(w[tuple(keep)], dtype=dtype, order="C")  # (ascontiguousarray would make a 0-d array 1-d)
+    keep = tuple(slice(a, b) for a, b in region)
+    if decl.hf_shape_override is not None or not shape or n_in == len(shape):  # small: read whole
+        w = source.read_rows(name)
+        copy_cast(out, decl.from_hf(w)[keep] if shape else w.reshape(()))
+        return
+    axis = n_in  # our axis whose ranges are contiguous checkpoint rows (0: the same layout)
+    rows_per_index = math.prod(shape[axis + 1:]) if axis else 1
+    row_bytes = math.prod(decl.hf_shape[1:]) * source.dtype(name).itemsize
+    step = max(1, chunk_bytes // max(1, rows_per_index * row_bytes))
+    whole_rows = axis == 0 and all(r == (0, n) for r, n in zip(region[1:], shape[1:]))
+    (a, b) = region[axis]
+    for start in range(a, b, step):
+        stop = min(start + step, b)
+        into = out[(slice(None),) * axis + (slice(start - a, stop - a),)]
+        if whole_rows and into.dtype == source.dtype(name) and into.flags.c_contiguous:
+            source.read_rows(name, start, stop, out=into)
+            continue
+        rows = source.read_rows(name, start * rows_per_index, stop * rows_per_index)
+        if axis == 0:
+            piece = rows[(slice(None),) + keep[1:]]
+        else:  # rows = our output axes fused: [rows, in] -> ours[..., start:stop, ...]
+            piece = rows.T.reshape(shape[:axis] + (stop - start,) + shape[axis + 1:])
+            piece = piece[keep[:axis] + (slice(None),) + keep[axis + 1:]]
+        copy_cast(into, piece)
+
+
+def fill_region(source: TensorSource, decl: ParamDecl, region, dtype, chunk_bytes: int = CHUNK_BYTES) -> np.ndarray:
+    """``weight[region]`` of one declared weight in a new host buffer (``host_buffer``), read
+    from ``source`` piece by piece: the host holds the buffer and one piece, never a second
+    copy of the region. ``region`` is a (start, stop) per axis of ``decl.shape``."""
+    out = host_buffer(tuple(b - a for a, b in region), dtype)
+    if decl.stacked:
+        (l0, l1), rest = region[0], region[1:]
+        for i in range(l0, l1):  # layer by layer: no stacked copy
+            fill_tensor(source, decl, decl.tensor_name(i), rest, out[i - l0, ...], chunk_bytes)
+    else:
+        fill_tensor(source, decl, decl.name, region, out, chunk_bytes)
+    return out
 
 
 def _region(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
@@ -107,6 +163,13 @@ def _piece_axis(decl: ParamDecl) -> int:
     return decl.n_in
 
 
+def _on_host(sharding) -> bool:
+    """Whether the weight's devices are CPU devices, whose buffers are host memory."""
+    if sharding is None:
+        return jax.default_backend() == "cpu"
+    return all(d.platform == "cpu" for d in sharding.device_set)
+
+
 @functools.partial(jax.jit, static_argnames="axis", donate_argnums=0)
 def _update_slice(buffer: jax.Array, piece: jax.Array, start, axis: int) -> jax.Array:
     """``buffer`` with ``piece`` written at ``start`` along ``axis``, in place (donated)."""
@@ -114,10 +177,11 @@ def _update_slice(buffer: jax.Array, piece: jax.Array, start, axis: int) -> jax.
 
 
 def _place(shape, sharding, read) -> jax.Array:
-    """An array of ``shape`` whose contents ``read(region)`` gives, on ``sharding``'s devices
-    (each addressable device's callback reads its own slice), or on the default device."""
+    """An array of ``shape`` whose contents ``read(region)`` gives (a host array), on
+    ``sharding``'s devices (each addressable device's callback reads its own slice), or on the
+    default device. On CPU devices the host arrays become the device buffers (no copy)."""
     if sharding is None:
-        return jnp.asarray(read(tuple((0, n) for n in shape)))
+        return jax.device_put(read(tuple((0, n) for n in shape)))
     last = {}  # devices holding the same slice (replicated axes) come one after another: read it once
 
     def read_slice(index):
@@ -125,35 +189,33 @@ def _place(shape, sharding, read) -> jax.Array:
         if region not in last:
             last.clear()
             last[region] = read(region)
-        return last[region]
+        return last[region]  # shared by CPU devices: a donation copies it, never writes to it
 
     return jax.make_array_from_callback(shape, sharding, read_slice)
 
 
 def _read_weight(source: TensorSource, decl: ParamDecl, dtype, sharding=None, chunk_bytes: int = CHUNK_BYTES):
-    """One declared weight read from ``source`` into its final array, ``chunk_bytes`` at a time:
-    pieces along the layer axis (or the checkpoint's row axis) are written in place into a
-    donated buffer, so the host never holds more than one piece. Returns the array and
-    whether every value is finite (a device scalar)."""
+    """One declared weight read from ``source`` into its final array. Returns the array and
+    whether every value is finite (checked on the host, as each slice is read).
+
+    On CPU devices each device's slice is filled piece by piece in a host buffer that becomes
+    its device buffer: no device-side update, no second copy. On accelerators, a weight larger
+    than ``chunk_bytes`` is placed in pieces along the layer axis (or the checkpoint's row
+    axis), each written in place into a donated device buffer, so the host holds one piece."""
     dtype = np.dtype(dtype)
+    finite = [True]
 
     def read(region):
-        if decl.stacked:
-            (l0, l1), rest = region[0], region[1:]
-            out = np.empty((l1 - l0,) + tuple(b - a for a, b in rest), dtype)  # filled layer by layer: no stacked copy
-            for i in range(l0, l1):
-                out[i - l0] = read_region(source, decl, decl.tensor_name(i), rest, dtype)
-            return out
-        return read_region(source, decl, decl.name, region, dtype)
+        out = fill_region(source, decl, region, dtype, chunk_bytes)
+        finite[0] = finite[0] and host_all_finite(out, chunk_bytes)
+        return out
 
     shape = decl.shape
     axis = _piece_axis(decl)
     unit = math.prod(shape) // max(shape[axis] if shape else 1, 1) * dtype.itemsize
     step = max(1, chunk_bytes // max(unit, 1))
-    if not shape or step >= shape[axis]:
-        whole = _place(shape, sharding, read)
-        return whole, all_finite(whole)
-    finite = True  # checked piece by piece: a check of the whole would hold a bool per element
+    if _on_host(sharding) or not shape or step >= shape[axis]:
+        return _place(shape, sharding, read), finite[0]
     buffer = jnp.zeros(shape, dtype, device=sharding)
     for start in range(0, shape[axis], step):
         stop = min(start + step, shape[axis])
@@ -163,19 +225,17 @@ def _read_weight(source: TensorSource, decl: ParamDecl, dtype, sharding=None, ch
             return read(region[:axis] + ((region[axis][0] + start, region[axis][1] + start),) + region[axis + 1:])
 
         piece = _place(piece_shape, sharding, read_piece)
-        finite = finite & all_finite(piece)
         # one update in flight: unblocked, dispatch runs ahead of the device and every piece
         # read so far waits in memory (a second copy of the weight)
         buffer.block_until_ready()
         buffer = _update_slice(buffer, piece, start, axis)
-    return buffer, finite
-
+    return buffer, finite[0]
 
 
 def load_weight(source: TensorSource, decl: ParamDecl, dtype, sharding=None, chunk_bytes: int = CHUNK_BYTES) -> jax.Array:
     """``_read_weight``, and a clear error when the weight holds NaN/inf (the tensor named)."""
     weight, finite = _read_weight(source, decl, dtype, sharding, chunk_bytes)
-    if not bool(finite):
+    if not finite:
         check_finite(decl.name.replace("{layer}", "*"), weight, source.model_dir)  # counts them, names it
     return weight
 

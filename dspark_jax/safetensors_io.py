@@ -3,7 +3,8 @@
 The format is an 8-byte header length, a JSON header (name -> dtype, shape, byte offsets)
 and the raw little-endian data. Reading a row range of a tensor is one ``readinto`` of a
 contiguous byte range (no mmap: pages of a mapped multi-GB file would count in the process's
-resident memory until it is unmapped), so a loader holds at most the piece it is placing.
+resident memory until it is unmapped), straight into the caller's buffer when the layouts
+agree, so a loader holds at most the piece it is placing.
 Writing streams one tensor at a time, so exporting needs no host copy of the model.
 
 A checkpoint directory holds ``model.safetensors`` or ``model.safetensors.index.json`` plus
@@ -72,8 +73,9 @@ class SafetensorsFile:
     def dtype(self, name: str) -> np.dtype:
         return self.tensors[name][0]
 
-    def read_rows(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Rows ``start:stop`` of the tensor's first axis (the whole of a 0-d tensor)."""
+    def read_rows(self, name: str, start: int = 0, stop: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``start:stop`` of the tensor's first axis (the whole of a 0-d tensor), read into
+        ``out`` when given (C-contiguous, the tensor's dtype and the rows' shape)."""
         dtype, shape, offset = self.tensors[name]
         if not shape:
             start, stop, row_shape = 0, 1, ()
@@ -81,7 +83,12 @@ class SafetensorsFile:
             stop = shape[0] if stop is None else min(stop, shape[0])
             row_shape = shape[1:]
         row_bytes = math.prod(row_shape) * dtype.itemsize
-        out = np.empty(((stop - start),) + row_shape if shape else (), dtype)
+        rows_shape = ((stop - start),) + row_shape if shape else ()
+        if out is None:
+            out = np.empty(rows_shape, dtype)
+        elif out.shape != rows_shape or out.dtype != dtype or not out.flags.c_contiguous:
+            raise ValueError(f"{name}: rows {start}:{stop} are {dtype}{list(rows_shape)}, "
+                             f"the buffer is {out.dtype}{list(out.shape)}")
         view = out.reshape(-1).view(np.uint8)
         if self._file is None:
             self._file = open(self.path, "rb", buffering=0)
@@ -146,8 +153,11 @@ class TensorSource:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._file(name).shape(name)
 
-    def read_rows(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        return self._file(name).read_rows(name, start, stop)
+    def dtype(self, name: str) -> np.dtype:
+        return self._file(name).dtype(name)
+
+    def read_rows(self, name: str, start: int = 0, stop: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        return self._file(name).read_rows(name, start, stop, out)
 
     def get(self, name: str) -> np.ndarray:
         return self.read_rows(name)

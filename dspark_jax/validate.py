@@ -282,13 +282,30 @@ def _all_finite_fn():
     return _all_finite
 
 
-def all_finite(array):
-    """Whether a floating array holds no NaN / inf, as a device scalar (True for other dtypes)."""
-    import jax.numpy as jnp
+def _float_bits():
+    """dtype -> (mask of the bits without the sign, exponent mask): a value is NaN or infinite
+    when its exponent bits are all set, i.e. when its bits without the sign reach the mask."""
+    import ml_dtypes
+    import numpy as np
 
-    if not jnp.issubdtype(array.dtype, jnp.floating) or array.size == 0:
+    return {np.dtype(t): (abs_mask, exponent) for t, abs_mask, exponent in (
+        (ml_dtypes.bfloat16, 0x7FFF, 0x7F80), (np.float16, 0x7FFF, 0x7C00),
+        (np.float32, 0x7FFFFFFF, 0x7F800000), (np.float64, 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000))}
+
+
+def host_all_finite(array, chunk_bytes: int = 64 << 20) -> bool:
+    """Whether a host array holds no NaN / inf, checked on its bits a chunk at a time (the
+    temporary is one chunk, not a bool per element)."""
+    import numpy as np
+
+    if array.dtype not in _float_bits() or array.size == 0:
         return True
-    return _all_finite_fn()(array)
+    abs_mask, exponent = _float_bits()[array.dtype]
+    flat = np.ascontiguousarray(array).reshape(-1)
+    flat = flat.view(np.dtype(f"u{flat.dtype.itemsize}"))
+    step = max(1, chunk_bytes // array.dtype.itemsize)
+    mask = flat.dtype.type(abs_mask)
+    return all(int(np.bitwise_and(flat[i:i + step], mask).max()) < exponent for i in range(0, flat.size, step))
 
 
 def check_finite(name: str, array, where: str = ""):

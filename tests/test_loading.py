@@ -115,8 +115,8 @@ def reads(monkeypatch):
     log = []
     read_rows = safetensors_io.SafetensorsFile.read_rows
 
-    def recording(self, name, start=0, stop=None):
-        rows = read_rows(self, name, start, stop)
+    def recording(self, name, start=0, stop=None, out=None):
+        rows = read_rows(self, name, start, stop, out)
         log.append((name, rows.nbytes))
         return rows
 
@@ -124,7 +124,13 @@ def reads(monkeypatch):
     return log
 
 
-def test_a_weight_larger_than_the_budget_is_read_in_pieces_no_larger_than_it(saved, pair, reads):
+@pytest.mark.parametrize("on_host", [True, False], ids=["cpu-buffers", "accelerator-pieces"])
+def test_a_weight_larger_than_the_budget_is_read_in_pieces_no_larger_than_it(saved, pair, reads, on_host, monkeypatch):
+    """On CPU each weight is filled in its host buffer; on an accelerator (its placement run
+    here on CPU) each piece is written into the device buffer in place. Both read in pieces."""
+    from dspark_jax import checkpoint
+
+    monkeypatch.setattr(checkpoint, "_on_host", lambda sharding: on_host)
     target, _, _, _ = pair
     budget = 4096  # bytes; the embedding is 256 x 32 float32 = 32 KiB, one layer's MLP matrix 8 KiB
     assert target.embed.nbytes > 4 * budget

@@ -24,8 +24,8 @@ import atexit, collections, json, os, sys
 from dspark_jax import cli, safetensors_io
 read_bytes = collections.Counter()
 read_rows = safetensors_io.SafetensorsFile.read_rows
-def recording(self, name, start=0, stop=None):
-    rows = read_rows(self, name, start, stop)
+def recording(self, name, start=0, stop=None, out=None):
+    rows = read_rows(self, name, start, stop, out)
     read_bytes[name] += rows.nbytes
     return rows
 safetensors_io.SafetensorsFile.read_rows = recording
