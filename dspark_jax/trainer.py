@@ -195,18 +195,37 @@ def data_parallel_mesh(n: int):
     return make_mesh(model=1, data=n)
 
 
+def global_array(host, sharding) -> jax.Array:
+    """An array with ``sharding`` from a host value that every process holds in full (the
+    same batch, the same initial state): each process places only the slices its own devices
+    hold, so under ``jax.distributed`` a process feeds its local part of a global batch."""
+    host = np.asarray(host)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 def place_batch(batch: dict, mesh) -> dict:
     """Split a host batch over the ``data`` axis (or just move it to the default device)."""
     if mesh is None:
         return {k: jax.numpy.asarray(v) for k, v in batch.items()}
     sharding = NamedSharding(mesh, P("data"))
-    return {k: jax.device_put(v, sharding) for k, v in batch.items()}
+    return {k: global_array(v, sharding) for k, v in batch.items()}
 
 
 def replicate(tree, mesh):
+    """Every array of ``tree`` on all of ``mesh``'s devices (those of every process); arrays
+    already placed so stay as they are."""
     if mesh is None:
         return tree
-    return jax.device_put(tree, NamedSharding(mesh, P()))
+    sharding = NamedSharding(mesh, P())
+
+    def place(a):
+        if isinstance(a, jax.Array) and a.sharding.is_equivalent_to(sharding, a.ndim):
+            return a
+        if jax.process_count() == 1:
+            return jax.device_put(a, sharding)
+        return global_array(a, sharding)  # from this process's host copy: the same on every process
+
+    return jax.tree.map(place, tree)
 
 
 def _scalar_metrics(metrics: dict) -> dict:
@@ -249,8 +268,10 @@ def run_training(
         print(f"resuming from step {start} ({workdir}/checkpoints)")
     state = replicate(state, mesh)
     base_key = jax.random.key(seed)
+    main = jax.process_index() == 0  # every process trains and checkpoints (orbax writes each one's slices); process 0 logs
     metrics_path = os.path.join(workdir, "metrics.jsonl")
-    drop_metrics_after(metrics_path, start)
+    if main:
+        drop_metrics_after(metrics_path, start)
 
     stop = {"flag": False, "signum": None}
 
@@ -274,11 +295,11 @@ def run_training(
                            "(lower --lr, or check the data)")
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    bar = tqdm(total=total_steps, initial=start, desc=description, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=start, desc=description, disable=not (progress and main), dynamic_ncols=True)
     step = start
     t_last = time.perf_counter()
     try:
-        with open(metrics_path, "a") as log:
+        with open(metrics_path, "a") if main else open(os.devnull, "w") as log:
             while step < total_steps and not stop["flag"]:
                 batch = place_batch(batches.batch(step), mesh)
                 state, metrics = step_fn(state, batch, jax.random.fold_in(base_key, step))

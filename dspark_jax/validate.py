@@ -324,13 +324,34 @@ def check_finite(name: str, array, where: str = ""):
                              f"{nan} NaN and {inf} infinite value(s); the checkpoint is damaged")
 
 
-def check_finite_tree(tree, where: str):
-    """check_finite on every leaf of a pytree, named by its path (``layers.q_proj``)."""
-    import jax
+_leaves_finite = None
 
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        name = jax.tree_util.keystr(path, simple=True, separator=".")
-        check_finite(name, leaf, where)
+
+def _leaves_finite_fn():
+    global _leaves_finite  # one jitted reduction per tree structure, not one per leaf shape
+    if _leaves_finite is None:
+        import jax
+        import jax.numpy as jnp
+
+        _leaves_finite = jax.jit(lambda leaves: [jnp.isfinite(a).all() for a in leaves])
+    return _leaves_finite
+
+
+def check_finite_tree(tree, where: str):
+    """check_finite on every leaf of a pytree, named by its path (``layers.q_proj``): the
+    floating leaves are checked in one jitted call, a failing one is then counted and named."""
+    import jax
+    import jax.numpy as jnp
+
+    named = [(jax.tree_util.keystr(path, simple=True, separator="."), leaf)
+             for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+             if jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.size]
+    if not named:
+        return
+    flags = _leaves_finite_fn()([leaf for _, leaf in named])
+    for (name, leaf), finite in zip(named, flags):
+        if not bool(finite):
+            check_finite(name, leaf, where)
 
 
 # ---------------------------------------------------------------------------- tokenizer / model
