@@ -30,7 +30,7 @@ from .heads import MARKOV_HEADS, head_structure
 from .plugins import parse_plugin_args
 from .target import init_params
 from .tokenizer import Tokenizer
-from .trainer import data_parallel_mesh, run_training
+from .trainer import data_parallel_mesh, replicate, run_training
 
 
 def _write_json(path, obj):
@@ -147,7 +147,7 @@ def train_target_recipe(args):
         log_every=args.log_every, mesh=mesh, progress=not args.no_progress, eval_fn=eval_fn,
         eval_every=args.eval_every, description="train-target",
     )
-    if step >= args.steps:
+    if step >= args.steps and jax.process_index() == 0:  # the state is replicated: one host exports it
         export_dir = os.path.join(workdir, "model")
         save_qwen3(export_dir, jax.device_get(state.params), cfg, dtype=args.export_dtype,
                    max_shard_size=getattr(args, "max_shard_size", None))
@@ -220,7 +220,10 @@ def prepare_draft_data(args, workdir, target, tcfg, tok: Tokenizer):
                                       not args.no_progress)
     pad = tok.token_id(data_lib.PAD_TOKEN)
     arrays = data_lib.answers_dataset(prompts, answers, args.seq_len, pad if pad is not None else 0)
-    np.savez(path, **arrays)
+    if jax.process_index() == 0:  # every host regenerates the same rows; one writes them, whole or not at all
+        with open(path + ".partial", "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(path + ".partial", path)
     return arrays
 
 
@@ -298,13 +301,15 @@ def train_draft_recipe(args):
     params = family.init_params(jax.random.key(args.seed), dcfg)
     state = train_lib.init_train_state(params, optimizer)
     mesh = data_parallel_mesh(args.data_parallel)
+    step_target = replicate(target, mesh)  # on every device of the mesh (of every host), like the state
 
     def step_fn(state, batch, key):
         if family.name == "eagle3":
             from .eagle3 import train_step
 
-            return train_step(state, target, batch, key, cfg=dcfg, tcfg=tcfg, optimizer=optimizer)
-        return train_lib.draft_train_step(state, target, batch, key, dcfg=dcfg, tcfg=tcfg, optimizer=optimizer, lc=lc)
+            return train_step(state, step_target, batch, key, cfg=dcfg, tcfg=tcfg, optimizer=optimizer)
+        return train_lib.draft_train_step(state, step_target, batch, key, dcfg=dcfg, tcfg=tcfg, optimizer=optimizer,
+                                          lc=lc)
 
     print(f"drafter head={dcfg.head_type} block={dcfg.block_size} layers={dcfg.layers.num_hidden_layers} "
           f"target_layer_ids={layer_ids}: {len(arrays['tokens'])} sequences, {args.steps} steps of {args.batch_size}")
@@ -315,7 +320,7 @@ def train_draft_recipe(args):
         total_steps=args.steps, workdir=workdir, meta=meta, seed=args.seed, save_every=args.save_every,
         log_every=args.log_every, mesh=mesh, progress=not args.no_progress, description=f"train-draft[{dcfg.head_type}]",
     )
-    if step >= args.steps:
+    if step >= args.steps and jax.process_index() == 0:  # the state is replicated: one host exports it
         export_dir = os.path.join(workdir, "draft")
         params = jax.device_get(state.params)
         if getattr(dcfg, "plugin_head", None):  # the DeepSpec format has no names for a plug-in's weights: its NNX state in orbax

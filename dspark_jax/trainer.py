@@ -58,8 +58,12 @@ def _pid_alive(pid: int) -> bool:
 @contextlib.contextmanager
 def workdir_lock(workdir: str):
     """Hold ``workdir/.lock`` (this process's pid) while training: a second run into the same
-    directory fails at once; the lock of a process that died (kill -9) is taken over."""
+    directory fails at once; the lock of a process that died (kill -9) is taken over. In a
+    multi-host run process 0 holds it for all the processes sharing the directory."""
     os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() != 0:
+        yield
+        return
     path = os.path.join(workdir, LOCK_FILE)
     for _ in range(2):
         try:
