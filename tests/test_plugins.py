@@ -58,7 +58,6 @@ def test_plugin_heads_train_save_reload_decode_losslessly_and_calibrate_through_
     # the threshold scheduler verifies the prefix the plug-in confidence head trusts
     got = run_json(capsys, ["generate", "--target", str(root / "target"), "--draft", str(out / "draft"),
                             "--prompt-ids", "5,6,7", "--max-new-tokens", "12", "--json", "--confidence-threshold", "0.5"])
-    print({k: got[k] for k in ("rounds", "proposed_tokens")})
     assert got["samples"] == [generate_ar(target, tcfg, [[5, 6, 7]], max_new_tokens=12)[0]]
     cal = tmp_path / "cal.json"
     cli.main(["calibrate", "--target", str(root / "target"), "--draft", str(out / "draft"), "--prompts", str(prompts),
