@@ -24,7 +24,7 @@ import ml_dtypes
 import numpy as np
 
 from .config import Qwen3Config, load_qwen3_config, read_json
-from .heads import MARKOV_HEADS
+from .heads import CONFIDENCE_HEADS, MARKOV_HEADS
 from .params import ParamDecl, abstract_tree, checkpoint_tensors, decl_leaves, export_tensors, map_decls
 from .safetensors_io import CheckpointError, TensorSource, save_tensors
 from .target import Qwen3Params, target_decl
@@ -511,9 +511,11 @@ def _draft_entries(params, dcfg, target: Qwen3Params, dtype=None, embedding_copi
     from .draft import DRAFT_SHARED_TENSORS
     from .drafters import family_of
 
-    if getattr(dcfg, "plugin_head", None):
-        raise CheckpointError(f"the DeepSpec format is for the built-in heads ({', '.join(MARKOV_HEADS.names())}); "
-                              f"the plug-in head {dcfg.head_type!r} is saved as an orbax checkpoint (save_draft_orbax)")
+    if getattr(dcfg, "plugin_heads", None):
+        plugin = dcfg.head_type if dcfg.plugin_head else dcfg.confidence_head_type
+        raise CheckpointError(f"the DeepSpec format is for the built-in heads ({', '.join(MARKOV_HEADS.names())}; "
+                              f"confidence {', '.join(CONFIDENCE_HEADS.names())}); the plug-in head {plugin!r} is "
+                              "saved as an orbax checkpoint (save_draft_orbax)")
     entries = _export_entries(family_of(dcfg).decl(dcfg), params, dtype)
     if embedding_copies:
         out_dtype = entries[0][2]

@@ -728,6 +728,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(a dspark_jax.heads.MarkovHead subclass, importable)")
     r.add_argument("--head-arg", action="append", metavar="KEY=VALUE",
                    help="a plug-in head's constructor argument (repeatable; values are JSON or strings)")
+    r.add_argument("--confidence-head",
+                   help="a plug-in confidence head package.module:Name (an nnx.Module built as Head(dcfg, "
+                        "feature_size, *, rngs, **args), called as head(h_k, prev_token, features) -> logit; "
+                        "default: DeepSpec's linear head)")
+    r.add_argument("--confidence-head-arg", action="append", metavar="KEY=VALUE",
+                   help="a plug-in confidence head's constructor argument (repeatable; values are JSON or strings)")
     r.add_argument("--loss-term", nargs=2, action="append", metavar=("PATH", "WEIGHT"),
                    help="an extra loss term package.module:function with its weight, beside DeepSpec's three "
                         "(repeatable; see train.LossConfig)")

@@ -7,8 +7,8 @@ runs through the draft layers in one pass, attending to [context (< anchor) ; th
 block] (``backbone``). Base logits come from the target's own lm_head.
 
 Sequential stage: the Markov head adds a bias B_k that depends on the previous token of the
-block (vanilla / gated / rnn; none = DFlash; or a plug-in) and the confidence head predicts
-the survival of each drafted token. Both are Flax NNX modules (``heads.py``) whose states sit
+block (vanilla / gated / rnn; none = DFlash; or a plug-in) and the confidence head (DeepSpec's
+linear one, or a plug-in) predicts the survival of each drafted token. Both are Flax NNX modules (``heads.py``) whose states sit
 in ``DraftParams``; one step function (``head_step``) merges them with their static graph
 definitions and is used teacher-forced over whole blocks for training and inside a
 ``lax.scan`` for sampling at decode time. The backbone stays pure functions over pytrees.
@@ -56,6 +56,8 @@ class DraftConfig:
     markov_head_args: tuple[tuple[str, Any], ...] = ()  # a plug-in head's constructor arguments (sorted)
     enable_confidence_head: bool = False
     confidence_head_with_markov: bool = True
+    confidence_head_type: str = "linear"  # DeepSpec's, or a plug-in's import path package.module:Name
+    confidence_head_args: tuple[tuple[str, Any], ...] = ()  # a plug-in confidence head's constructor arguments
     num_anchors: int = 512
     num_target_layers: int | None = None
 
@@ -72,6 +74,15 @@ class DraftConfig:
         if self.markov_head_args and not self.plugin_head:
             raise ConfigError(f"markov_head_args {dict(self.markov_head_args)} given for the built-in head "
                               f"{self.head_type!r} (they are for plug-in heads)")
+        if not self.plugin_confidence_head and self.confidence_head_type != "linear":
+            raise ConfigError(f"confidence_head_type {self.confidence_head_type!r} not supported (linear, or an import "
+                              "path package.module:Name)")
+        if self.confidence_head_args and not self.plugin_confidence_head:
+            raise ConfigError(f"confidence_head_args {dict(self.confidence_head_args)} given for the built-in "
+                              "confidence head (they are for plug-in heads)")
+        if self.plugin_confidence_head and not self.enable_confidence_head:
+            raise ConfigError(f"confidence_head_type {self.confidence_head_type!r} given with "
+                              "enable_confidence_head false")
         if not self.target_layer_ids:
             raise ConfigError("target_layer_ids is empty")
         if not 0 <= self.mask_token_id < self.layers.vocab_size:
@@ -81,6 +92,16 @@ class DraftConfig:
     def plugin_head(self) -> bool:
         """A Markov head defined outside the package (``markov_head_type`` is its import path)."""
         return is_import_path(self.markov_head_type)
+
+    @property
+    def plugin_confidence_head(self) -> bool:
+        """A confidence head defined outside the package (``confidence_head_type`` is its import path)."""
+        return is_import_path(self.confidence_head_type)
+
+    @property
+    def plugin_heads(self) -> bool:
+        """Any head defined outside the package (the DeepSpec format has no names for its weights)."""
+        return self.plugin_head or self.plugin_confidence_head
 
     @property
     def head_type(self) -> str:
@@ -109,9 +130,11 @@ class DraftConfig:
             mask_token_id=int(raw["mask_token_id"]),
             markov_rank=int(raw.get("markov_rank") or 0),
             markov_head_type=_head_type_of(raw.get("markov_head_type")),
-            markov_head_args=_head_args_of(raw.get("markov_head_args"), where),
+            markov_head_args=_head_args_of(raw.get("markov_head_args"), where, "markov_head_args"),
             enable_confidence_head=bool(raw.get("enable_confidence_head", False)),
             confidence_head_with_markov=bool(raw.get("confidence_head_with_markov", True)),
+            confidence_head_type=str(raw.get("confidence_head_type") or "linear"),
+            confidence_head_args=_head_args_of(raw.get("confidence_head_args"), where, "confidence_head_args"),
             num_anchors=int(raw.get("num_anchors") or 512),
             num_target_layers=raw.get("num_target_layers"),
         )
@@ -137,6 +160,10 @@ class DraftConfig:
         )
         if self.markov_head_args:
             out["markov_head_args"] = dict(self.markov_head_args)
+        if self.plugin_confidence_head:  # DeepSpec's configs have no such fields: written for plug-ins only
+            out["confidence_head_type"] = self.confidence_head_type
+            if self.confidence_head_args:
+                out["confidence_head_args"] = dict(self.confidence_head_args)
         if self.num_target_layers is not None:
             out["num_target_layers"] = self.num_target_layers
         if gemma:
@@ -149,11 +176,11 @@ def _head_type_of(value) -> str:
     return value if is_import_path(value) else value.lower()  # an import path is case-sensitive
 
 
-def _head_args_of(value, where: str) -> tuple[tuple[str, Any], ...]:
+def _head_args_of(value, where: str, field: str) -> tuple[tuple[str, Any], ...]:
     if value is None:
         return ()
     if not isinstance(value, Mapping) or any(isinstance(v, (list, dict)) for v in value.values()):
-        raise ConfigError(f"{where}: markov_head_args must be an object of numbers, booleans and strings, got {value!r}")
+        raise ConfigError(f"{where}: {field} must be an object of numbers, booleans and strings, got {value!r}")
     return tuple(sorted((str(k), v) for k, v in value.items()))
 
 
@@ -169,7 +196,7 @@ class DraftParams:
     # the heads' NNX states as pure dicts (``heads.py``; None: no parameters / no head), e.g.
     # vanilla {"w1": [V, r], "w2": [r, V]}, gated + {"gate_w", "gate_b"}, rnn + {"joint_w", "joint_b"}
     markov: dict | None
-    confidence: dict | None  # {"w": [D (+ feature_size)], "b": []}
+    confidence: dict | None  # linear: {"w": [D (+ feature_size)], "b": []}; a plug-in: its own state
 
 
 def draft_decl(dcfg: DraftConfig) -> DraftParams:
@@ -352,7 +379,9 @@ def head_step(
     markov, confidence_head = heads_lib.merge_heads(dcfg, params.markov, params.confidence)
     confidence = jnp.zeros(base_logits.shape[:-1], jnp.float32)
     if confidence_head is not None:
-        confidence = confidence_head(hidden, prev_token, markov.features(hidden, prev_token, state))
+        features = (markov.features(hidden, prev_token, state) if heads_lib.confidence_feature_size(dcfg, markov)
+                    else jnp.zeros(hidden.shape[:-1] + (0,), hidden.dtype))  # [..., feature_size]
+        confidence = confidence_head(hidden, prev_token, features).astype(jnp.float32)
     bias, state = markov(hidden, prev_token, state)
     return state, base_logits.astype(jnp.float32) + bias, confidence
 

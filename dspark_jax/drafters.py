@@ -2,8 +2,10 @@
 
 A family is chosen by the drafter config's ``family`` (``DraftConfig``: "dspark", covering
 DSpark and DFlash; ``eagle3.Eagle3Config``: "eagle3"), or, reading a checkpoint, by the
-``architectures`` of its ``config.json``. ``register_family`` adds one (a research drafter):
-the loop stays the same ``lax.while_loop``, only these calls change.
+``architectures`` of its ``config.json``. Families live in one ``plugins.Registry``
+(``DRAFTER_FAMILIES``): a research drafter is a ``DrafterFamily`` subclass named by its import
+path ``package.module:Name`` in its config's ``family`` (or added as a built-in with
+``register_family``); the loop stays the same ``lax.while_loop``, only these calls change.
 
 The drafter's decoding state is whatever the family carries through the loop
 (``SpecState.draft_cache``): DSpark's context cache (``KVCache``), Eagle-3's
@@ -18,6 +20,7 @@ from typing import Any, Sequence
 from . import draft as dspark
 from . import eagle3
 from .config import ConfigError
+from .plugins import PluginError, Registry
 
 
 class DrafterFamily:
@@ -96,36 +99,52 @@ class Eagle3Family(DrafterFamily):
         return eagle3.commit(params, dcfg, target, state, features, tokens, num_new)
 
 
-FAMILIES: dict[str, DrafterFamily] = {}
+def _check_family(obj, spec):
+    if not (isinstance(obj, type) and issubclass(obj, DrafterFamily)):
+        raise PluginError(f"drafter family {spec!r} is not a subclass of dspark_jax.drafters.DrafterFamily (got {obj!r})")
+
+
+# built-in name -> the family (an instance); an import path names a DrafterFamily subclass
+DRAFTER_FAMILIES = Registry("drafter family", check=_check_family)
 
 
 def register_family(family: DrafterFamily) -> DrafterFamily:
-    """Add (or replace) a drafter family, keyed by ``family.name``."""
-    FAMILIES[family.name] = family
-    return family
+    """Add (or replace) a built-in drafter family, keyed by ``family.name``."""
+    return DRAFTER_FAMILIES.register(family.name, family)
 
 
 register_family(DrafterFamily())
 register_family(Eagle3Family())
 
 
+@functools.lru_cache(maxsize=None)
+def _family_instance(cls: type) -> DrafterFamily:
+    return cls()  # families are stateless: one instance per class
+
+
+def resolve_family(spec: str) -> DrafterFamily:
+    """The family a built-in name (``dspark``, ``eagle3``) or an import path
+    ``package.module:Name`` of a ``DrafterFamily`` subclass names (PluginError otherwise)."""
+    obj = DRAFTER_FAMILIES.resolve(spec)
+    return _family_instance(obj) if isinstance(obj, type) else obj
+
+
 def family_of(dcfg) -> DrafterFamily:
-    """The family of a drafter config (``DraftConfig`` has no ``family`` field: DSpark)."""
-    name = getattr(dcfg, "family", "dspark")
-    if name not in FAMILIES:
-        raise ConfigError(f"unknown drafter family {name!r} (registered: {', '.join(FAMILIES)})")
-    return FAMILIES[name]
+    """The family of a drafter config: its ``family`` (a built-in name or an import path;
+    ``DraftConfig`` has no ``family`` field: DSpark)."""
+    return resolve_family(getattr(dcfg, "family", "dspark"))
 
 
 def family_for_architectures(archs: Sequence[str], where: str = "config.json") -> DrafterFamily:
-    """The family whose architecture names match a ``config.json``'s (none given: DSpark,
-    as older DeepSpec DSpark configs write none)."""
+    """The built-in family whose architecture names match a ``config.json``'s (none given:
+    DSpark, as older DeepSpec DSpark configs write none)."""
     if not archs:
-        return FAMILIES["dspark"]
-    for family in FAMILIES.values():
+        return resolve_family("dspark")
+    families = [resolve_family(name) for name in DRAFTER_FAMILIES.names()]
+    for family in families:
         if any(tag in a for a in archs for tag in family.architectures):
             return family
-    known = ", ".join(tag for f in FAMILIES.values() for tag in f.architectures)
+    known = ", ".join(tag for f in families for tag in f.architectures)
     raise ConfigError(f"{where}: architectures {list(archs)} is not a drafter this library runs ({known})")
 
 

@@ -6,11 +6,14 @@ token ``x_{k-1} [...]`` and a carried state (any pytree; ``initial_state``) to a
 what it shares with the confidence head (``[..., feature_size]``). A **confidence head** maps
 ``(h_k, x_{k-1}, features)`` to the logit of the drafted token's survival ``[...]``.
 
-Built-in heads (DeepSpec's): ``none`` (DFlash), ``vanilla`` / ``gated`` / ``rnn``, and
-``ConfidenceHead``. Their weights are declared with ``params.ParamDecl`` (the DeepSpec
-checkpoint names ride along as variable metadata), so loading and export follow from them. A
-new head is a subclass of ``MarkovHead`` anywhere importable, constructed as
-``Head(dcfg, *, rngs, **head_args)``, named by ``package.module:Name`` (``--head``).
+Built-in heads (DeepSpec's): ``none`` (DFlash), ``vanilla`` / ``gated`` / ``rnn``, and the
+``linear`` confidence head (``ConfidenceHead``). Their weights are declared with
+``params.ParamDecl`` (the DeepSpec checkpoint names ride along as variable metadata), so
+loading and export follow from them. A new Markov head is a subclass of ``MarkovHead`` anywhere
+importable, constructed as ``Head(dcfg, *, rngs, **head_args)`` and named by
+``package.module:Name`` (``--head``); a new confidence head is an ``nnx.Module`` constructed as
+``Head(dcfg, feature_size, *, rngs, **head_args)`` (``--confidence-head``). Both kinds live in
+``plugins.Registry`` instances (``MARKOV_HEADS``, ``CONFIDENCE_HEADS``).
 
 In a drafter's parameter pytree each head is its NNX state as a pure dict
 (``nnx.to_pure_dict``); the graph definition is static, derived from the config
@@ -141,6 +144,16 @@ class ConfidenceHead(nnx.Module):
         return (feats @ self.w[...] + self.b[...]).astype(jnp.float32)
 
 
+def _check_confidence_head(obj, spec):
+    if not (isinstance(obj, type) and issubclass(obj, nnx.Module)):
+        raise PluginError(f"confidence head {spec!r} is not a subclass of flax.nnx.Module (got {obj!r})")
+
+
+# a confidence head maps (h_k [..., D], x_{k-1} [...], features [..., feature_size]) to a logit [...]
+CONFIDENCE_HEADS = Registry("confidence head", {"linear": "dspark_jax.heads:ConfidenceHead"},
+                            check=_check_confidence_head)
+
+
 def _check_markov_head(obj, spec):
     if not (isinstance(obj, type) and issubclass(obj, MarkovHead)):
         raise PluginError(f"Markov head {spec!r} is not a subclass of dspark_jax.heads.MarkovHead (got {obj!r})")
@@ -154,26 +167,60 @@ MARKOV_HEADS = Registry("Markov head", {
 }, check=_check_markov_head)
 
 
-def build_heads(dcfg, rngs: nnx.Rngs, std: float = 0.02, dtype=jnp.float32) -> tuple[MarkovHead, ConfidenceHead | None]:
-    """The drafter's Markov head (``dcfg.head_type``) and confidence head (or None), initialised.
+def _build(registry: Registry, spec: str, args, builtin, plugin):
+    """``builtin(cls)`` for a built-in spec, else ``plugin(cls, **args)`` (a bad constructor: PluginError)."""
+    cls = registry.resolve(spec)
+    if registry.is_builtin(spec):
+        return builtin(cls)
+    args = dict(args)
+    try:
+        return plugin(cls, **args)
+    except TypeError as e:
+        raise PluginError(f"{registry.kind} {spec!r} cannot be built with arguments {args} ({e})") from None
 
-    Built-in heads draw normal(std) weights in ``dtype``; a plug-in head is constructed as
-    ``Head(dcfg, rngs=rngs, **dcfg.markov_head_args)`` with its own initialisers."""
-    spec = dcfg.head_type
-    cls = MARKOV_HEADS.resolve(spec)
-    if MARKOV_HEADS.is_builtin(spec):
-        markov = cls(dcfg, rngs=rngs, std=std, dtype=dtype)
-    else:
-        args = dict(dcfg.markov_head_args)
-        try:
-            markov = cls(dcfg, rngs=rngs, **args)
-        except TypeError as e:
-            raise PluginError(f"Markov head {spec!r} cannot be built with arguments {args} ({e})") from None
-    feature_size = int(getattr(markov, "feature_size", 0))
+
+def build_heads(dcfg, rngs: nnx.Rngs, std: float = 0.02, dtype=jnp.float32) -> tuple[MarkovHead, nnx.Module | None]:
+    """The drafter's Markov head (``dcfg.head_type``) and confidence head
+    (``dcfg.confidence_head_type``; or None), initialised.
+
+    Built-in heads draw normal(std) weights in ``dtype``; plug-in heads are constructed as
+    ``Head(dcfg, rngs=rngs, **dcfg.markov_head_args)`` and ``Head(dcfg, feature_size,
+    rngs=rngs, **dcfg.confidence_head_args)`` with their own initialisers."""
+    markov = _build(MARKOV_HEADS, dcfg.head_type, dcfg.markov_head_args,
+                    lambda cls: cls(dcfg, rngs=rngs, std=std, dtype=dtype),
+                    lambda cls, **args: cls(dcfg, rngs=rngs, **args))
     confidence = None
     if dcfg.enable_confidence_head:
-        uses_features = dcfg.confidence_head_with_markov and feature_size > 0
-        confidence = ConfidenceHead(dcfg, feature_size if uses_features else 0, rngs=rngs, std=std, dtype=dtype)
+        size = confidence_feature_size(dcfg, markov)
+        confidence = _build(CONFIDENCE_HEADS, dcfg.confidence_head_type, dcfg.confidence_head_args,
+                            lambda cls: cls(dcfg, size, rngs=rngs, std=std, dtype=dtype),
+                            lambda cls, **args: cls(dcfg, size, rngs=rngs, **args))
+    return markov, confidence
+
+
+def confidence_feature_size(dcfg, markov: MarkovHead) -> int:
+    """Width of the Markov head's features the confidence head reads (0: h_k only)."""
+    return int(getattr(markov, "feature_size", 0)) if dcfg.confidence_head_with_markov else 0
+
+
+def _check_confidence_call(dcfg, confidence, feature_size: int):
+    """A plug-in confidence head called as ``head(h [2, D], x [2], features [2, F])`` returns
+    logits ``[2]`` (run under ``nnx.eval_shape``: no arrays are computed)."""
+    spec = dcfg.confidence_head_type
+    try:
+        out = confidence(jnp.zeros((2, dcfg.hidden_size)), jnp.zeros((2,), jnp.int32), jnp.zeros((2, feature_size)))
+    except TypeError as e:
+        raise PluginError(f"confidence head {spec!r} must be callable as head(hidden [..., D], prev_token [...], "
+                          f"features [..., {feature_size}]) -> logit [...] ({e})") from None
+    if getattr(out, "shape", None) != (2,):
+        raise PluginError(f"confidence head {spec!r} returned {getattr(out, 'shape', type(out).__name__)} for hidden "
+                          f"[2, {dcfg.hidden_size}]; expected one logit per position, shape (2,)")
+
+
+def _checked_heads(dcfg):
+    markov, confidence = build_heads(dcfg, nnx.Rngs(0))
+    if confidence is not None and not CONFIDENCE_HEADS.is_builtin(dcfg.confidence_head_type):
+        _check_confidence_call(dcfg, confidence, confidence_feature_size(dcfg, markov))
     return markov, confidence
 
 
@@ -218,11 +265,11 @@ def _decls_of(params, prefix: str) -> dict | None:
 @functools.lru_cache(maxsize=64)
 def head_structure(dcfg) -> HeadStructure:
     """The heads of ``dcfg``, built abstractly once per config (configs are hashable)."""
-    markov, confidence = nnx.eval_shape(lambda: build_heads(dcfg, nnx.Rngs(0)))
+    markov, confidence = nnx.eval_shape(lambda: _checked_heads(dcfg))
     m_graph, m_params = _split_params(markov, dcfg.head_type)
     c_graph, c_decls = None, None
     if confidence is not None:
-        c_graph, c_params = _split_params(confidence, "confidence")
+        c_graph, c_params = _split_params(confidence, dcfg.confidence_head_type)
         c_decls = _decls_of(c_params, "confidence_head")
     return HeadStructure(m_graph, c_graph, _decls_of(m_params, "markov_head"), c_decls)
 
@@ -230,11 +277,11 @@ def head_structure(dcfg) -> HeadStructure:
 def init_heads(key: jax.Array, dcfg, dtype=jnp.float32, std: float = 0.02) -> tuple[dict | None, dict | None]:
     """Initial head states (pure dicts, None for a head without parameters / no head)."""
     markov, confidence = build_heads(dcfg, nnx.Rngs(params=key), std, dtype)
-    pure = lambda m: nnx.to_pure_dict(_split_params(m, dcfg.head_type)[1]) or None
-    return pure(markov), None if confidence is None else pure(confidence)
+    pure = lambda m, spec: nnx.to_pure_dict(_split_params(m, spec)[1]) or None
+    return pure(markov, dcfg.head_type), None if confidence is None else pure(confidence, dcfg.confidence_head_type)
 
 
-def merge_heads(dcfg, markov_state: dict | None, confidence_state: dict | None) -> tuple[MarkovHead, ConfidenceHead | None]:
+def merge_heads(dcfg, markov_state: dict | None, confidence_state: dict | None) -> tuple[MarkovHead, nnx.Module | None]:
     """The head modules of ``dcfg`` holding the given states (inside jit: tracers)."""
     s = head_structure(dcfg)
     markov = nnx.merge(s.markov_graphdef, markov_state or {})

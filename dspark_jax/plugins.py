@@ -1,7 +1,10 @@
-"""One registry for everything a researcher may plug in: Markov heads, loss terms, schedulers
-(and drafter families). A plug-in is named either by a built-in name (``vanilla``) or by an
-import path ``package.module:Name`` of an object defined outside this package; configs record
-the import path, so a saved drafter rebuilds its head as long as the module is importable.
+"""One registry design for everything a researcher may plug in: Markov heads and confidence
+heads (``heads.MARKOV_HEADS``, ``heads.CONFIDENCE_HEADS``), loss terms (``train.LOSS_TERMS``),
+schedulers (``schedule.SCHEDULER_PLUGINS``) and drafter families (``drafters.DRAFTER_FAMILIES``).
+A plug-in is named either by a built-in name (``vanilla``) or by an import path
+``package.module:Name`` of an object defined outside this package, which the registry checks
+for the interface of its kind; configs record the import path, so a saved drafter rebuilds its
+heads (or family) as long as the module is importable.
 """
 
 from __future__ import annotations
@@ -43,15 +46,21 @@ def import_path_of(obj: Any) -> str:
 
 
 class Registry:
-    """Built-in names -> import paths for one kind of plug-in; anything else is an import path.
-    A built-in mapped to None is one its caller dispatches by name (the schedulers).
+    """Built-in names for one kind of plug-in; anything else is an import path.
 
-    ``check(obj, spec)`` validates what a spec resolves to (a subclass, a callable ...) and
-    raises PluginError naming the spec when it is malformed.
+    A built-in maps to an import path (imported when first resolved), to the object itself
+    (``register``, for built-ins defined in code), or to None: one its caller dispatches by name
+    (the schedulers). ``check(obj, spec)`` validates what an import path resolves to (a
+    subclass, a callable ...) and raises PluginError naming the spec when it is malformed.
     """
 
-    def __init__(self, kind: str, builtins: Mapping[str, str], check=None):
+    def __init__(self, kind: str, builtins: Mapping[str, Any] = (), check=None):
         self.kind, self.builtins, self._check = kind, dict(builtins), check
+
+    def register(self, name: str, obj: Any) -> Any:
+        """Add (or replace) the built-in ``name``; returns ``obj``."""
+        self.builtins[name] = obj
+        return obj
 
     def names(self) -> tuple[str, ...]:
         return tuple(self.builtins)
@@ -62,8 +71,8 @@ class Registry:
     def resolve(self, spec: str) -> Any:
         """The object ``spec`` names (None for a built-in its caller dispatches by name)."""
         if spec in self.builtins:
-            path = self.builtins[spec]
-            return None if path is None else import_object(path, self.kind)
+            value = self.builtins[spec]
+            return import_object(value, self.kind) if isinstance(value, str) else value
         if not is_import_path(spec):
             choices = f"choose one of {', '.join(self.builtins)} or give" if self.builtins else "give"
             raise PluginError(f"unknown {self.kind} {spec!r}: {choices} an import path package.module:Name")

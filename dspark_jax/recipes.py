@@ -26,7 +26,7 @@ from .checkpoint import cast_tree, load_target, resolve_dtype, save_draft, save_
 from .config import Qwen3Config
 from .draft import DraftConfig
 from .drafters import family_of
-from .heads import MARKOV_HEADS, head_structure
+from .heads import CONFIDENCE_HEADS, MARKOV_HEADS, head_structure
 from .plugins import parse_plugin_args
 from .target import init_params
 from .tokenizer import Tokenizer
@@ -249,13 +249,22 @@ def check_draft_data_args(args):
 
 
 def check_plugin_args(args):
-    """--head / --head-arg / --loss-term: importable, well-formed, before anything loads."""
+    """--head / --head-arg / --confidence-head / --confidence-head-arg / --loss-term: importable,
+    well-formed, before anything loads."""
     head = getattr(args, "head", "vanilla")
-    head_args = parse_plugin_args(getattr(args, "head_arg", None))
-    if head_args and MARKOV_HEADS.is_builtin(head):
+    if parse_plugin_args(getattr(args, "head_arg", None)) and MARKOV_HEADS.is_builtin(head):
         raise ValueError(f"--head-arg is for plug-in heads (package.module:Name); the built-in head {head!r} "
                          "takes --markov-rank")
     MARKOV_HEADS.resolve(head)
+    confidence = getattr(args, "confidence_head", None) or "linear"
+    confidence_args = parse_plugin_args(getattr(args, "confidence_head_arg", None), "--confidence-head-arg")
+    if confidence_args and CONFIDENCE_HEADS.is_builtin(confidence):
+        raise ValueError("--confidence-head-arg is for a plug-in confidence head (--confidence-head package.module:Name)")
+    if getattr(args, "confidence_head", None) and (getattr(args, "no_confidence", False)
+                                                   or getattr(args, "drafter", "dspark") != "dspark"):
+        raise ValueError("--confidence-head needs a DSpark drafter with a confidence head "
+                         "(not --no-confidence, not --drafter eagle3)")
+    CONFIDENCE_HEADS.resolve(confidence)
     train_lib.loss_terms_from_args(getattr(args, "loss_term", None))
 
 
@@ -286,8 +295,10 @@ def train_draft_recipe(args):
             markov_head_args=parse_plugin_args(getattr(args, "head_arg", None)),
             enable_confidence_head=not args.no_confidence, num_anchors=args.num_anchors,
             num_target_layers=tcfg.num_hidden_layers,
+            confidence_head_type=getattr(args, "confidence_head", None) or "linear",
+            confidence_head_args=parse_plugin_args(getattr(args, "confidence_head_arg", None), "--confidence-head-arg"),
         )
-        head_structure(dcfg)  # a plug-in head is built (abstractly) now: a bad constructor fails before the data
+        head_structure(dcfg)  # plug-in heads are built (abstractly) now: a bad constructor fails before the data
     family = family_of(dcfg)
     family.check_compatible(dcfg, tcfg)
     layer_ids = dcfg.target_layer_ids
@@ -323,7 +334,7 @@ def train_draft_recipe(args):
     if step >= args.steps and jax.process_index() == 0:  # the state is replicated: one host exports it
         export_dir = os.path.join(workdir, "draft")
         params = jax.device_get(state.params)
-        if getattr(dcfg, "plugin_head", None):  # the DeepSpec format has no names for a plug-in's weights: its NNX state in orbax
+        if getattr(dcfg, "plugin_heads", None):  # the DeepSpec format has no names for a plug-in's weights: its NNX state in orbax
             save_draft_orbax(export_dir, cast_tree(params, args.export_dtype), dcfg)
         else:
             save_draft(export_dir, params, dcfg, target, dtype=args.export_dtype,

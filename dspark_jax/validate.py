@@ -247,7 +247,7 @@ def finite_list(values: Any, where: str, what: str, positive: bool = False, min_
 
 # fields of a drafter's config.json that must be what it was trained with
 TRAINED_FIELDS = ("block_size", "target_layer_ids", "mask_token_id", "markov_rank", "markov_head_type",
-                  "enable_confidence_head", "num_hidden_layers")
+                  "enable_confidence_head", "confidence_head_type", "num_hidden_layers")
 
 
 def check_trained_config(config: Mapping[str, Any], manifest_path: str, config_path: str):

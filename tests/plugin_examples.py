@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dspark_jax.drafters import DrafterFamily
 from dspark_jax.heads import MarkovHead, compute_bias
 from dspark_jax.schedule import top_k_lengths
 
@@ -32,6 +33,23 @@ class TwoTokenHead(MarkovHead):
     def __call__(self, hidden, prev_token, state):
         bias = compute_bias(self.features(hidden, prev_token, state), self.out[...])
         return bias, prev_token.astype(jnp.int32)
+
+
+class TokenConfidenceHead(nnx.Module):
+    """A confidence head with a per-token prior: ``logit = [h_k, features] @ w + b[x_{k-1}]``."""
+
+    def __init__(self, dcfg, feature_size: int, *, rngs: nnx.Rngs, scale: float = 0.02):
+        self.w = nnx.Param(scale * jax.random.normal(rngs.params(), (dcfg.hidden_size + feature_size,)))
+        self.token_bias = nnx.Param(jnp.zeros((dcfg.layers.vocab_size,)))
+
+    def __call__(self, hidden, prev_token, features):
+        return jnp.concatenate([hidden, features], -1) @ self.w[...] + self.token_bias[prev_token]
+
+
+class ReplayFamily(DrafterFamily):
+    """A drafter family defined outside the package (DSpark's calls, under another name)."""
+
+    name = "plugin_examples:ReplayFamily"
 
 
 def mean_confidence(draft_logits, target_probs, confidence_logits, mask, weights):
@@ -69,6 +87,27 @@ class HeadWithRngs(MarkovHead):  # keeps its Rngs as state: refused
 
     def __call__(self, hidden, prev_token, state):
         return self.w[prev_token][..., None], state
+
+
+class ConfidenceNotAModule:  # not an nnx.Module: refused
+    def __init__(self, dcfg, feature_size, *, rngs):
+        pass
+
+
+class ConfidenceWithWrongCall(nnx.Module):  # reads h_k only: refused when built
+    def __init__(self, dcfg, feature_size, *, rngs):
+        self.w = nnx.Param(jnp.zeros((dcfg.hidden_size,)))
+
+    def __call__(self, hidden):
+        return hidden @ self.w[...]
+
+
+class ConfidenceWithVectorOutput(nnx.Module):  # a vector per position, not a logit: refused
+    def __init__(self, dcfg, feature_size, *, rngs):
+        self.w = nnx.Param(jnp.zeros((dcfg.hidden_size, 2)))
+
+    def __call__(self, hidden, prev_token, features):
+        return hidden @ self.w[...]
 
 
 def loss_with_a_vector(draft_logits, target_probs, confidence_logits, mask, weights):

@@ -22,9 +22,10 @@ from test_speculative import (SAMPLING_CONTEXT, SAMPLING_PROMPT, assert_matches,
 from test_speculative import K as SPEC_K
 
 HEAD = "plugin_examples:TwoTokenHead"
+CONFIDENCE = "plugin_examples:TokenConfidenceHead"
 
 
-def test_plugin_head_trains_saves_reloads_decodes_losslessly_and_calibrates_through_the_cli(model_dirs, tmp_path, capsys):
+def test_plugin_heads_train_save_reload_decode_losslessly_and_calibrate_through_the_cli(model_dirs, tmp_path, capsys):
     from dspark_jax.checkpoint import load_drafter, load_qwen3
 
     root, _, _ = model_dirs
@@ -35,23 +36,28 @@ def test_plugin_head_trains_saves_reloads_decodes_losslessly_and_calibrates_thro
               "--num-prompts", "8", "--answer-tokens", "12", "--seq-len", "24", "--batch-size", "4", "--layers", "1",
               "--block-size", "3", "--num-anchors", "4", "--no-progress", "--target-layer-ids", "0,1",
               "--head", HEAD, "--head-arg", "rank=6", "--loss-term", "plugin_examples:kl_to_target", "0.5",
+              "--confidence-head", CONFIDENCE, "--confidence-head-arg", "scale=0.05",
               "--steps", "4", "--lr", "3e-3"])
     assert f"head={HEAD}" in capsys.readouterr().out
     config = json.loads((out / "draft" / "config.json").read_text())
     assert config["markov_head_type"] == HEAD and config["markov_head_args"] == {"rank": 6}
+    assert config["confidence_head_type"] == CONFIDENCE and config["confidence_head_args"] == {"scale": 0.05}
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert "loss_term[plugin_examples:kl_to_target]" in rows[-1]
 
     target, tcfg = load_qwen3(root / "target")
     draft, dcfg = load_drafter(out / "draft", target, tcfg)  # rebuilt from the recorded class path and args
     assert dcfg.head_type == HEAD and dict(dcfg.markov_head_args) == {"rank": 6}
+    assert dcfg.confidence_head_type == CONFIDENCE and dict(dcfg.confidence_head_args) == {"scale": 0.05}
     assert draft.markov["prev2"].shape == (tcfg.vocab_size + 1, 6) and draft.confidence["w"].shape == (32 + 6,)
+    assert np.asarray(draft.confidence["token_bias"]).any()  # its own parameter (zeros at init) trained
     latest, _ = load_drafter(out, target, tcfg)  # the run's latest checkpoint: the same NNX state
     for exported, restored in zip(jax.tree.leaves(draft), jax.tree.leaves(latest)):
         np.testing.assert_array_equal(np.asarray(exported), np.asarray(restored))
 
+    # the threshold scheduler verifies the prefix the plug-in confidence head trusts
     got = run_json(capsys, ["generate", "--target", str(root / "target"), "--draft", str(out / "draft"),
-                            "--prompt-ids", "5,6,7", "--max-new-tokens", "12", "--json"])
+                            "--prompt-ids", "5,6,7", "--max-new-tokens", "12", "--json", "--confidence-threshold", "0.5"])
     assert got["samples"] == [generate_ar(target, tcfg, [[5, 6, 7]], max_new_tokens=12)[0]]
     cal = tmp_path / "cal.json"
     cli.main(["calibrate", "--target", str(root / "target"), "--draft", str(out / "draft"), "--prompts", str(prompts),
@@ -117,6 +123,30 @@ def test_a_plugin_scheduler_keeps_speculative_sampling_lossless():
     assert_matches(np.bincount(S[:, 1] * 32 + S[:, 2], minlength=32 * 32), joint)
 
 
+def test_drafter_families_and_confidence_heads_resolve_by_import_path_and_refuse_other_objects():
+    from types import SimpleNamespace
+
+    import plugin_examples
+    from dspark_jax.drafters import family_of, resolve_family
+    from dspark_jax.heads import CONFIDENCE_HEADS, ConfidenceHead
+
+    family = resolve_family("plugin_examples:ReplayFamily")
+    assert isinstance(family, plugin_examples.ReplayFamily)
+    assert family_of(SimpleNamespace(family="plugin_examples:ReplayFamily")) is family
+    assert resolve_family("eagle3").name == "eagle3" and family_of(object()).name == "dspark"
+    with pytest.raises(PluginError) as e:
+        resolve_family("plugin_examples:NotAHead")
+    assert "drafter family 'plugin_examples:NotAHead' is not a subclass of dspark_jax.drafters.DrafterFamily" in str(e.value)
+    with pytest.raises(PluginError, match="unknown drafter family 'medusa': choose one of dspark, eagle3 or give"):
+        resolve_family("medusa")
+
+    assert CONFIDENCE_HEADS.resolve("linear") is ConfidenceHead
+    assert CONFIDENCE_HEADS.resolve(CONFIDENCE) is plugin_examples.TokenConfidenceHead
+    with pytest.raises(PluginError, match="confidence head 'plugin_examples:ConfidenceNotAModule' is not a subclass "
+                                          "of flax.nnx.Module"):
+        CONFIDENCE_HEADS.resolve("plugin_examples:ConfidenceNotAModule")
+
+
 @pytest.mark.parametrize("spec,message", [
     ("no_such_module_xyz:Head", "cannot import module 'no_such_module_xyz' (ModuleNotFoundError"),
     ("plugin_examples:Missing", "module 'plugin_examples' has no attribute 'Missing'"),
@@ -134,7 +164,7 @@ def test_unimportable_or_malformed_heads_are_named(spec, message):
 def test_malformed_plugins_fail_with_one_clear_line(model_dirs, tmp_path, capsys):
     import dataclasses
 
-    from dspark_jax.checkpoint import load_drafter, load_qwen3, save_draft_orbax
+    from dspark_jax.checkpoint import CheckpointError, load_drafter, load_qwen3, save_draft, save_draft_orbax
     from dspark_jax.draft import init_draft_params
 
     base_dcfg = tiny_loss_setup()[3]
@@ -142,6 +172,17 @@ def test_malformed_plugins_fail_with_one_clear_line(model_dirs, tmp_path, capsys
         head_structure(dataclasses.replace(base_dcfg, markov_head_type="plugin_examples:HeadWithRngs"))
     with pytest.raises(PluginError, match=r"cannot be built with arguments \{'depth': 2\}"):
         head_structure(dataclasses.replace(base_dcfg, markov_head_type=HEAD, markov_head_args=(("depth", 2),)))
+    with pytest.raises(PluginError, match=r"confidence head 'plugin_examples:ConfidenceWithWrongCall' must be callable "
+                                          r"as head\(hidden \[..., D\], prev_token \[...\], features \[..., 4\]\)"):
+        head_structure(dataclasses.replace(base_dcfg, confidence_head_type="plugin_examples:ConfidenceWithWrongCall"))
+    with pytest.raises(PluginError, match=r"'plugin_examples:ConfidenceWithVectorOutput' returned \(2, 2\) for hidden "
+                                          r"\[2, 16\]; expected one logit per position"):
+        head_structure(dataclasses.replace(base_dcfg, confidence_head_type="plugin_examples:ConfidenceWithVectorOutput"))
+    with pytest.raises(PluginError, match=r"confidence head '.*TokenConfidenceHead' cannot be built with arguments"):
+        head_structure(dataclasses.replace(base_dcfg, confidence_head_type=CONFIDENCE, confidence_head_args=(("n", 1),)))
+    conf_dcfg = dataclasses.replace(base_dcfg, confidence_head_type=CONFIDENCE)
+    with pytest.raises(CheckpointError, match=f"the plug-in head {CONFIDENCE!r} is saved as an orbax checkpoint"):
+        save_draft(tmp_path / "x", init_draft_params(jax.random.key(0), conf_dcfg), conf_dcfg, tiny_loss_setup()[0])
     with pytest.raises(PluginError, match=r"loss term 'plugin_examples:loss_with_a_vector' must return a scalar"):
         loss_grads(tiny_loss_setup(), train_lib.LossConfig(extra_terms=(("plugin_examples:loss_with_a_vector", 1.0),)))
     with pytest.raises(PluginError, match=r"scheduler 'plugin_examples:scheduler_with_wrong_shape' returned lengths"):
@@ -158,6 +199,11 @@ def test_malformed_plugins_fail_with_one_clear_line(model_dirs, tmp_path, capsys
         cli.main(["train-draft", "--target", str(tmp_path / "missing"), "--out", str(tmp_path / "run"),
                   "--head-arg", "rank=3"])
     assert "--head-arg is for plug-in heads" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["train-draft", "--target", str(tmp_path / "missing"), "--out", str(tmp_path / "run"),
+                  "--confidence-head", "gone_module:Confidence"])
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: confidence head 'gone_module:Confidence': cannot import module") and "\n" not in err
 
     # a saved drafter whose head module is gone names the module
     root, _, _ = model_dirs
