@@ -352,3 +352,31 @@ def test_greedy_speculative_equals_greedy_ar_on_gemma4(fixture_target, fixture_d
     res = speculative_generate(tp, tc, dp, dc, [ref["prompt_ids"][0].tolist()], max_new_tokens=16,
                                scheduler="threshold")
     assert res.samples[0] == ref["greedy_ids"][0].tolist()
+
+
+def test_memory_check_before_a_speculative_run_counts_the_gemma4_drafters_context_cache(
+        fixture_target, fixture_draft, monkeypatch):
+    """A Gemma 4 drafter's context cache holds every draft layer at the full-attention geometry
+    over the whole cache (no sliding rings, no shared layers): the check before a run counts
+    those bytes, more than the drafter's layers would need as a target."""
+    from dspark_jax import draft as Dr
+    from dspark_jax import speculative
+
+    tp, tc = fixture_target
+    dp, dc = fixture_draft
+    sizes, checked = [], []
+    cache_bytes = decoding.cache_bytes
+    monkeypatch.setattr(decoding, "cache_bytes", lambda cfg, B, L, dtype: sizes.append((B, L)) or cache_bytes(cfg, B, L, dtype))
+
+    def stop(nbytes, what):
+        checked.append(nbytes)
+        raise RuntimeError("checked")
+
+    monkeypatch.setattr(decoding, "check_cache_memory", stop)
+    with pytest.raises(RuntimeError, match="checked"):
+        speculative.speculative_generate(tp, tc, dp, dc, [[1, 2, 3]], max_new_tokens=4, cache_len=64)
+    (B, L), = sizes
+    context = Dr.init_context_cache(dc, B, L)
+    draft_bytes = sum(a.nbytes for a in (context.k, context.v, context.lengths))
+    assert checked == [cache_bytes(tc, B, L, jnp.float32) + draft_bytes]
+    assert draft_bytes > gemma4.cache_bytes(dc.layers, B, L, jnp.float32)
