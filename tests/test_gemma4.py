@@ -11,6 +11,7 @@ cache, verify chunks rolled back.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -380,3 +381,27 @@ def test_memory_check_before_a_speculative_run_counts_the_gemma4_drafters_contex
     draft_bytes = sum(a.nbytes for a in (context.k, context.v, context.lengths))
     assert checked == [cache_bytes(tc, B, L, jnp.float32) + draft_bytes]
     assert draft_bytes > gemma4.cache_bytes(dc.layers, B, L, jnp.float32)
+
+
+def test_speculative_sampling_on_gemma4_matches_the_targets_distribution(fixture_target, fixture_draft, ref):
+    """Temperature 1, packed verification: the first token a round commits (drafted and
+    accepted, or drawn from the residual) follows the target's own marginal
+    p(b | prompt) = sum_a p(a | prompt) p(b | prompt, a) (chi-square, as for Qwen3)."""
+    from dspark_jax.sampling import Sampling, distribution
+    from dspark_jax.speculative import speculative_generate
+    from test_speculative import assert_matches
+
+    tp, tc = fixture_target
+    tc = dataclasses.replace(tc, eos_token_ids=())  # every sample two tokens long (an eos may be drawn first)
+    dp, dc = fixture_draft
+    prompt = ref["prompt_ids"][0, :12].tolist()
+    V, P, rows = tc.vocab_size, len(prompt), 2048
+    seqs = np.array([prompt + [a] for a in range(V)], np.int32)
+    out, _ = run_chunk(tp, tc, jnp.asarray(seqs), None)
+    d = np.asarray(distribution(out.logits, Sampling(temperature=1.0)), np.float64)
+    marginal = d[0, P - 1] @ d[:, P]  # [V]
+    res = speculative_generate(tp, tc, dp, dc, [prompt] * rows, max_new_tokens=2, cache_len=32, seed=3,
+                               sampling=Sampling(temperature=1.0), scheduler="threshold")
+    assert 0 < res.stats["accepted_tokens"] < res.stats["proposed_tokens"]  # both the accept and the residual paths
+    second = np.array([s[1] for s in res.samples])
+    assert_matches(np.bincount(second, minlength=V), marginal)
