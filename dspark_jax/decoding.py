@@ -354,19 +354,21 @@ def prepare_batch(
     mesh=None,
     prefill_chunk: int = PREFILL_CHUNK,
     allow_long_context: bool = False,
-    cache_cfgs: Sequence = (),
+    extra_state_bytes: Callable[[int, int, object], int] | None = None,
 ) -> PreparedBatch:
     """The host entry point of every decoding mode: validate the prompts (vocabulary, the
     model's context, the cache), pad them and the batch to buckets, check that the KV caches
-    (the target's, plus one per config in ``cache_cfgs``, e.g. the drafter's layers) fit in
-    memory, and shard the target over ``mesh``: all before anything compiles."""
+    (the target's, plus ``extra_state_bytes(batch, cache_len, dtype)``, e.g. the drafter's
+    state) fit in memory, and shard the target over ``mesh``: all before anything compiles."""
     prepared = prepare_prompts(prompts, cfg.vocab_size, max_new_tokens, cache_len, extra_cache=extra_cache,
                                chunk_size=prefill_chunk, max_positions=cfg.max_position_embeddings,
                                allow_long_context=allow_long_context)
     tokens, lengths, active = pad_batch(prepared.tokens, prepared.lengths)
     B, dtype = tokens.shape[0], params.embed.dtype
-    what = "the KV cache" if not cache_cfgs else "the target and drafter KV caches"
-    check_cache_memory(sum(cache_bytes(c, B, prepared.cache_len, dtype) for c in (cfg, *cache_cfgs)), what)
+    nbytes = cache_bytes(cfg, B, prepared.cache_len, dtype)
+    if extra_state_bytes is not None:
+        nbytes += extra_state_bytes(B, prepared.cache_len, dtype)
+    check_cache_memory(nbytes, "the KV cache" if extra_state_bytes is None else "the target and drafter KV caches")
     if mesh is not None:
         from .sharding import check_batch, shard_target
 

@@ -15,7 +15,11 @@ The drafter's decoding state is whatever the family carries through the loop
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
 
 from . import draft as dspark
 from . import eagle3
@@ -133,6 +137,13 @@ def family_of(dcfg) -> DrafterFamily:
     """The family of a drafter config: its ``family`` (a built-in name or an import path;
     ``DraftConfig`` has no ``family`` field: DSpark)."""
     return resolve_family(getattr(dcfg, "family", "dspark"))
+
+
+def drafter_state_bytes(params, dcfg, batch: int, cache_len: int, dtype) -> int:
+    """Bytes of a drafter's decoding state (its family's ``init_state``, from shapes only):
+    what the memory check before a speculative run adds to the target's cache."""
+    shapes = jax.eval_shape(lambda: family_of(dcfg).init_state(params, dcfg, batch, cache_len, dtype))
+    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(shapes))
 
 
 def family_for_architectures(archs: Sequence[str], where: str = "config.json") -> DrafterFamily:

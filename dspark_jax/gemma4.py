@@ -25,6 +25,7 @@ sliding layers in a ring of their window plus one chunk (``ring_capacity``), rea
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from typing import Any, Mapping, Sequence
@@ -62,6 +63,67 @@ class LayerSpec:
     @property
     def kind(self) -> str:
         return SLIDING if self.sliding else FULL
+
+    def signature(self) -> tuple:
+        """What two layers must share to run as one scanned body: geometry, and for shared
+        layers the keys/values they read (a stored layer's slot follows from its position)."""
+        return (self.sliding, self.head_dim, self.kv_heads, self.mlp_width, self.values_from_keys, self.shared,
+                self.slot if self.shared else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerGroup:
+    """Consecutive layers that repeat one period of layer geometries ``specs``: layer
+    ``start + r * len(specs) + j`` (repeat r) runs as ``specs[j]``, its weights stacked over
+    the repeats, and the group runs as one ``lax.scan`` over them."""
+
+    start: int
+    repeats: int
+    specs: tuple[LayerSpec, ...]  # the first repeat's layers
+
+    @property
+    def period(self) -> int:
+        return len(self.specs)
+
+    def layer_ids(self, j: int) -> tuple[int, ...]:
+        """The model layers that position ``j`` of the period is, one per repeat."""
+        return tuple(self.start + r * self.period + j for r in range(self.repeats))
+
+    def slot_stride(self, kind: str) -> int:
+        """Stored layers of ``kind`` per repeat: how far a stored layer's cache slot moves per repeat."""
+        return sum(1 for s in self.specs if s.kind == kind and not s.shared)
+
+
+def group_layers(specs: Sequence[LayerSpec]) -> tuple[LayerGroup, ...]:
+    """The partition of the layers into repeated periods with the fewest layer bodies to
+    compile (the sum of the periods; then the fewest groups): Gemma 4's repeating
+    sliding/full pattern becomes one scanned period, the KV-shared tail its own groups (a
+    group never mixes the two, so a shared layer's keys/values come from an earlier group)."""
+    sigs = [s.signature() for s in specs]
+    n = len(sigs)
+    first_shared = next((i for i, s in enumerate(specs) if s.shared), n)
+
+    @functools.cache
+    def best(i: int) -> tuple[tuple[int, int], tuple[tuple[int, int], ...]]:
+        """((bodies, groups), ((period, repeats), ...)) for layers i.."""
+        if i == n:
+            return (0, 0), ()
+        options = []
+        end = first_shared if i < first_shared else n
+        for period in range(1, end - i + 1):
+            repeats = 1
+            while (i + (repeats + 1) * period <= end
+                   and sigs[i + repeats * period : i + (repeats + 1) * period] == sigs[i : i + period]):
+                repeats += 1
+            (bodies, groups), rest = best(i + repeats * period)
+            options.append(((bodies + period, groups + 1), ((period, repeats),) + rest))
+        return min(options)
+
+    groups, start = [], 0
+    for period, repeats in best(0)[1]:
+        groups.append(LayerGroup(start, repeats, tuple(specs[start : start + period])))
+        start += period * repeats
+    return tuple(groups)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +199,9 @@ class Gemma4Config:
                 shared=shared, source=source, slot=slot,
             ))
         return tuple(specs)
+
+    def layer_groups(self) -> tuple[LayerGroup, ...]:
+        return _layer_groups(self)
 
     def stored_layers(self, kind: str) -> int:
         return sum(1 for s in self.layer_specs() if s.kind == kind and not s.shared)
@@ -217,6 +282,11 @@ class Gemma4Config:
             "max_position_embeddings": self.max_position_embeddings, "hidden_activation": "gelu_pytorch_tanh",
             "hidden_size_per_layer_input": 0, "enable_moe_block": False, "attention_bias": False,
         }
+
+
+@functools.lru_cache(maxsize=64)
+def _layer_groups(cfg: Gemma4Config) -> tuple[LayerGroup, ...]:
+    return group_layers(cfg.layer_specs())
 
 
 def _per_layer_geometry(per_layer: Mapping, layer_types, head_dim: int, kv: int, where: str) -> tuple[int, int]:
@@ -306,7 +376,8 @@ class Gemma4LayerParams:
 @dataclasses.dataclass
 class Gemma4Params:
     embed: jax.Array  # [V, D] (unscaled, as stored)
-    layers: tuple[Gemma4LayerParams, ...]
+    # per layer group (``Gemma4Config.layer_groups``), per layer of its period: stacked over the repeats
+    layers: tuple[tuple[Gemma4LayerParams, ...], ...]
     final_norm: jax.Array  # [D]
     lm_head: jax.Array | None  # [D, V]; None when tied to embed
     # final_logit_softcapping travels with the head it caps, so every caller of
@@ -318,12 +389,16 @@ class Gemma4Params:
         return self.embed.dtype
 
 
-def layer_decl(spec: LayerSpec, cfg: Gemma4Config, prefix: str) -> Gemma4LayerParams:
-    """The declaration of one layer whose tensors are ``{prefix}.<Hugging Face name>``."""
+def layer_decl(spec: LayerSpec, cfg: Gemma4Config, prefix: str,
+               layer_ids: tuple[int, ...] | None = None) -> Gemma4LayerParams:
+    """The declaration of one layer whose tensors are ``{prefix}.<Hugging Face name>``, or with
+    ``layer_ids`` of a stack of such layers (``prefix`` with ``{layer}`` in it), one per id."""
     D, H, K, Dh, F = cfg.hidden_size, cfg.num_attention_heads, spec.kv_heads, spec.head_dim, spec.mlp_width
+    stack = () if layer_ids is None else (len(layer_ids),)
 
     def weight(name, shape, axes, n_in=0, init="normal"):
-        return ParamDecl(tuple(shape), tuple(axes), f"{prefix}.{name}", n_in, init)
+        return ParamDecl(stack + tuple(shape), ("layers",) * len(stack) + tuple(axes), f"{prefix}.{name}", n_in, init,
+                         layer_ids=layer_ids)
 
     own_kv = not spec.shared
     return Gemma4LayerParams(
@@ -350,7 +425,8 @@ def target_decl(cfg: Gemma4Config) -> Gemma4Params:
     D, V = cfg.hidden_size, cfg.vocab_size
     return Gemma4Params(
         embed=ParamDecl((V, D), ("vocab", "embed"), f"{TEXT_PREFIX}.embed_tokens.weight"),
-        layers=tuple(layer_decl(s, cfg, f"{TEXT_PREFIX}.layers.{i}") for i, s in enumerate(cfg.layer_specs())),
+        layers=tuple(tuple(layer_decl(spec, cfg, f"{TEXT_PREFIX}.layers.{{layer}}", group.layer_ids(j))
+                           for j, spec in enumerate(group.specs)) for group in cfg.layer_groups()),
         final_norm=ParamDecl((D,), ("embed",), f"{TEXT_PREFIX}.norm.weight", init="ones"),
         lm_head=None if cfg.tie_word_embeddings else ParamDecl((D, V), ("embed", "vocab"), "lm_head.weight", 1),
         logit_softcap=cfg.final_logit_softcapping,
@@ -461,12 +537,12 @@ def write_cache(cache: Gemma4Cache, new_kv: dict, positions: jax.Array) -> Gemma
     return out
 
 
-def layer_context(cache: Gemma4Cache | None, spec: LayerSpec) -> Context | None:
-    """What layer ``spec`` reads of the cache: its source layer's keys/values (a ring for
-    sliding layers shorter than the cache)."""
+def layer_context(cache: Gemma4Cache | None, spec: LayerSpec, slot: jax.Array | int) -> Context | None:
+    """What a layer like ``spec`` reads of the cache: the keys/values of stored layer ``slot``
+    of its type (its own, or its source's; a ring for sliding layers shorter than the cache)."""
     if cache is None:
         return None
-    slot = jnp.int32(spec.slot)
+    slot = jnp.asarray(slot, jnp.int32)
     if not spec.sliding:
         return Context(cache.full_k, cache.full_v, slot)
     positions = None if cache.ring >= cache.max_len else ring_positions(cache.lengths, cache.ring)
@@ -529,10 +605,11 @@ def check_feature_layers(cfg: Gemma4Config, feature_layers: Sequence[int]) -> tu
 
 def run_layers(params: Gemma4Params, cfg: Gemma4Config, tokens, positions, mask: AttentionMask, cache, feature_layers,
                with_logits: bool, tp_axis=None, remat: bool = False, attend_fn=None):
-    """The stack shared by every entry point: scaled embedding, the layers in order (each
-    attending through ``attention.attend`` with ``mask`` and its source layer's cache, or
-    ``attend_fn(q, k, v, mask, context)``), features, final norm, logits. Returns the
-    ForwardOutput and the chunk's keys/values per layer type, stacked over the stored layers."""
+    """The stack shared by every entry point: scaled embedding, the layer groups in order
+    (each one ``lax.scan`` over its repeats, every layer attending through ``attention.attend``
+    with ``mask`` and its source layer's cache, or ``attend_fn(q, k, v, mask, context)``),
+    features, final norm, logits. Returns the ForwardOutput and the chunk's keys/values per
+    layer type, stacked over the stored layers ``[L, B, T, K, Dh]``."""
     from .target import ForwardOutput
 
     eps = cfg.rms_norm_eps
@@ -541,34 +618,56 @@ def run_layers(params: Gemma4Params, cfg: Gemma4Config, tokens, positions, mask:
             return attend(q, k, v, m, context, cfg.attention_backend, scale=1.0)
     tables = {kind: rope_tables(*cfg.rope_of(kind), cfg.max_position_embeddings, positions) for kind in (SLIDING, FULL)}
     masks = {SLIDING: mask.with_window(cfg.sliding_window), FULL: mask}
-    x = scaled_embedding(params.embed, tokens)
-    outputs = {-1: x}
-    chunk_kv: dict[int, tuple] = {}  # stored layer -> its chunk keys/values
-    new_kv: dict[str, list] = {SLIDING: [], FULL: []}
-    for i, (spec, p) in enumerate(zip(cfg.layer_specs(), params.layers)):
+
+    def layer(p, x, spec, slot, shared_kv):
         cos, sin = tables[spec.kind]
+        h = rms_norm(x, p.input_norm, eps)
+        q = project_q(p, eps, h, cos, sin)
+        k, v = shared_kv if spec.shared else project_kv(p, eps, h, cos, sin)
+        attn = attend_fn(q, k, v, masks[spec.kind], layer_context(cache, spec, slot))
+        return layer_output(p, eps, x, attn, tp_axis), (k, v)
 
-        def layer(p, x, shared_kv, spec=spec, cos=cos, sin=sin):
-            h = rms_norm(x, p.input_norm, eps)
-            q = project_q(p, eps, h, cos, sin)
-            k, v = shared_kv if spec.shared else project_kv(p, eps, h, cos, sin)
-            attn = attend_fn(q, k, v, masks[spec.kind], layer_context(cache, spec))
-            return layer_output(p, eps, x, attn, tp_axis), (k, v)
+    if remat:
+        layer = jax.checkpoint(layer, static_argnums=(2,))
+    x = scaled_embedding(params.embed, tokens)
+    outputs = {-1: x}  # feature layer -> its output
+    new_kv: dict[str, list] = {SLIDING: [], FULL: []}  # per type: [n, B, T, K, Dh] per group, in slot order
+    for group, weights in zip(cfg.layer_groups(), params.layers):
+        # a shared layer reads the chunk keys/values of a stored layer of an earlier group
+        shared = {j: tuple(jnp.concatenate(parts)[spec.slot] for parts in zip(*new_kv[spec.kind]))
+                  for j, spec in enumerate(group.specs) if spec.shared}
+        kept = [j for j in range(group.period) if set(group.layer_ids(j)) & set(feature_layers)]
 
-        if remat:
-            layer = jax.checkpoint(layer)
-        x, kv = layer(p, x, chunk_kv.get(spec.source))
-        if not spec.shared:
-            chunk_kv[i] = kv
-            new_kv[spec.kind].append(kv)
-        outputs[i] = x
+        def period(x, scanned, group=group, shared=shared, kept=kept):
+            w, r = scanned
+            kvs, outs = [], []
+            for j, (spec, p) in enumerate(zip(group.specs, w)):
+                slot = spec.slot if spec.shared else spec.slot + r * group.slot_stride(spec.kind)
+                x, kv = layer(p, x, spec, slot, shared.get(j))
+                if not spec.shared:
+                    kvs.append(kv)
+                if j in kept:
+                    outs.append(x)
+            return x, (tuple(kvs), tuple(outs))
+
+        if group.repeats == 1:  # no loop for a single repeat
+            x, ys = period(x, (jax.tree.map(lambda a: a[0], weights), 0))
+            kvs, outs = jax.tree.map(lambda a: a[None], ys)
+        else:
+            x, (kvs, outs) = jax.lax.scan(period, x, (weights, jnp.arange(group.repeats, dtype=jnp.int32)))
+        stored = [spec for spec in group.specs if not spec.shared]
+        for kind in (SLIDING, FULL):
+            mine = [kv for spec, kv in zip(stored, kvs) if spec.kind == kind]
+            if mine:  # [R, n, B, T, K, Dh] -> slot order (repeat-major) [R * n, B, T, K, Dh]
+                new_kv[kind].append(tuple(jnp.stack(a, 1).reshape((-1,) + a[0].shape[1:]) for a in zip(*mine)))
+        for j, out in zip(kept, outs):
+            outputs.update(zip(group.layer_ids(j), out))
     B, T = tokens.shape
     parts = [outputs[i] for i in feature_layers]
     features = jnp.concatenate(parts, axis=-1) if parts else jnp.zeros((B, T, 0), x.dtype)
     hidden = rms_norm(x, params.final_norm, eps)
     logits = compute_logits(params, hidden) if with_logits else None
-    stacked = {kind: (jnp.stack([k for k, _ in kv]), jnp.stack([v for _, v in kv])) if kv else None
-               for kind, kv in new_kv.items()}
+    stacked = {kind: tuple(jnp.concatenate(a) for a in zip(*parts)) if parts else None for kind, parts in new_kv.items()}
     return ForwardOutput(hidden=hidden, features=features, logits=logits), stacked
 
 

@@ -11,7 +11,8 @@ logical-axis -> mesh-axis rule table) and the checkpoint's tensor names and shap
 Checkpoint layout: Hugging Face stores linear weights ``[out, in]`` with heads fused into one
 axis; we keep heads as their own axis (``q_proj [D, H, Dh]``). ``n_in`` is the number of
 leading "input" axes of our layout: ``hf = ours.reshape(prod(shape[:n_in]), -1).T``.
-A name with ``{layer}`` in it is one checkpoint tensor per index of the leading (layers) axis.
+A name with ``{layer}`` in it is one checkpoint tensor per index of the leading (layers) axis
+(checkpoint layer i, or ``layer_ids[i]`` for a stack of non-consecutive layers).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class ParamDecl:
     n_in: int = 0  # leading input axes (per tensor): hf = ours.reshape(prod(shape[:n_in]), -1).T
     init: str = "normal"
     hf_shape_override: tuple[int, ...] | None = None  # a checkpoint shape the rule above does not give
+    layer_ids: tuple[int, ...] | None = None  # the checkpoint layer of each index of the leading axis (default: i)
 
     def __post_init__(self):
         if len(self.axes) != len(self.shape):
@@ -46,6 +48,8 @@ class ParamDecl:
             raise ValueError(f"{self.name}: unknown initialiser {self.init!r}")
         if self.stacked and self.axes[0] != "layers":
             raise ValueError(f"{self.name}: a per-layer name needs a leading 'layers' axis")
+        if self.layer_ids is not None and (not self.stacked or len(self.layer_ids) != self.shape[0]):
+            raise ValueError(f"{self.name}: layer_ids {self.layer_ids} for a leading axis of {self.shape[:1]}")
 
     @property
     def stacked(self) -> bool:
@@ -71,7 +75,10 @@ class ParamDecl:
         return (math.prod(s[self.n_in:]), math.prod(s[: self.n_in]))
 
     def tensor_name(self, layer: int | None = None) -> str:
-        return self.name.format(layer=layer) if self.stacked else self.name
+        """The checkpoint name of index ``layer`` of the leading axis (of the weight, unstacked)."""
+        if not self.stacked:
+            return self.name
+        return self.name.format(layer=layer if self.layer_ids is None else self.layer_ids[layer])
 
     def tensor_names(self) -> list[str]:
         return [self.tensor_name(i) for i in range(self.num_tensors)] if self.stacked else [self.name]

@@ -26,7 +26,7 @@ import numpy as np
 
 from . import draft as draft_model
 from . import target as target_model
-from .drafters import family_of
+from .drafters import drafter_state_bytes, family_of
 from .cache import KVCache
 from .config import Qwen3Config
 from .commit import DecodeState, commit
@@ -677,7 +677,7 @@ def speculative_start(
         raise ValueError(f"scheduler {scheduler!r} verifies a packed token axis: use a mesh with data=1 (tensor parallel only)")
     b = prepare_batch(target, tcfg, prompts, max_new_tokens=max_new_tokens, cache_len=cache_len, extra_cache=K + 1,
                       mesh=mesh, prefill_chunk=prefill_chunk, allow_long_context=allow_long_context,
-                      cache_cfgs=(dcfg.layers,))
+                      extra_state_bytes=functools.partial(drafter_state_bytes, draft, dcfg))
     target, tcfg, tokens, buffer_len = b.params, b.cfg, b.tokens, b.buffer_len
     scfg = SpecConfig(
         target=tcfg,

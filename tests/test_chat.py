@@ -177,3 +177,30 @@ def test_generate_stream_prints_the_answer_then_the_statistics(chat_target, caps
     assert out.index("[sample 0]") < out.index("(first call") < out.index("tokens/s=")
     with pytest.raises(SystemExit, match="--stream prints one sample"):
         cli.main(["generate", "--target", str(chat_target), "--prompt", "Hello!", "--stream", "--json"])
+
+
+def test_a_gemma4_target_directory_feeds_its_gemma_template_and_stops_at_end_of_turn(tokenizers, tmp_path):
+    """A Gemma 4 checkpoint (the fixture's config) beside a Gemma-style tokenizer: the generate
+    path renders the prompt as transformers' apply_chat_template does and adds <end_of_turn>
+    to the Gemma target's stop ids (no model is run: both come before the weights)."""
+    import os
+    import shutil
+
+    from dspark_jax.checkpoint import load_target_config
+    from dspark_jax.chat import with_stop_id
+    from fixtures import require_fixture
+
+    fixture = require_fixture("deepspec_gemma4_vanilla", "target/config.json")
+    target = tmp_path / "gemma4"
+    target.mkdir()
+    os.symlink(fixture / "target" / "config.json", target / "config.json")
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(tokenizers["gemma"] / f, target / f)
+    tok, hf = Tokenizer(target), hf_tokenizer(target)
+    args = cli.build_parser().parse_args(["generate", "--target", str(target), "--prompt", "Hello!", "--system", "Be brief."])
+    ids, chat, end_of_turn = cli.prompt_ids(args, tok)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}]
+    assert chat and ids == hf_ids(hf, messages, enable_thinking=False) and ids.count(tok.token_id("<bos>")) == 1
+    assert end_of_turn == tok.token_id("<end_of_turn>")
+    cfg = load_target_config(target)
+    assert cfg.family == "gemma4" and with_stop_id(cfg, end_of_turn).eos_token_ids == cfg.eos_token_ids + (end_of_turn,)

@@ -11,6 +11,7 @@ cache, verify chunks rolled back.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -134,12 +135,15 @@ def test_unsupported_gemma4_feature_is_a_clear_error_at_load(fixture_dir, tmp_pa
 WINDOW = 8
 PROMPT = 50  # more than six windows
 STEPS = 6
+S, F = gemma4.SLIDING, gemma4.FULL
+# a period of (sliding, sliding, full) twice, then a KV-shared (sliding, full) tail
+HF_LAYER_TYPES = (S, S, F, S, S, F, S, F)
 
 
 @pytest.fixture(scope="module")
 def hf_pair(tmp_path_factory):
     path = tmp_path_factory.mktemp("gemma4")
-    model = make_hf_gemma4(path, window=WINDOW, seed=3)
+    model = make_hf_gemma4(path, window=WINDOW, seed=3, layer_types=HF_LAYER_TYPES, kv_shared=2)
     params, cfg = load_target(path, "float32")
     ids = np.random.RandomState(1).randint(0, cfg.vocab_size, (2, PROMPT + STEPS)).astype(np.int32)
     logits, hidden = hf_gemma4_forward(model, ids)
@@ -164,7 +168,7 @@ def test_prefill_then_steps_through_sliding_rings_match_transformers(hf_pair):
     p = hf_pair
     params, cfg, ids = p["params"], p["cfg"], p["ids"]
     cache = gemma4.init_cache(cfg, 2, 64, max_chunk=5)
-    assert cache.ring == WINDOW - 1 + 5 and cache.sliding_k.shape[0] == 2 and cache.full_k.shape[0] == 1
+    assert cache.ring == WINDOW - 1 + 5 and cache.sliding_k.shape[0] == 4 and cache.full_k.shape[0] == 2
     for start in range(0, PROMPT, 5):
         out, cache = run_chunk(params, cfg, jnp.asarray(ids[:, start : start + 5]), cache)
         cache = cache.advance(5)
@@ -182,18 +186,32 @@ def test_prefill_then_steps_through_sliding_rings_match_transformers(hf_pair):
 def test_cache_stores_only_unshared_layers_and_sliding_layers_only_their_ring(hf_pair):
     cfg = hf_pair["cfg"]
     cache = gemma4.init_cache(cfg, 1, 4096)
-    # 5 layers: 2 shared store nothing; 2 sliding rings of window - 1 + MAX_CHUNK; 1 full layer
-    assert cache.sliding_k.shape == (2, 1, WINDOW - 1 + gemma4.MAX_CHUNK, cfg.num_key_value_heads, cfg.head_dim)
-    assert cache.full_k.shape == (1, 1, 4096, 1, cfg.global_head_dim)
+    # 8 layers: 2 shared store nothing; 4 sliding rings of window - 1 + MAX_CHUNK; 2 full layers
+    assert cache.sliding_k.shape == (4, 1, WINDOW - 1 + gemma4.MAX_CHUNK, cfg.num_key_value_heads, cfg.head_dim)
+    assert cache.full_k.shape == (2, 1, 4096, 1, cfg.global_head_dim)
     with pytest.raises(ValueError, match="sliding ring"):
         target.forward(hf_pair["params"], cfg, jnp.zeros((1, gemma4.MAX_CHUNK + 1), jnp.int32), cache)
+
+
+def test_repeated_layer_pattern_runs_as_one_scanned_group_per_period(hf_pair):
+    """The stored layers' (sliding, sliding, full) period repeats twice: one group of two
+    repeats, whose weights stack the checkpoint's layers 0, 3 / 1, 4 / 2, 5; the shared tail
+    is its own group."""
+    cfg, params = hf_pair["cfg"], hf_pair["params"]
+    groups = cfg.layer_groups()
+    assert [(g.start, g.repeats, g.period) for g in groups] == [(0, 2, 3), (6, 1, 2)]
+    assert [groups[0].layer_ids(j) for j in range(3)] == [(0, 3), (1, 4), (2, 5)]
+    decl = gemma4.target_decl(cfg).layers[0][2].k_proj
+    assert decl.tensor_names() == [f"model.language_model.layers.{i}.self_attn.k_proj.weight" for i in (2, 5)]
+    assert params.layers[0][2].k_proj.shape == (2, cfg.hidden_size, 1, cfg.global_head_dim)
 
 
 def test_untied_gemma4_without_k_eq_v_matches_transformers(tmp_path):
     model = make_hf_gemma4(tmp_path, k_eq_v=False, tie=False, seed=4, layer_types=("sliding_attention", "full_attention",
                                                                                     "full_attention"), kv_shared=1)
     params, cfg = load_target(tmp_path, "float32")
-    assert params.lm_head is not None and all(p.v_proj is not None for p in params.layers[:2])
+    assert params.lm_head is not None and all(p.v_proj is not None for group in params.layers for p in group
+                                                  if p.k_proj is not None)  # every stored layer
     ids = np.random.RandomState(5).randint(0, cfg.vocab_size, (1, 20)).astype(np.int32)
     out, _ = run_chunk(params, cfg, jnp.asarray(ids), None)
     np.testing.assert_allclose(np.asarray(out.logits), hf_gemma4_forward(model, ids)[0], rtol=1e-4, atol=1e-4)
@@ -335,3 +353,55 @@ def test_greedy_speculative_equals_greedy_ar_on_gemma4(fixture_target, fixture_d
     res = speculative_generate(tp, tc, dp, dc, [ref["prompt_ids"][0].tolist()], max_new_tokens=16,
                                scheduler="threshold")
     assert res.samples[0] == ref["greedy_ids"][0].tolist()
+
+
+def test_memory_check_before_a_speculative_run_counts_the_gemma4_drafters_context_cache(
+        fixture_target, fixture_draft, monkeypatch):
+    """A Gemma 4 drafter's context cache holds every draft layer at the full-attention geometry
+    over the whole cache (no sliding rings, no shared layers): the check before a run counts
+    those bytes, more than the drafter's layers would need as a target."""
+    from dspark_jax import draft as Dr
+    from dspark_jax import speculative
+
+    tp, tc = fixture_target
+    dp, dc = fixture_draft
+    sizes, checked = [], []
+    cache_bytes = decoding.cache_bytes
+    monkeypatch.setattr(decoding, "cache_bytes", lambda cfg, B, L, dtype: sizes.append((B, L)) or cache_bytes(cfg, B, L, dtype))
+
+    def stop(nbytes, what):
+        checked.append(nbytes)
+        raise RuntimeError("checked")
+
+    monkeypatch.setattr(decoding, "check_cache_memory", stop)
+    with pytest.raises(RuntimeError, match="checked"):
+        speculative.speculative_generate(tp, tc, dp, dc, [[1, 2, 3]], max_new_tokens=4, cache_len=64)
+    (B, L), = sizes
+    context = Dr.init_context_cache(dc, B, L)
+    draft_bytes = sum(a.nbytes for a in (context.k, context.v, context.lengths))
+    assert checked == [cache_bytes(tc, B, L, jnp.float32) + draft_bytes]
+    assert draft_bytes > gemma4.cache_bytes(dc.layers, B, L, jnp.float32)
+
+
+def test_speculative_sampling_on_gemma4_matches_the_targets_distribution(fixture_target, fixture_draft, ref):
+    """Temperature 1, packed verification: the first token a round commits (drafted and
+    accepted, or drawn from the residual) follows the target's own marginal
+    p(b | prompt) = sum_a p(a | prompt) p(b | prompt, a) (chi-square, as for Qwen3)."""
+    from dspark_jax.sampling import Sampling, distribution
+    from dspark_jax.speculative import speculative_generate
+    from test_speculative import assert_matches
+
+    tp, tc = fixture_target
+    tc = dataclasses.replace(tc, eos_token_ids=())  # every sample two tokens long (an eos may be drawn first)
+    dp, dc = fixture_draft
+    prompt = ref["prompt_ids"][0, :12].tolist()
+    V, P, rows = tc.vocab_size, len(prompt), 2048
+    seqs = np.array([prompt + [a] for a in range(V)], np.int32)
+    out, _ = run_chunk(tp, tc, jnp.asarray(seqs), None)
+    d = np.asarray(distribution(out.logits, Sampling(temperature=1.0)), np.float64)
+    marginal = d[0, P - 1] @ d[:, P]  # [V]
+    res = speculative_generate(tp, tc, dp, dc, [prompt] * rows, max_new_tokens=2, cache_len=32, seed=3,
+                               sampling=Sampling(temperature=1.0), scheduler="threshold")
+    assert 0 < res.stats["accepted_tokens"] < res.stats["proposed_tokens"]  # both the accept and the residual paths
+    second = np.array([s[1] for s in res.samples])
+    assert_matches(np.bincount(second, minlength=V), marginal)
