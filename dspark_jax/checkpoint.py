@@ -25,7 +25,7 @@ import numpy as np
 
 from .config import Qwen3Config, load_qwen3_config, read_json
 from .heads import CONFIDENCE_HEADS, MARKOV_HEADS
-from .params import ParamDecl, abstract_tree, checkpoint_tensors, decl_leaves, export_tensors, map_decls
+from .params import ParamDecl, abstract_tree, checkpoint_tensors, export_tensors, map_decls
 from .safetensors_io import CheckpointError, TensorSource, save_tensors
 from .target import Qwen3Params, target_decl
 from .validate import check_finite, check_finite_tree, check_trained_config, host_all_finite
@@ -534,8 +534,6 @@ def draft_to_hf_tensors(params, target: Qwen3Params, embedding_copies: bool = Tr
 
 def _draft_config_of(params, target: Qwen3Params):
     """A DraftConfig with the shapes of ``params`` (enough for its declaration)."""
-    import dataclasses
-
     from .draft import DraftConfig
 
     L, D, H, Dh = params.layers.q_proj.shape

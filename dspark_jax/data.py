@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import sysconfig
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 

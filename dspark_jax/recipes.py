@@ -22,7 +22,7 @@ import numpy as np
 
 from . import data as data_lib
 from . import train as train_lib
-from .checkpoint import cast_tree, load_target, resolve_dtype, save_draft, save_draft_orbax, save_qwen3
+from .checkpoint import cast_tree, load_target, save_draft, save_draft_orbax, save_qwen3
 from .config import Qwen3Config
 from .draft import DraftConfig
 from .drafters import family_of

@@ -4,7 +4,6 @@ losslessly, drives the main job, the eval command and the Colab quickstart noteb
 import json
 import os
 
-import numpy as np
 import pytest
 from safetensors import safe_open
 

@@ -15,7 +15,6 @@ import dataclasses
 import functools
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
