@@ -119,10 +119,11 @@ def test_two_processes_decode_token_for_token_as_one_and_each_reads_only_its_sli
 
     outputs = finish_hosts(hosts)
 
-    def results(out):  # gloo itself prints "[Gloo] Rank ..." lines on stdout
-        return [json.loads(line) for line in out.splitlines() if not line.startswith("[Gloo]")]
+    def results(out):  # the --json result is one object per line; gloo itself prints "[Gloo] Rank ..." lines
+        return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
-    assert results(outputs[1]) == []  # process 0 prints the result
+    assert results(outputs[1]) == [], outputs[1]  # process 0 prints the result
+    assert len(results(outputs[0])) == 1, outputs[0]
     (two,) = results(outputs[0])
     assert len(two["samples"][0]) == 6
     assert two["samples"] == one["samples"]
