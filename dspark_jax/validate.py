@@ -8,6 +8,7 @@ to exit status 1 (see ``cli.main``); library callers get ordinary exceptions.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -282,6 +283,7 @@ def _all_finite_fn():
     return _all_finite
 
 
+@functools.cache
 def _float_bits():
     """dtype -> (mask of the bits without the sign, exponent mask): a value is NaN or infinite
     when its exponent bits are all set, i.e. when its bits without the sign reach the mask."""
