@@ -28,7 +28,7 @@ from .heads import CONFIDENCE_HEADS, MARKOV_HEADS
 from .params import ParamDecl, abstract_tree, checkpoint_tensors, export_tensors, map_decls
 from .safetensors_io import CheckpointError, TensorSource, save_tensors
 from .target import Qwen3Params, target_decl
-from .validate import check_finite, check_finite_tree, check_trained_config, host_all_finite
+from .validate import bits_view, check_finite, check_finite_tree, check_trained_config, host_all_finite
 
 # The most a loader reads at once (one piece of one weight): with the piece on its way to
 # an accelerator, this bounds loading's host memory above the weights themselves.
@@ -86,20 +86,14 @@ def host_buffer(shape, dtype) -> np.ndarray:
     return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
-def _bits(array: np.ndarray) -> np.ndarray:
-    """The same memory as unsigned integers of the dtype's size (copies between them skip
-    ml_dtypes' slower element-wise casts)."""
-    return array.view(np.dtype(f"u{array.dtype.itemsize}"))
-
-
 def copy_cast(dest: np.ndarray, src: np.ndarray):
     """``dest[...] = src`` in ``dest``'s dtype (strided views allowed): same dtypes copy their
     bits; bfloat16 -> float32 is a 16-bit shift of the bits; other casts are numpy's."""
     if dest.dtype == src.dtype:
-        np.copyto(_bits(dest), _bits(src))
+        np.copyto(bits_view(dest), bits_view(src))
     elif src.dtype == BFLOAT16 and dest.dtype == np.float32:
-        wide = _bits(dest)
-        np.copyto(wide, _bits(src))
+        wide = bits_view(dest)
+        np.copyto(wide, bits_view(src))
         np.left_shift(wide, 16, out=wide)
     else:
         np.copyto(dest, src, casting="unsafe")

@@ -603,6 +603,17 @@ def check_feature_layers(cfg: Gemma4Config, feature_layers: Sequence[int]) -> tu
     return ids
 
 
+def after_every_read(new_kv, x: jax.Array):
+    """``new_kv`` made data-dependent on the last layer's output ``x``, so that writing it into
+    the cache comes after every read of the cache. Layers of a later group (a KV-shared layer
+    reads an earlier layer's cache) read a cache whose chunk write depends only on earlier
+    groups; with no dependency XLA orders the write first and keeps the old cache alive by
+    copying it whole, every step. (``lax.optimization_barrier`` does not survive to XLA's copy
+    insertion on CPU.) Adds +-0, exact for finite ``x`` (NaN where ``x`` already is)."""
+    zero = jnp.zeros((), x.dtype) * x.reshape(-1)[0]
+    return jax.tree.map(lambda a: a + zero.astype(a.dtype), new_kv)
+
+
 def run_layers(params: Gemma4Params, cfg: Gemma4Config, tokens, positions, mask: AttentionMask, cache, feature_layers,
                with_logits: bool, tp_axis=None, remat: bool = False, attend_fn=None):
     """The stack shared by every entry point: scaled embedding, the layer groups in order
@@ -665,9 +676,10 @@ def run_layers(params: Gemma4Params, cfg: Gemma4Config, tokens, positions, mask:
     B, T = tokens.shape
     parts = [outputs[i] for i in feature_layers]
     features = jnp.concatenate(parts, axis=-1) if parts else jnp.zeros((B, T, 0), x.dtype)
+    stacked = {kind: tuple(jnp.concatenate(a) for a in zip(*parts)) if parts else None for kind, parts in new_kv.items()}
+    stacked = after_every_read(stacked, x)
     hidden = rms_norm(x, params.final_norm, eps)
     logits = compute_logits(params, hidden) if with_logits else None
-    stacked = {kind: tuple(jnp.concatenate(a) for a in zip(*parts)) if parts else None for kind, parts in new_kv.items()}
     return ForwardOutput(hidden=hidden, features=features, logits=logits), stacked
 
 

@@ -354,6 +354,46 @@ def test_greedy_speculative_equals_greedy_ar_on_gemma4(fixture_target, fixture_d
     assert res.samples[0] == ref["greedy_ids"][0].tolist()
 
 
+def cache_spellings(arrays) -> list[str]:
+    """HLO spellings of each cache array and of one layer of it (``cache_sized_copies`` order)."""
+    dims = lambda shape: "f32[" + ",".join(map(str, shape)) + "]"
+    return [s for a in arrays for s in (dims(a.shape), dims(a.shape[1:]))]
+
+
+def test_gemma4_ar_step_updates_its_caches_in_place(fixture_target):
+    """The KV-shared layers of the last group read the cache after the earlier groups' chunk
+    keys/values are ready: the write must still come after them, without copying the cache."""
+    from test_long_context import cache_sized_copies, loop_instructions
+
+    from dspark_jax.sampling import Sampling
+
+    params, cfg = fixture_target
+    cache = target.init_cache(cfg, 2, 512)
+    compiled = decoding.ar_decode.lower(
+        params, jnp.zeros((2, 16), jnp.int32), jnp.array([5, 3]), jax.random.key(0), jnp.int32(8), cache,
+        cfg=cfg, sampling=Sampling(), buffer_len=16, eos_ids=()).compile().as_text()
+    shapes = cache_spellings([cache.full_k, cache.sliding_k])
+    assert any(shapes[2] in line for line in loop_instructions(compiled))  # the rings are in the loop
+    assert cache_sized_copies(compiled, shapes) == []
+
+
+@pytest.mark.parametrize("scheduler", ["fixed", "algorithm1"])
+def test_gemma4_speculative_round_updates_both_caches_in_place(fixture_target, fixture_draft, scheduler):
+    from test_long_context import cache_sized_copies
+
+    from dspark_jax.speculative import SpecConfig, init_schedule_state, speculative_decode, speculative_prefill
+
+    tp, tc = fixture_target
+    dp, dc = fixture_draft
+    scfg = SpecConfig(target=tc, draft=dc, scheduler=scheduler)
+    state = speculative_prefill(tp, dp, jnp.zeros((2, 16), jnp.int32), jnp.array([5, 3]), jnp.array([True, True]),
+                                jax.random.key(0), jnp.int32(8), init_schedule_state(2, dc.block_size), scfg=scfg,
+                                buffer_len=16, cache_len=512)
+    compiled = speculative_decode.lower(tp, dp, state, scfg=scfg).compile().as_text()
+    caches = [state.target_cache.full_k, state.target_cache.sliding_k, state.draft_cache.k]
+    assert cache_sized_copies(compiled, cache_spellings(caches)) == []
+
+
 def test_memory_check_before_a_speculative_run_counts_the_gemma4_drafters_context_cache(
         fixture_target, fixture_draft, monkeypatch):
     """A Gemma 4 drafter's context cache holds every draft layer at the full-attention geometry
