@@ -85,6 +85,14 @@ def init_cache(cfg: Qwen3Config, batch: int, max_len: int, dtype=jnp.float32) ->
     return KVCache.init(cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim, dtype)
 
 
+def draft_layers_config(cfg: Qwen3Config, num_layers: int) -> Qwen3Config:
+    """The layer config of a drafter trained for this target: its shapes with ``num_layers``
+    layers and no stop ids (Gemma 4: every layer full attention, as DeepSpec builds it)."""
+    if (family := family_of(cfg)) is not None:
+        return family.draft_layers_config(cfg, num_layers)
+    return dataclasses.replace(cfg, num_hidden_layers=num_layers, eos_token_ids=())
+
+
 def embed_tokens(params: Qwen3Params, tokens: jax.Array) -> jax.Array:
     """The input embedding of ``tokens`` as the family's first layer sees it (Gemma 4: scaled)."""
     if (family := family_of(params)) is not None:
