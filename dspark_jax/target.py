@@ -57,7 +57,9 @@ def family_of(x):
 
 def target_decl(cfg: Qwen3Config) -> Qwen3Params:
     """The declaration of every Qwen3 weight (``params.ParamDecl`` leaves), with the names of
-    a Hugging Face ``Qwen3ForCausalLM`` checkpoint."""
+    a Hugging Face ``Qwen3ForCausalLM`` checkpoint (Gemma 4: ``gemma4.target_decl``)."""
+    if (family := family_of(cfg)) is not None:
+        return family.target_decl(cfg)
     D, V = cfg.hidden_size, cfg.vocab_size
     return Qwen3Params(
         embed=ParamDecl((V, D), ("vocab", "embed"), "model.embed_tokens.weight"),
