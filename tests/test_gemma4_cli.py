@@ -88,6 +88,10 @@ def test_train_draft_on_gemma4_reloads_and_decodes_greedy_equal_to_ar(trained, c
     spec = run_json(capsys, ["generate", "--target", str(target_dir), "--draft", str(out / "draft"), "--prompt-ids",
                              ",".join(map(str, PROMPT_IDS)), "--max-new-tokens", "12", "--num-samples", "2", "--json"])
     assert spec["mode"] == "speculative" and spec["samples"] == [ar, ar]
+    tp = run_json(capsys, ["generate", "--target", str(target_dir), "--draft", str(out / "draft"), "--prompt-ids",
+                           ",".join(map(str, PROMPT_IDS)), "--max-new-tokens", "12", "--num-samples", "2",
+                           "--tensor-parallel", "2", "--json"])
+    assert tp["samples"] == [ar, ar]
     plain = run_json(capsys, ["generate", "--mode", "ar", "--target", str(target_dir), "--prompt", "def f(x):",
                               "--max-new-tokens", "6", "--json"])
     assert plain["samples"] == generate_ar(target, tcfg, [plain["prompt_ids"]], max_new_tokens=6)
