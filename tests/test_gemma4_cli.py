@@ -128,3 +128,21 @@ def test_train_draft_eagle3_on_a_gemma4_target_is_refused_by_name(trained, tmp_p
     with pytest.raises(SystemExit, match="--drafter eagle3 runs on Qwen3 targets; .* is gemma4"):
         cli.main(["train-draft", "--drafter", "eagle3", "--target", str(target_dir), "--out", str(tmp_path / "e3"),
                   "--prompts", "stdlib", "--steps", "1", "--no-progress"])
+
+
+def test_train_draft_dflash_with_precomputed_gemma4_features_decodes_greedy_equal_to_ar(trained, tmp_path, capsys):
+    target_dir, _, _ = trained
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"text": t}) for t in ["def f(x):", "the quick"]))
+    out = tmp_path / "dflash"
+    cli.main(["train-draft", "--target", str(target_dir), "--out", str(out), "--prompts", str(prompts),
+              "--num-prompts", "2", "--answer-tokens", "6", "--seq-len", "16", "--batch-size", "2", "--layers", "1",
+              "--block-size", "3", "--head", "none", "--num-anchors", "2", "--precompute", "--no-progress",
+              "--steps", "1"])
+    target, tcfg = load_target(target_dir, "float32")
+    draft, dcfg = load_draft(out / "draft", target, tcfg)
+    assert dcfg.head_type == "none" and draft.markov is None and dcfg.layers.num_hidden_layers == 1
+    ar = generate_ar(target, tcfg, [PROMPT_IDS], max_new_tokens=10)[0]
+    spec = run_json(capsys, ["generate", "--target", str(target_dir), "--draft", str(out / "draft"), "--prompt-ids",
+                             ",".join(map(str, PROMPT_IDS)), "--max-new-tokens", "10", "--json"])
+    assert spec["samples"] == [ar]
