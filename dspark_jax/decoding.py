@@ -303,7 +303,7 @@ def new_cache(cfg: Qwen3Config, batch: int, cache_len: int, dtype, mesh=None) ->
         return cache
     from .sharding import cache_sharding
 
-    return jax.device_put(cache, cache_sharding(mesh))
+    return jax.device_put(cache, cache_sharding(cache, mesh))
 
 
 ar_prefill = jax.jit(ar_start, static_argnames=("cfg", "sampling", "buffer_len", "eos_ids", "mesh", "prefill_chunk"),

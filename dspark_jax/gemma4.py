@@ -163,8 +163,8 @@ class Gemma4Config:
             if kind in self.layer_types and self.num_attention_heads % kv:
                 raise ConfigError(f"num_attention_heads ({self.num_attention_heads}) is not a multiple of the "
                                   f"{kind} layers' {kv} kv heads")
-        if not 0 <= self.num_kv_shared_layers < self.num_hidden_layers:
-            raise ConfigError(f"num_kv_shared_layers {self.num_kv_shared_layers} must be in [0, {self.num_hidden_layers})")
+        if self.num_kv_shared_layers < 0:
+            raise ConfigError(f"num_kv_shared_layers must be >= 0, got {self.num_kv_shared_layers}")
         if self.sliding_window < 1:
             raise ConfigError(f"sliding_window must be >= 1, got {self.sliding_window}")
         self.layer_specs()  # a shared layer type without a producer is refused here
@@ -173,9 +173,17 @@ class Gemma4Config:
     def family(self) -> str:
         return "gemma4"
 
+    @property
+    def first_shared_layer(self) -> int:
+        """The first KV-shared (and double-wide) layer; none when ``num_kv_shared_layers`` covers
+        every layer (transformers 5.10.2, DeepSpec's pin: ``layer_idx >= first > 0``), as in a
+        drafter whose config copies the target's ``num_kv_shared_layers``."""
+        first = self.num_hidden_layers - self.num_kv_shared_layers
+        return first if first > 0 else self.num_hidden_layers
+
     def layer_specs(self) -> tuple[LayerSpec, ...]:
         """Per-layer geometry; shared layers point at the last earlier stored layer of their type."""
-        first_shared = self.num_hidden_layers - self.num_kv_shared_layers
+        first_shared = self.first_shared_layer
         slots: dict[str, int] = {SLIDING: 0, FULL: 0}
         producer: dict[str, tuple[int, int]] = {}  # kind -> (layer, slot) of the last stored layer
         specs = []
@@ -758,12 +766,18 @@ def draft_layer_specs(cfg: Gemma4Config) -> tuple[LayerSpec, ...]:
     has the full-attention geometry (global head dim, global kv heads and no v_proj with
     k_eq_v) and its own keys/values (no window, no sharing); MLP widths follow transformers'
     rule on the draft config (double-wide from layer n - num_kv_shared_layers on, when > 0)."""
-    n, first_wide = cfg.num_hidden_layers, cfg.num_hidden_layers - cfg.num_kv_shared_layers
-    wide = cfg.use_double_wide_mlp and first_wide > 0
+    first_wide = cfg.first_shared_layer
     return tuple(LayerSpec(sliding=False, head_dim=cfg.global_head_dim, kv_heads=cfg.num_global_key_value_heads,
-                           mlp_width=cfg.intermediate_size * (2 if wide and i >= first_wide else 1),
+                           mlp_width=cfg.intermediate_size * (2 if cfg.use_double_wide_mlp and i >= first_wide else 1),
                            values_from_keys=cfg.attention_k_eq_v, shared=False, source=i, slot=i)
-                 for i in range(n))
+                 for i in range(cfg.num_hidden_layers))
+
+
+def draft_layers_config(cfg: Gemma4Config, num_layers: int) -> Gemma4Config:
+    """The layer config of a DSpark drafter for target ``cfg`` (DeepSpec's ``build_draft_config``:
+    a copy of the target's text config with ``num_layers`` full-attention layers, untied)."""
+    return dataclasses.replace(cfg, num_hidden_layers=num_layers, layer_types=(FULL,) * num_layers, eos_token_ids=(),
+                               tie_word_embeddings=False)
 
 
 def draft_layers_decl(cfg: Gemma4Config, prefix: str = "layers") -> tuple[Gemma4LayerParams, ...]:

@@ -28,7 +28,8 @@ from .draft import DraftConfig
 from .drafters import family_of
 from .heads import CONFIDENCE_HEADS, MARKOV_HEADS, head_structure
 from .plugins import parse_plugin_args
-from .target import init_params
+from .target import draft_layers_config, init_params
+from .target import family_of as target_family_of
 from .tokenizer import Tokenizer
 from .trainer import data_parallel_mesh, replicate, run_training
 
@@ -281,14 +282,16 @@ def train_draft_recipe(args):
     if getattr(args, "drafter", "dspark") == "eagle3":
         from . import eagle3
 
+        if target_family_of(tcfg) is not None:
+            raise SystemExit(f"error: --drafter eagle3 runs on Qwen3 targets; {args.target} is {tcfg.family}")
         dcfg = eagle3.Eagle3Config(
-            layers=dataclasses.replace(tcfg, num_hidden_layers=1, eos_token_ids=(), tie_word_embeddings=False),
+            layers=dataclasses.replace(draft_layers_config(tcfg, 1), tie_word_embeddings=False),
             target_layer_ids=layer_ids or eagle3.default_target_layer_ids(tcfg.num_hidden_layers),
             ttt_length=args.block_size, step_loss_decay=args.step_loss_decay, num_target_layers=tcfg.num_hidden_layers,
         )
     else:
         dcfg = DraftConfig(
-            layers=dataclasses.replace(tcfg, num_hidden_layers=args.layers, eos_token_ids=()),
+            layers=draft_layers_config(tcfg, args.layers),
             block_size=args.block_size, target_layer_ids=layer_ids or default_target_layer_ids(tcfg.num_hidden_layers),
             mask_token_id=mask_id, markov_rank=0 if args.head == "none" else args.markov_rank,
             markov_head_type="vanilla" if args.head == "none" else args.head,

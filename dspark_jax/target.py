@@ -57,7 +57,9 @@ def family_of(x):
 
 def target_decl(cfg: Qwen3Config) -> Qwen3Params:
     """The declaration of every Qwen3 weight (``params.ParamDecl`` leaves), with the names of
-    a Hugging Face ``Qwen3ForCausalLM`` checkpoint."""
+    a Hugging Face ``Qwen3ForCausalLM`` checkpoint (Gemma 4: ``gemma4.target_decl``)."""
+    if (family := family_of(cfg)) is not None:
+        return family.target_decl(cfg)
     D, V = cfg.hidden_size, cfg.vocab_size
     return Qwen3Params(
         embed=ParamDecl((V, D), ("vocab", "embed"), "model.embed_tokens.weight"),
@@ -83,6 +85,14 @@ def init_cache(cfg: Qwen3Config, batch: int, max_len: int, dtype=jnp.float32) ->
     if (family := family_of(cfg)) is not None:
         return family.init_cache(cfg, batch, max_len, dtype)
     return KVCache.init(cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim, dtype)
+
+
+def draft_layers_config(cfg: Qwen3Config, num_layers: int) -> Qwen3Config:
+    """The layer config of a drafter trained for this target: its shapes with ``num_layers``
+    layers and no stop ids (Gemma 4: every layer full attention, as DeepSpec builds it)."""
+    if (family := family_of(cfg)) is not None:
+        return family.draft_layers_config(cfg, num_layers)
+    return dataclasses.replace(cfg, num_hidden_layers=num_layers, eos_token_ids=())
 
 
 def embed_tokens(params: Qwen3Params, tokens: jax.Array) -> jax.Array:

@@ -56,7 +56,7 @@ def test_sharded_forward_equals_unsharded_logits_features_and_cache(kv_heads, mo
 
     mesh = make_mesh(model=model, data=2)
     sparams, scfg = shard_target(params, cfg, mesh)
-    rep = kv_replication(cfg, model)
+    rep = kv_replication(cfg, model)["num_key_value_heads"]
     assert scfg.num_key_value_heads == kv_heads * rep
     scache = target_model.init_cache(scfg, 4, 16).advance(jnp.array([0, 3, 1, 5]))
     fn = jax.jit(lambda p, t, c: sharded_forward(mesh, p, scfg, t, c, feature_layers=(-1, 1)))
