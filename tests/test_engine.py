@@ -45,6 +45,8 @@ def test_engine_greedy_output_is_each_requests_own_ar_output(scheduler):
     assert out == [a[:m] for a, m in zip(ar, limits)]
     slots = {engine.requests[i].slot for i in range(7)}
     assert slots == {0, 1, 2}  # every slot was refilled
+    starts = [engine.requests[i].started_at for i in range(7)]
+    assert starts == sorted(starts)  # first come, first served: no request is overtaken (none starves)
     if scheduler != "ar":
         assert all(r.budget >= 1 for r in engine.requests.values())
 
