@@ -270,12 +270,16 @@ class Engine:
         self.running[slot] = req
         self._seen[slot] = 0
 
-    def step(self) -> dict[int, list[int]]:
-        """Refill free slots from the queue, run ``steps_per_call`` rounds, and return each
-        running request's newly committed ids ``{request id: ids}``."""
+    def admit(self):
+        """Prefill waiting requests into the free slots, first come, first served."""
         for slot in range(self.slots):
             if slot not in self.running and self.waiting:
                 self._insert(slot, self.waiting.popleft())
+
+    def step(self) -> dict[int, list[int]]:
+        """Refill free slots from the queue (``admit``), run ``steps_per_call`` rounds, and
+        return each running request's newly committed ids ``{request id: ids}``."""
+        self.admit()
         if not self.running:
             return {}
         self.state, (output, counts, done, counters) = generate(

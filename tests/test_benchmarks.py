@@ -54,3 +54,12 @@ def test_serving_benchmark_reports_every_figure_per_load_and_scheduler(capsys, t
     # the same arrivals for every scheduler, each admitted (at most one waiting) or turned away
     assert len({r["requests"] + r["rejected"] for r in load["results"].values()}) == 1
     assert (tmp_path / "s.png").stat().st_size > 0
+
+
+@pytest.mark.slow  # compiles three engines of the embedded pair
+def test_skip_round_benchmark_forces_each_kind_of_round():
+    import bench_skip_round
+
+    ratios = bench_skip_round.main(["--slots", "2", "--rounds", "3", "--reps", "1"])  # asserts what each mode ran
+    assert set(ratios) == {"ar", "skip", "drafted"} and ratios["ar"] == 1.0
+    assert all(r > 0 for r in ratios.values())
