@@ -3,9 +3,12 @@ arrivals, for ``ar`` and every verification scheduler (a Figure 7/8 analogue).
 
 For each offered load r (requests/s) and each scheduler, requests arrive at the times of a
 Poisson process for ``--duration`` seconds (the same arrival times and held-out prompts for
-every scheduler), wait for one of ``--slots`` batch slots, and decode greedily up to
-``--max-new`` tokens or EOS; the run ends when the last one finished. Reported per
-(load, scheduler):
+every scheduler), wait (first come, first served) for one of ``--slots`` batch slots, and
+decode greedily up to ``--max-new`` tokens or EOS; the run ends when the last one finished.
+The queue is bounded: an arrival that finds ``--max-queue`` requests already waiting is turned
+away (counted as ``rejected``), as a saturated server sheds load; without the bound, the wait
+above capacity grows with the run's length and no TTFT percentile is bounded. Reported per
+(load, scheduler), over the admitted requests:
   * throughput: generated tokens / seconds from the first arrival to the last finish;
   * per-user tokens/s (p50, p90): a request's tokens / (finish - its insertion into a slot),
     i.e. its own prefill and decoding, not its wait in the queue;
@@ -45,6 +48,8 @@ def parse_args(argv=None):
     ap.add_argument("--num-prompts", type=int, default=64, help="held-out prompts cycled through")
     ap.add_argument("--prompts", default="held-out-code", help="held-out-code|held-out-prose|FILE.jsonl")
     ap.add_argument("--threshold", type=float, default=0.5, help="the threshold scheduler's confidence threshold")
+    ap.add_argument("--max-queue", type=int, default=None,
+                    help="waiting requests beyond which arrivals are turned away (default: 2 x --slots)")
     ap.add_argument("--steps-per-call", type=int, default=4, help="rounds between two host visits")
     ap.add_argument("--profile", choices=("measured", "synthetic"), default="measured",
                     help="SPS profile of algorithm1/async")
@@ -56,6 +61,10 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.duration <= 0 or args.slots < 1 or args.max_new < 1 or min(args.loads) <= 0:
         ap.error("--duration, --slots, --max-new and every --loads value must be > 0")
+    if args.max_queue is None:
+        args.max_queue = 2 * args.slots
+    if args.max_queue < 1:
+        ap.error("--max-queue must be >= 1")
     return args
 
 
@@ -77,16 +86,20 @@ def percentile(values, q):
     return float(np.percentile(values, q)) if len(values) else float("nan")
 
 
-def serve(engine, prompts, arrivals, max_new: int) -> dict:
-    """Feed ``arrivals`` (seconds from now) into the engine in real time; figures of the run."""
+def serve(engine, prompts, arrivals, max_new: int, max_queue: int) -> dict:
+    """Feed ``arrivals`` (seconds from now) into the engine in real time, turning away those
+    that find ``max_queue`` requests waiting; figures of the run's admitted requests."""
     start = time.perf_counter()
     pending = list(arrivals)
-    ids = []
+    ids, rejected = [], 0
     while pending or engine.waiting or engine.running:
         now = time.perf_counter() - start
         while pending and pending[0] <= now:
             at = pending.pop(0)
-            rid = engine.submit(prompts[len(ids) % len(prompts)], max_new_tokens=max_new)
+            if len(engine.waiting) >= max_queue:
+                rejected += 1
+                continue
+            rid = engine.submit(prompts[(len(ids) + rejected) % len(prompts)], max_new_tokens=max_new)
             engine.requests[rid].submitted = start + at  # latency counts from the scheduled arrival
             ids.append(rid)
         if engine.waiting or engine.running:
@@ -100,6 +113,7 @@ def serve(engine, prompts, arrivals, max_new: int) -> dict:
     ttft = [r.first_token_at - r.submitted for r in reqs]
     return {
         "requests": len(reqs),
+        "rejected": rejected,
         "tokens": tokens,
         "throughput": tokens / (end - start),
         "per_user_p50": percentile(per_user, 50),
@@ -164,7 +178,7 @@ def main(argv=None):
     for rate in args.loads:
         gaps = rng.exponential(1.0 / rate, size=max(1, int(rate * args.duration * 3) + 8))
         arrivals = [float(t) for t in np.cumsum(gaps) - gaps[0] if t < args.duration]
-        results = {name: serve(engine, prompts, arrivals, args.max_new) for name, engine in engines.items()}
+        results = {name: serve(engine, prompts, arrivals, args.max_new, args.max_queue) for name, engine in engines.items()}
         loads.append({"offered": rate, "results": results})
     if args.plot:
         plot(loads, args.plot)
@@ -172,12 +186,13 @@ def main(argv=None):
         print(json.dumps({"loads": loads}, indent=1))
         return loads
     print(f"slots {args.slots}, {args.max_new} new tokens (or EOS), prompts {args.prompts} of {args.prompt_len} tokens, "
-          f"{args.duration:g} s of arrivals per load, SPS profile {args.profile}")
-    print(f"{'offered/s':>9} {'scheduler':>10} {'reqs':>5} {'tok/s':>8} {'user p50':>8} {'user p90':>8} "
+          f"{args.duration:g} s of arrivals per load, at most {args.max_queue} waiting (later arrivals turned away), "
+          f"SPS profile {args.profile}")
+    print(f"{'offered/s':>9} {'scheduler':>10} {'reqs':>5} {'turned':>6} {'tok/s':>8} {'user p50':>8} {'user p90':>8} "
           f"{'ttft p50':>8} {'ttft p99':>8} {'budget':>6}")
     for row in loads:
         for name, r in row["results"].items():
-            print(f"{row['offered']:>9g} {name:>10} {r['requests']:>5} {r['throughput']:>8.1f} {r['per_user_p50']:>8.1f} "
+            print(f"{row['offered']:>9g} {name:>10} {r['requests']:>5} {r['rejected']:>6} {r['throughput']:>8.1f} {r['per_user_p50']:>8.1f} "
                   f"{r['per_user_p90']:>8.1f} {r['ttft_p50']:>8.3f} {r['ttft_p99']:>8.3f} {r['budget']:>6.2f}")
     return loads
 

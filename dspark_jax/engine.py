@@ -112,8 +112,11 @@ def insert(target, draft, state: DecodeState, slot, tokens, length, key, max_new
     if state.draft_cache is None:
         return new
     sched, stats = state.schedule, state.stats
-    K = sched.stale_survival.shape[-1]
-    sched = dataclasses.replace(sched, stale_survival=_put_rows(sched.stale_survival, jnp.ones((2, 1, K)), slot, 1))
+    # the new request's confidence history starts as the slots' recent one (all ones before any
+    # round): assuming every draft survives would make the next rounds draft whenever a request
+    # arrives, which at saturation is every few rounds, at several AR steps each
+    prior = jnp.mean(sched.stale_survival, axis=1, keepdims=True)  # [2, 1, K]
+    sched = dataclasses.replace(sched, stale_survival=_put_rows(sched.stale_survival, prior, slot, 1))
     per_row = {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats) if f.name != "compute_tokens"}
     fresh = {name: _put_rows(a, jnp.zeros((1,) + a.shape[1:], a.dtype), slot) for name, a in per_row.items()}
     return dataclasses.replace(new, draft_cache=_put_cache(state.draft_cache, draft_cache, slot), schedule=sched,
@@ -267,12 +270,16 @@ class Engine:
         self.running[slot] = req
         self._seen[slot] = 0
 
-    def step(self) -> dict[int, list[int]]:
-        """Refill free slots from the queue, run ``steps_per_call`` rounds, and return each
-        running request's newly committed ids ``{request id: ids}``."""
+    def admit(self):
+        """Prefill waiting requests into the free slots, first come, first served."""
         for slot in range(self.slots):
             if slot not in self.running and self.waiting:
                 self._insert(slot, self.waiting.popleft())
+
+    def step(self) -> dict[int, list[int]]:
+        """Refill free slots from the queue (``admit``), run ``steps_per_call`` rounds, and
+        return each running request's newly committed ids ``{request id: ids}``."""
+        self.admit()
         if not self.running:
             return {}
         self.state, (output, counts, done, counters) = generate(

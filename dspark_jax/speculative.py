@@ -87,6 +87,7 @@ class ScheduleState:
     min_expected: jax.Array | None = None  # [B]: a row whose last expected acceptance is below it verifies nothing
     draft_seconds: jax.Array | None = None  # [] the drafting's share of a step (schedule.SPSProfile.draft_seconds)
     skipped: jax.Array | None = None  # [] consecutive rounds that skipped drafting
+    refresh_after: jax.Array | None = None  # [] skips in a row before a drafted round refreshes (``skip_drafting``)
 
 
 def init_schedule_state(batch: int, num_drafts: int, threshold: float = 0.0, sps_table=None, temperatures=None,
@@ -108,6 +109,7 @@ def init_schedule_state(batch: int, num_drafts: int, threshold: float = 0.0, sps
         stale_survival=jnp.ones((2, batch, num_drafts), jnp.float32),
         min_expected=jnp.full((batch,), min_expected, jnp.float32),
         skipped=jnp.zeros((), jnp.int32),
+        refresh_after=jnp.int32(FIRST_REFRESH),
         draft_seconds=jnp.float32(draft_seconds),
     )
 
@@ -189,34 +191,38 @@ def packed_buckets(batch: int, num_drafts: int) -> tuple[int, ...]:
     return tuple(sizes) + (full,)
 
 
-def packed_verify(target, tcfg, cache: KVCache, verify_tokens, lengths, live, feature_layers, mesh=None):
-    """Verify ``[anchor, d_1..d_l]`` of every live sequence on one packed token axis.
-
-    The anchor + l_b drafts of sequence b occupy slots ``starts[b] ..``; the axis is padded to
-    the smallest bucket that holds them all, so verifying fewer tokens runs a smaller forward
-    (one ``lax.switch`` branch per bucket; the branches only read the cache, and the new
-    keys/values are written once after the switch). Returns logits ``[B, K+1, V]`` and
-    features ``[B, K+1, F]`` unpacked (entries past l_b repeat the last verified one and are
-    never read), the cache, and the bucket size used.
-    """
-    B, T = verify_tokens.shape
+def packed_layout(lengths, live, chunk_len: int, size: int):
+    """Where the anchor + ``lengths[b]`` drafts of every live sequence sit on a packed axis of
+    ``size`` tokens: (sequence id ``[size]``, batch padding = B; row ``[size]``; slot
+    ``[size]``), with each sequence's ``starts [B]`` and token ``counts [B]``."""
+    B = lengths.shape[0]
     counts = jnp.where(live, lengths + 1, 0)
     ends = jnp.cumsum(counts)
     starts = ends - counts
-    total = ends[-1]
-    buckets = packed_buckets(B, T - 1)
-    largest = buckets[-1]
+    i = jnp.arange(size)
+    seq = jnp.searchsorted(ends, i, side="right").astype(jnp.int32)
+    row = jnp.minimum(seq, B - 1)
+    slot = jnp.clip(i - starts[row], 0, chunk_len - 1)
+    return jnp.where(i < ends[-1], seq, B), row, slot, starts, counts
 
-    def layout(size):
-        i = jnp.arange(size)
-        seq = jnp.searchsorted(ends, i, side="right").astype(jnp.int32)
-        row = jnp.minimum(seq, B - 1)
-        slot = jnp.clip(i - starts[row], 0, T - 1)
-        return jnp.where(i < total, seq, B), row, slot  # padding: out-of-range sequence id
+
+def packed_read(target, tcfg, cache: KVCache, verify_tokens, lengths, live, feature_layers, mesh=None,
+                buckets: Sequence[int] | None = None, pad_to: int | None = None):
+    """The target over ``[anchor, d_1..d_l]`` of every live sequence on one packed token axis,
+    reading the cache only: logits ``[B, T, V]`` and features ``[B, T, F]`` unpacked (entries
+    past l_b repeat the last verified one and are never read), the new keys/values padded to
+    ``pad_to`` tokens (default: the largest bucket; for ``packed_write``) and the bucket size used.
+
+    The axis is padded to the smallest of ``buckets`` (default ``packed_buckets``) that holds
+    every token, so verifying fewer tokens runs a smaller forward (one ``lax.switch`` branch
+    per bucket)."""
+    B, T = verify_tokens.shape
+    buckets = tuple(buckets or packed_buckets(B, T - 1))
+    largest = pad_to or packed_buckets(B, T - 1)[-1]
 
     def branch(size):
         def run(cache):
-            seq_ids, row, slot = layout(size)
+            seq_ids, row, slot, starts, counts = packed_layout(lengths, live, T, size)
             args = (verify_tokens[row, slot], seq_ids, slot, cache)
             kw = dict(chunk_len=T, feature_layers=feature_layers)
             if mesh is None:
@@ -231,11 +237,29 @@ def packed_verify(target, tcfg, cache: KVCache, verify_tokens, lengths, live, fe
 
         return run
 
-    index = jnp.searchsorted(jnp.asarray(buckets), total, side="left")
+    total = jnp.sum(jnp.where(live, lengths + 1, 0))
+    index = jnp.minimum(jnp.searchsorted(jnp.asarray(buckets), total, side="left"), len(buckets) - 1)
     logits, features, new_k, new_v = jax.lax.switch(index, [branch(n) for n in buckets], cache)
-    seq_ids, _, slot = layout(largest)
-    cache = target_model.write_packed(cache, new_k, new_v, seq_ids, slot)
-    return logits, features, cache, jnp.asarray(buckets, jnp.int32)[index]
+    return logits, features, (new_k, new_v), jnp.asarray(buckets, jnp.int32)[index]
+
+
+def packed_write(cache: KVCache, new_kv, lengths, live, chunk_len: int) -> KVCache:
+    """Write ``packed_read``'s new keys/values (lengths not advanced): once per round, after
+    whatever chose what was computed, so no branch returns (and copies) a cache."""
+    new_k, new_v = new_kv
+    size = jax.tree.leaves(new_k)[0].shape[1]
+    seq_ids, _, slot, _, _ = packed_layout(lengths, live, chunk_len, size)
+    return target_model.write_packed(cache, new_k, new_v, seq_ids, slot)
+
+
+def packed_verify(target, tcfg, cache: KVCache, verify_tokens, lengths, live, feature_layers, mesh=None):
+    """Verify ``[anchor, d_1..d_l]`` of every live sequence on one packed token axis
+    (``packed_read``, then ``packed_write``): logits ``[B, K+1, V]``, features
+    ``[B, K+1, F]``, the cache (new entries written, lengths not advanced), the bucket size."""
+    logits, features, new_kv, size = packed_read(target, tcfg, cache, verify_tokens, lengths, live, feature_layers,
+                                                 mesh)
+    cache = packed_write(cache, new_kv, lengths, live, verify_tokens.shape[1])
+    return logits, features, cache, size
 
 
 def accept_drafts(
@@ -275,37 +299,22 @@ def accept_drafts(
     return n, sample(k_bonus, bonus_dist)
 
 
-def draft_phase(key, target: Qwen3Params, draft: DraftParams, s: SpecState, scfg: SpecConfig,
-                skip=None) -> tuple[draft_model.DraftBlock, object]:
+def draft_phase(key, target: Qwen3Params, draft: DraftParams, s: SpecState, scfg: SpecConfig
+                ) -> tuple[draft_model.DraftBlock, object]:
     """Draft a block ``[B, K]`` from each anchor and the drafter's state (returned with the
-    block: ``drafters`` families may carry what the proposal computed); when the
-    traced ``skip`` holds, an empty block instead (zeros, confidence logits -inf: nothing
-    offered), so the round verifies the anchors alone, an AR step, without drafting."""
+    block: ``drafters`` families may carry what the proposal computed)."""
     sampling = row_sampling(s, scfg.sampling)
     family = family_of(scfg.draft)
-    run = lambda: family.propose(key, draft, scfg.draft, target, s.draft_cache, s.anchor, sampling, scfg.num_drafts)
-    if skip is None:
-        return run()
-    shapes, _ = jax.eval_shape(run)
-    empty = lambda: (draft_model.DraftBlock(
-        tokens=jnp.zeros(shapes.tokens.shape, jnp.int32), probs=jnp.zeros(shapes.probs.shape, shapes.probs.dtype),
-        logits=jnp.zeros(shapes.logits.shape, shapes.logits.dtype),
-        confidence_logits=jnp.full(shapes.confidence_logits.shape, -jnp.inf, shapes.confidence_logits.dtype)),
-        s.draft_cache)
-    return jax.lax.cond(skip, empty, run)
+    return family.propose(key, draft, scfg.draft, target, s.draft_cache, s.anchor, sampling, scfg.num_drafts)
 
 
-def schedule_phase(s: SpecState, block, scfg: SpecConfig, skip=None):
+def schedule_phase(s: SpecState, block, scfg: SpecConfig):
     """Drafts to verify per sequence ``[B]`` (capped so the round fits the cache), the
     survival probabilities ``[B, K]`` and the scheduler state for the next round."""
     survival = schedule_lib.survival(block.confidence_logits, s.schedule.temperatures)  # [B, K]
     lengths, sched = schedule_lengths(scfg.scheduler, block.confidence_logits, survival, ~s.done, s.schedule)
-    if skip is not None:
-        # a skipped round verifies nothing and leaves the confidence history as it was
-        lengths = jnp.where(too_low_to_pay(s.schedule) | skip, 0, lengths)
-        sched = dataclasses.replace(
-            sched, stale_survival=jnp.where(skip, s.schedule.stale_survival, sched.stale_survival),
-            skipped=jnp.where(skip, s.schedule.skipped + 1, 0))
+    if scfg.may_skip_drafting:
+        lengths = jnp.where(too_low_to_pay(s.schedule), 0, lengths)
     # the round writes target entries at L .. L + l_b: keep them inside the cache
     lengths = jnp.clip(jnp.minimum(lengths, s.target_cache.max_len - 1 - s.target_cache.lengths), 0, scfg.num_drafts)
     return lengths, survival, sched
@@ -313,12 +322,13 @@ def schedule_phase(s: SpecState, block, scfg: SpecConfig, skip=None):
 
 def verify_phase(target: Qwen3Params, s: SpecState, block, lengths, scfg: SpecConfig):
     """Run the target over ``[anchor, d_1..d_K]``: logits ``[B, K+1, V]``, features ``[B, K+1, F]``,
-    the cache (new entries written, lengths not yet advanced) and the tokens computed."""
+    what the cache receives (packed: the new keys/values for ``packed_write``; else the
+    cache with them written; lengths not yet advanced) and the tokens computed."""
     verify_tokens = jnp.concatenate([s.anchor[:, None], block.tokens], axis=1)
     feature_layers = scfg.draft.target_layer_ids
     if scfg.packed:
-        return packed_verify(target, scfg.target, s.target_cache, verify_tokens, lengths, ~s.done, feature_layers,
-                             scfg.mesh)
+        return packed_read(target, scfg.target, s.target_cache, verify_tokens, lengths, ~s.done, feature_layers,
+                           scfg.mesh)
     out, cache = run_target(target, scfg.target, verify_tokens, s.target_cache, feature_layers=feature_layers,
                             mesh=scfg.mesh)
     B, T = verify_tokens.shape
@@ -331,29 +341,79 @@ def accept_phase(key, s: SpecState, block, logits, lengths, scfg: SpecConfig):
     return accept_drafts(key, block.tokens, block.probs, distribution(logits, sampling), logits, lengths, sampling)
 
 
-def commit_phase(target: Qwen3Params, draft: DraftParams, s: SpecState, draft_state, tokens, n, bonus, target_cache,
-                 features, scfg: SpecConfig, **fields) -> SpecState:
-    """Commit ``tokens[:, :n]`` then the bonus by the decode core's rule; advance the target
-    cache by n + 1 (anchor + accepted: rejected entries are never read) and append those
-    positions' target features to the drafter's context. The bonus is the new anchor."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Verified:
+    """What a round computed before anything is written: the drafted path, the schedule, the
+    target's verdict, and what the caches receive (``commit_phase`` writes it)."""
+
+    drafts: jax.Array  # [B, K] (zeros when the round skipped drafting)
+    confidence_logits: jax.Array  # [B, K] along the drafted path (-inf when skipped)
+    draft_state: object  # the drafter family's state after proposing
+    lengths: jax.Array  # [B] drafts verified
+    survival: jax.Array  # [B, K]
+    schedule: ScheduleState
+    n: jax.Array  # [B] accepted drafts
+    bonus: jax.Array  # [B]
+    features: jax.Array  # [B, K+1, F] target features of the verified positions
+    target_kv: object  # packed: the new (keys, values) for packed_write; else the written cache
+    compute: jax.Array  # [] tokens the target ran
+
+
+def drafted_round(target, draft, s: SpecState, k_draft, k_accept, scfg: SpecConfig) -> Verified:
+    """Draft -> schedule -> verify -> accept."""
+    block, draft_state = draft_phase(k_draft, target, draft, s, scfg)
+    lengths, survival, sched = schedule_phase(s, block, scfg)
+    logits, features, target_kv, compute = verify_phase(target, s, block, lengths, scfg)
+    n, bonus = accept_phase(k_accept, s, block, logits, lengths, scfg)
+    if scfg.may_skip_drafting:
+        sched = dataclasses.replace(sched, skipped=jnp.zeros_like(sched.skipped))
+    return Verified(block.tokens, block.confidence_logits, draft_state, lengths, survival, sched, n, bonus, features,
+                    target_kv, compute)
+
+
+def anchor_round(target, s: SpecState, k_accept, scfg: SpecConfig) -> Verified:
+    """A round that skips drafting: the target over the anchors alone (one AR step, the
+    smallest packed bucket) and the bonus drawn from it, as ``accept_drafts`` draws it when
+    nothing is offered (same key, same distribution p_0). Nothing is written here."""
+    B, K = s.anchor.shape[0], scfg.num_drafts
+    zeros = jnp.zeros((B,), jnp.int32)
+    logits, features, target_kv, compute = packed_read(target, scfg.target, s.target_cache, s.anchor[:, None], zeros,
+                                                       ~s.done, scfg.draft.target_layer_ids, scfg.mesh, buckets=(B,),
+                                                       pad_to=packed_buckets(B, K)[-1])
+    _, k_bonus = split(k_accept)
+    bonus = sample_logits(k_bonus, logits[:, 0], row_sampling(s, scfg.sampling))
+    features = jnp.pad(features, ((0, 0), (0, K), (0, 0)))  # the drafted round's shape; only position 0 is committed
+    sched = dataclasses.replace(s.schedule, skipped=s.schedule.skipped + 1)  # the confidence history stays
+    return Verified(jnp.zeros((B, K), jnp.int32), jnp.full((B, K), -jnp.inf, jnp.float32), s.draft_cache, zeros,
+                    jnp.zeros((B, K), jnp.float32), sched, zeros, bonus.astype(jnp.int32), features, target_kv, compute)
+
+
+def commit_phase(target: Qwen3Params, draft: DraftParams, s: SpecState, v: Verified, scfg: SpecConfig,
+                 **fields) -> SpecState:
+    """Write the verified positions' keys/values, commit ``drafts[:, :n]`` then the bonus by the
+    decode core's rule; advance the target cache by n + 1 (anchor + accepted: rejected entries
+    are never read) and append those positions' target features to the drafter's context.
+    The bonus is the new anchor. Every cache write of a round happens here, once."""
     live = ~s.done
-    K = tokens.shape[1]
+    K = v.drafts.shape[1]
+    target_cache = packed_write(s.target_cache, v.target_kv, v.lengths, live, K + 1) if scfg.packed else v.target_kv
     slots = jnp.arange(K + 1)[None, :]
-    candidates = jnp.where(slots < n[:, None], jnp.pad(tokens, ((0, 0), (0, 1))), bonus[:, None])
-    advance = jnp.where(live, n + 1, 0)
+    candidates = jnp.where(slots < v.n[:, None], jnp.pad(v.drafts, ((0, 0), (0, 1))), v.bonus[:, None])
+    advance = jnp.where(live, v.n + 1, 0)
     target_cache = target_cache.advance(advance)
-    output, num_generated, done, _ = commit(s, candidates, n + 1, target_cache, scfg.eos_ids)
-    draft_cache = family_of(scfg.draft).commit(draft, scfg.draft, target, draft_state, features, candidates, advance)
+    output, num_generated, done, _ = commit(s, candidates, v.n + 1, target_cache, scfg.eos_ids)
+    draft_cache = family_of(scfg.draft).commit(draft, scfg.draft, target, v.draft_state, v.features, candidates,
+                                               advance)
     return dataclasses.replace(s, output=output, num_generated=num_generated, done=done,
-                               anchor=jnp.where(live, bonus, s.anchor), target_cache=target_cache,
-                               draft_cache=draft_cache, **fields)
+                               anchor=jnp.where(live, v.bonus, s.anchor), target_cache=target_cache,
+                               draft_cache=draft_cache, schedule=v.schedule, **fields)
 
 
-def record_phase(s: SpecState, new: SpecState, drafts, confidence_logits, lengths, n, bonus, survival, compute, verified,
-                 skipped: bool = False) -> SpecState:
-    """Add the round to the statistics (and the trace); ``s`` is the state before the round,
-    ``drafts [B, K]`` and ``confidence_logits [B, K]`` the drafted path (``skipped``: none)."""
+def record_phase(s: SpecState, new: SpecState, v: Verified, verified, skipped=False) -> SpecState:
+    """Add the round to the statistics (and the trace); ``s`` is the state before the round."""
     live = ~s.done
+    drafts, lengths, n, bonus, survival = v.drafts, v.lengths, v.n, v.bonus, v.survival
     K = drafts.shape[1]
     k_idx = jnp.arange(K)[None, :]
     reached = live[:, None] & (k_idx < lengths[:, None]) & (k_idx <= n[:, None])
@@ -367,7 +427,7 @@ def record_phase(s: SpecState, new: SpecState, drafts, confidence_logits, length
         accepted_at=stats.accepted_at + (reached & (k_idx < n[:, None])),
         expected_accepted=stats.expected_accepted
         + jnp.where(live, jnp.sum(jnp.where(k_idx < lengths[:, None], survival, 0.0), -1), 0.0),
-        compute_tokens=stats.compute_tokens + compute,
+        compute_tokens=stats.compute_tokens + v.compute,
         skipped=stats.skipped + (live & skipped),
     )
     trace = s.trace
@@ -379,12 +439,13 @@ def record_phase(s: SpecState, new: SpecState, drafts, confidence_logits, length
             proposed=trace.proposed.at[b, row].set(jnp.where(k_idx < lengths[:, None], drafts, -1), mode="drop"),
             accepted=trace.accepted.at[b, row].set(n, mode="drop"),
             bonus=trace.bonus.at[b, row].set(bonus, mode="drop"),
-            confidence_logits=trace.confidence_logits.at[b, row].set(confidence_logits, mode="drop"),
+            confidence_logits=trace.confidence_logits.at[b, row].set(v.confidence_logits, mode="drop"),
         )
     return dataclasses.replace(new, stats=stats, trace=trace)
 
 
-MAX_SKIPPED_ROUNDS = 7  # then one drafted round refreshes the confidences the decision reads
+FIRST_REFRESH = 7  # skipped rounds in a row before one drafted round refreshes the confidences
+LAST_REFRESH = 63  # the longest such run: each refresh that still finds nothing to pay doubles it up to here
 
 
 def too_low_to_pay(sched: ScheduleState) -> jax.Array:
@@ -393,35 +454,45 @@ def too_low_to_pay(sched: ScheduleState) -> jax.Array:
     return jnp.sum(sched.stale_survival[1], -1) < sched.min_expected
 
 
-def skip_drafting(s: SpecState, scfg: SpecConfig) -> jax.Array:
-    """Whether the coming round skips drafting (one AR step instead of draft + verify): judged
-    from the last drafted round's confidences, no drafted round beats AR steps
-    (``schedule.drafting_pays``: with no drafting cost known, the budget is zero), or every
-    live row is too low to pay. Read from the state before drafting, never from this
-    round's drafts, so it cannot bias what is committed (lossless); after
-    ``MAX_SKIPPED_ROUNDS`` skips in a row a round drafts again to refresh the confidences."""
+def skip_drafting(s: SpecState, scfg: SpecConfig) -> tuple[jax.Array, ScheduleState]:
+    """Whether the coming round skips drafting (one AR step instead of draft + verify), and the
+    schedule with the refresh interval updated. Skip when, judged from the last drafted
+    round's confidences, no drafted round beats AR steps (``schedule.drafting_pays``: with no
+    drafting cost known, the budget is zero), or every live row is too low to pay. After
+    ``refresh_after`` skips in a row one round drafts to refresh the confidences; a refresh
+    that still finds nothing to pay doubles that interval (up to ``LAST_REFRESH``: drafting
+    costs several AR steps, so refreshing often would cost more than it finds), a round where
+    drafting pays resets it. Read from the state before drafting, never from this round's
+    drafts, so it cannot bias what is committed (lossless)."""
     sched, live = s.schedule, ~s.done
     stale = sched.stale_survival[0] if scfg.scheduler == "async" else sched.stale_survival[1]
     pays = schedule_lib.drafting_pays(stale, live, sched.sps_table, sched.draft_seconds)
     nothing_pays = ~pays | jnp.all(too_low_to_pay(sched) | ~live)
-    return nothing_pays & (sched.skipped < MAX_SKIPPED_ROUNDS)
+    skip = nothing_pays & (sched.skipped < sched.refresh_after)
+    refresh = jnp.where(nothing_pays, jnp.where(skip, sched.refresh_after,
+                                                jnp.minimum(2 * sched.refresh_after + 1, LAST_REFRESH)),
+                        FIRST_REFRESH)
+    return skip, dataclasses.replace(sched, refresh_after=refresh.astype(jnp.int32))
 
 
 def speculative_round(target: Qwen3Params, draft: DraftParams, s: SpecState, *, scfg: SpecConfig) -> SpecState:
     """One draft -> schedule -> verify -> accept -> commit -> record round for every live
-    sequence. The budget schedulers may skip the drafting (``skip_drafting``): the round
-    then verifies the anchors alone, at the smallest packed bucket, i.e. one AR step."""
+    sequence. The budget schedulers may skip the drafting (``skip_drafting``): a ``lax.cond``
+    then computes only the anchors' AR step (``anchor_round``) instead of ``drafted_round``;
+    both only read the caches, and ``commit_phase`` writes either outcome the same way after
+    the cond, so no branch returns (and copies) a cache."""
     key, k_draft, k_accept = split(s.key, 3)
-    skip = skip_drafting(s, scfg) if scfg.may_skip_drafting else None
-    block, draft_state = draft_phase(k_draft, target, draft, s, scfg, skip)
-    lengths, survival, sched = schedule_phase(s, block, scfg, skip)
-    logits, features, target_cache, compute = verify_phase(target, s, block, lengths, scfg)
-    n, bonus = accept_phase(k_accept, s, block, logits, lengths, scfg)
-    new = commit_phase(target, draft, s, draft_state, block.tokens, n, bonus, target_cache, features, scfg,
-                       key=key, schedule=sched)
-    verified = lengths + 1 if scfg.packed else scfg.num_drafts + 1
-    return record_phase(s, new, block.tokens, block.confidence_logits, lengths, n, bonus, survival, compute, verified,
-                        False if skip is None else skip)
+    skip = False
+    if scfg.may_skip_drafting:
+        skip, sched = skip_drafting(s, scfg)
+        s_next = dataclasses.replace(s, schedule=sched)
+        v = jax.lax.cond(skip, lambda: anchor_round(target, s_next, k_accept, scfg),
+                         lambda: drafted_round(target, draft, s_next, k_draft, k_accept, scfg))
+    else:
+        v = drafted_round(target, draft, s, k_draft, k_accept, scfg)
+    new = commit_phase(target, draft, s, v, scfg, key=key)
+    verified = v.lengths + 1 if scfg.packed else scfg.num_drafts + 1
+    return record_phase(s, new, v, verified, skip)
 
 
 @functools.partial(jax.jit, static_argnames=("scfg", "buffer_len", "cache_len"))

@@ -45,6 +45,8 @@ def test_engine_greedy_output_is_each_requests_own_ar_output(scheduler):
     assert out == [a[:m] for a, m in zip(ar, limits)]
     slots = {engine.requests[i].slot for i in range(7)}
     assert slots == {0, 1, 2}  # every slot was refilled
+    starts = [engine.requests[i].started_at for i in range(7)]
+    assert starts == sorted(starts)  # first come, first served: no request is overtaken (none starves)
     if scheduler != "ar":
         assert all(r.budget >= 1 for r in engine.requests.values())
 
@@ -133,6 +135,24 @@ def test_skipping_drafts_keeps_the_target_distribution():
     assert_matches(np.bincount(S[:, 1], minlength=VOCAB), joint.sum(1))
     assert_matches(np.bincount(S[:, 2], minlength=VOCAB), joint.sum(0))
     assert_matches(np.bincount(S[:, 1] * VOCAB + S[:, 2], minlength=VOCAB * VOCAB), joint)
+
+
+def test_refreshes_back_off_while_nothing_pays():
+    """While no row pays for its drafts, a drafted round refreshes the confidences after
+    FIRST_REFRESH skipped ones; each refresh that still finds nothing to pay doubles the next
+    run of skips (up to LAST_REFRESH), so a hopeless request pays for drafting ever more rarely."""
+    from dspark_jax.speculative import FIRST_REFRESH, LAST_REFRESH
+
+    pr = pair("vanilla")
+    res = run_spec(pr, [[1, 2, 3]], max_new=120, cache_len=160, scheduler="algorithm1", sps_profile=budget_profile(1),
+                   min_expected_accept=float("inf"))
+    rounds = res.trace[0]
+    drafted = [i for i, r in enumerate(rounds) if np.isfinite(r["confidence_logits"]).all()]
+    skips_before = np.diff([-1] + drafted) - 1
+    assert len(rounds) == 119 and res.stats["skipped_rounds"] == len(rounds) - len(drafted)
+    assert len(drafted) >= 3 and skips_before[0] == FIRST_REFRESH
+    assert all(b == min(2 * a + 1, LAST_REFRESH) for a, b in zip(skips_before, skips_before[1:]))
+    assert all(r["proposed"] == [] for r in rounds)  # too low to pay: no draft is verified
 
 
 def test_engine_rejects_bad_requests_before_running():
