@@ -2,17 +2,20 @@
 DeepSpec's Eagle-3 layout decodes greedy == ar, a second run resumes, eval compares it with a
 DSpark drafter, and a confidence scheduler refuses it on the command line."""
 
+import contextlib
+import io
 import json
 import re
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from dspark_jax import cli
 from dspark_jax import eagle3
-from dspark_jax.checkpoint import load_draft, load_drafter, load_qwen3
+from dspark_jax.checkpoint import load_draft, load_drafter
 from dspark_jax.decoding import generate_ar
 
 from test_cli import model_dirs, run_json  # noqa: F401  (the tiny target with its tokenizer)
@@ -54,9 +57,6 @@ def trained(model_dirs, tmp_path_factory):
 
 def run_logged(argv) -> str:
     """What a CLI command printed (stdout)."""
-    import contextlib
-    import io
-
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         cli.main(argv)
@@ -83,6 +83,8 @@ def test_train_draft_eagle3_exports_deepspecs_layout_that_decodes_greedy_equal_t
     assert isinstance(draft, eagle3.Eagle3Params) and dcfg.block_size == BLOCK
     at_step_4, cfg_4 = load_drafter(work / "eagle3", target, cfg, "float32")  # the run's latest checkpoint
     assert cfg_4 == dcfg
+    jax.tree.map(lambda exported, last: np.testing.assert_array_equal(  # the export is step 4's state, in bfloat16
+        exported, np.asarray(jnp.asarray(last, jnp.bfloat16), np.float32)), draft, at_step_4)
     out = run_json(capsys, ["generate", "--target", str(root / "target"), "--draft", str(export), "--prompt-ids",
                             "5,6,7", "--max-new-tokens", "12", "--compare-ar", "--repeats", "1", "--json"])
     assert out["mode"] == "speculative" and out["matches_ar"] is True and out["rounds"] > 0
