@@ -29,10 +29,10 @@ DEEPSPEC_EAGLE3_KEYS = {"fc.weight", "norm.weight"} | {f"layers.0.{name}.weight"
     "self_attn.k_norm")}
 
 
-def train_draft_argv(root, out, drafter, steps):
+def train_draft_argv(root, work, drafter, steps):
     """The recipe's short form: few prompts and steps, tiny answers, the export of step 2b."""
-    return ["train-draft", "--drafter", drafter, "--target", str(root / "target"), "--out", str(out),
-            "--prompts", str(root / "prompts.jsonl"), "--num-prompts", "8", "--answer-tokens", "8", "--seq-len", "16",
+    return ["train-draft", "--drafter", drafter, "--target", str(root / "target"), "--out", str(work / drafter),
+            "--prompts", str(work / "prompts.jsonl"), "--num-prompts", "8", "--answer-tokens", "8", "--seq-len", "16",
             "--batch-size", "4", "--regen-batch", "8", "--layers", "1", "--block-size", str(BLOCK), "--markov-rank", "8",
             "--num-anchors", "4", "--target-layer-ids", "0,1", "--save-every", "2", "--log-every", "1",
             "--no-progress", "--export-dtype", "bfloat16", "--no-embedding-copies", "--steps", str(steps)]
@@ -44,14 +44,14 @@ def trained(model_dirs, tmp_path_factory):
     drafter trained the same short way on the same regenerated answers."""
     root, _, _ = model_dirs
     work = tmp_path_factory.mktemp("eagle3_cli")
-    (root / "prompts.jsonl").write_text(
+    (work / "prompts.jsonl").write_text(
         "\n".join(json.dumps({"text": t}) for t in ["def f(x):", "the quick", "return x", "brown fox"] * 2))
     logs = []
     for steps in (2, 4):
-        logs.append(run_logged(train_draft_argv(root, work / "eagle3", "eagle3", steps)))
+        logs.append(run_logged(train_draft_argv(root, work, "eagle3", steps)))
     (work / "dspark").mkdir()
     shutil.copy(work / "eagle3" / "regenerated.npz", work / "dspark")  # the same answers, as RECIPE.md step 2b
-    run_logged(train_draft_argv(root, work / "dspark", "dspark", 2))
+    run_logged(train_draft_argv(root, work, "dspark", 2))
     return work, logs
 
 
@@ -104,7 +104,7 @@ def test_eval_compares_eagle3_with_dspark_and_plots_both(model_dirs, trained, tm
     work, _ = trained
     out_dir = tmp_path / "figs"
     argv = ["eval", "--target", str(root / "target"), "--draft", str(work / "eagle3" / "draft"),
-            "--draft", str(work / "dspark" / "draft"), "--prompts", str(root / "prompts.jsonl"), "--num-prompts", "4",
+            "--draft", str(work / "dspark" / "draft"), "--prompts", str(work / "prompts.jsonl"), "--num-prompts", "4",
             "--max-new-tokens", "8", "--temperature", "1", "--block-size", str(BLOCK), "--batch-size", "4", "--out", str(out_dir)]
     cli.main(argv)
     lines = capsys.readouterr().out.splitlines()
