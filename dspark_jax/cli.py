@@ -118,7 +118,7 @@ def run_generate(args, on_first_result=None, on_text=None) -> dict:
     from .checkpoint import load_drafter, load_target, load_target_config
     from .decoding import generate_ar
     from .sampling import Sampling
-    from .speculative import speculative_generate
+    from .speculative import check_scheduler_applies, speculative_generate
     from .tokenizer import Tokenizer
 
     if args.target is None:
@@ -166,13 +166,14 @@ def run_generate(args, on_first_result=None, on_text=None) -> dict:
         draft, dcfg = load_drafter(args.draft, target, tcfg, args.dtype)
         dcfg = with_attention_backend(dcfg, args.attention_backend)
 
+        check_scheduler_applies(draft, dcfg, args.scheduler, args.confidence_threshold)  # before the SPS profile
         calibration = Calibration.load(args.draft, dcfg.block_size)
         profile = None
         if args.sps_profile and args.scheduler not in (None, "fixed", "threshold"):  # algorithm1, async, plug-ins
             profile = SPSProfile.load(args.sps_profile)
         elif args.scheduler in ("algorithm1", "async"):
-            from .speculative import BATCH_BUCKETS, profile_verification
-            from .decoding import bucket
+            from .decoding import BATCH_BUCKETS, bucket
+            from .speculative import profile_verification
 
             profile = profile_verification(target, tcfg, bucket(args.num_samples, BATCH_BUCKETS),
                                            args.block_size or dcfg.block_size, draft=draft, dcfg=dcfg)

@@ -38,6 +38,7 @@ from .draft import DraftConfig, DraftParams
 from . import schedule as schedule_lib
 from .sampling import RowSampling, Sampling, distribution, sample, sample_logits, split, uniform
 from .target import Qwen3Params
+from .validate import UsageError
 
 
 @jax.tree_util.register_dataclass
@@ -149,6 +150,24 @@ def no_confidence_hint(dcfg) -> str:
         return ("; Eagle-3 has none (and its draft probability q(d_k) depends on d_k itself, so a schedule "
                 "read from it would not be lossless): use the 'fixed' scheduler")
     return ""
+
+
+def check_scheduler_applies(draft, dcfg, scheduler: str | None, confidence_threshold: float = 0.0) -> str:
+    """The scheduler a request runs (None: 'threshold' with a threshold, else 'fixed'), checked
+    against the drafter before anything compiles: every scheduler but 'fixed' reads the
+    confidence head, and a drafter without one is refused with a ``UsageError`` (an option
+    that contradicts the drafter given)."""
+    if confidence_threshold > 0 and draft.confidence is None:
+        raise UsageError("confidence_threshold > 0 needs a drafter with a confidence head (enable_confidence_head)"
+                         + no_confidence_hint(dcfg))
+    if not 0 <= confidence_threshold <= 1:
+        raise ValueError(f"confidence_threshold must be in [0, 1], got {confidence_threshold}")
+    scheduler = scheduler or ("threshold" if confidence_threshold > 0 else "fixed")
+    schedule_lib.check_scheduler(scheduler)
+    if scheduler != "fixed" and draft.confidence is None:
+        raise UsageError(f"scheduler {scheduler!r} needs a drafter with a confidence head (enable_confidence_head)"
+                         + no_confidence_hint(dcfg))
+    return scheduler
 
 
 def verify_lengths(confidence_logits: jax.Array, threshold: jax.Array) -> jax.Array:
@@ -734,16 +753,7 @@ def speculative_start(
     K = block_size or dcfg.block_size
     if not 1 <= K <= dcfg.block_size:
         raise ValueError(f"block_size must be in 1..{dcfg.block_size} (the drafter's block size), got {K}")
-    if confidence_threshold > 0 and draft.confidence is None:
-        raise ValueError("confidence_threshold > 0 needs a drafter with a confidence head (enable_confidence_head)"
-                         + no_confidence_hint(dcfg))
-    if not 0 <= confidence_threshold <= 1:
-        raise ValueError(f"confidence_threshold must be in [0, 1], got {confidence_threshold}")
-    scheduler = scheduler or ("threshold" if confidence_threshold > 0 else "fixed")
-    schedule_lib.check_scheduler(scheduler)
-    if scheduler != "fixed" and draft.confidence is None:
-        raise ValueError(f"scheduler {scheduler!r} needs a drafter with a confidence head (enable_confidence_head)"
-                         + no_confidence_hint(dcfg))
+    scheduler = check_scheduler_applies(draft, dcfg, scheduler, confidence_threshold)
     if scheduler != "fixed" and mesh is not None and mesh.shape["data"] != 1:
         raise ValueError(f"scheduler {scheduler!r} verifies a packed token axis: use a mesh with data=1 (tensor parallel only)")
     b = prepare_batch(target, tcfg, prompts, max_new_tokens=max_new_tokens, cache_len=cache_len, extra_cache=K + 1,
