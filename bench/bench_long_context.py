@@ -170,9 +170,10 @@ def draft_config(cfg: Qwen3Config, block: int) -> draft_model.DraftConfig:
 
 def ar_steps_fn(params, cfg, steps: int):
     """``steps`` greedy decode steps from a filled cache: ar_decode's loop body (forward of
-    one token, argmax, advance), jitted with the cache donated."""
+    one token, argmax, advance), jitted with the cache donated. The weights are an argument
+    of the program (closed over, every compiled program would hold its own copy of them)."""
 
-    def run(cache, token):
+    def run(params, cache, token):
         def step(_, carry):
             cache, token = carry
             out, cache = target_model.forward(params, cfg, token[:, None], cache)
@@ -180,19 +181,22 @@ def ar_steps_fn(params, cfg, steps: int):
 
         return jax.lax.fori_loop(0, steps, step, (cache, token))
 
-    return jax.jit(run, donate_argnums=0)
+    program = jax.jit(run, donate_argnums=1)
+    return lambda cache, token: program(params, cache, token)
 
 
 def spec_round_fn(params, cfg, draft, dcfg, block: int):
-    """One speculative round (speculative.speculative_round, fixed schedule, greedy)."""
+    """One speculative round (speculative.speculative_round, fixed schedule, greedy); the
+    weights are arguments, as in ``ar_steps_fn``."""
     from dspark_jax import speculative as spec
 
     scfg = spec.SpecConfig(target=cfg, draft=dcfg, sampling=GREEDY, block_size=block if block != dcfg.block_size else 0)
 
-    def run(state):
+    def run(params, draft, state):
         return spec.speculative_round(params, draft, state, scfg=scfg)
 
-    return jax.jit(run, donate_argnums=0), scfg
+    program = jax.jit(run, donate_argnums=2)
+    return (lambda state: program(params, draft, state)), scfg
 
 
 def spec_state(params, cfg, draft, dcfg, scfg, capacity, used, block, batch=1):
@@ -271,12 +275,12 @@ def part_used(args) -> dict:
         torch.set_num_threads(os.cpu_count())
         model = hf_model(params, cfg)
     rows = []
+    steps = ar_steps_fn(params, cfg, args.new_tokens)
+    round_fn, scfg = spec_round_fn(params, cfg, draft, dcfg, args.block_size)
     for used in args.used:
         capacity = bucket(used + args.new_tokens * (args.block_size + 1) + args.block_size + 1)
-        steps = ar_steps_fn(params, cfg, args.new_tokens)
         token = jnp.zeros((1,), jnp.int32)
         ar_s = median_time(lambda: steps(random_cache(cfg, 1, capacity, used, 0), token), args.repeats) / args.new_tokens
-        round_fn, scfg = spec_round_fn(params, cfg, draft, dcfg, args.block_size)
         state = spec_state(params, cfg, draft, dcfg, scfg, capacity, used, args.block_size)
         holder = {"state": state}
 
