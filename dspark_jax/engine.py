@@ -166,11 +166,9 @@ class Engine:
                                  f"through speculative_generate")
             family.check_compatible(dcfg, tcfg)
             K = block_size or dcfg.block_size
-            scheduler = scheduler or ("threshold" if confidence_threshold > 0 else "fixed")
-            if scheduler not in schedule_lib.SCHEDULERS:
+            if scheduler is not None and scheduler not in schedule_lib.SCHEDULERS:  # no plug-ins here
                 raise ValueError(f"unknown scheduler {scheduler!r} (one of ar, {', '.join(schedule_lib.SCHEDULERS)})")
-            if scheduler != "fixed" and draft.confidence is None:
-                raise ValueError(f"scheduler {scheduler!r} needs a drafter with a confidence head")
+            scheduler = spec.check_scheduler_applies(draft, dcfg, scheduler, confidence_threshold)
             self.scfg = spec.SpecConfig(target=tcfg, draft=dcfg, block_size=K if K != dcfg.block_size else 0,
                                         eos_ids=tcfg.eos_token_ids, scheduler=scheduler, prefill_chunk=prefill_chunk)
         self.extra_cache = K + 1 if K else 0

@@ -236,8 +236,9 @@ def packed_read(target, tcfg, cache: KVCache, verify_tokens, lengths, live, feat
     every token, so verifying fewer tokens runs a smaller forward (one ``lax.switch`` branch
     per bucket)."""
     B, T = verify_tokens.shape
-    buckets = tuple(buckets or packed_buckets(B, T - 1))
-    largest = pad_to or packed_buckets(B, T - 1)[-1]
+    every_bucket = packed_buckets(B, T - 1)
+    buckets = tuple(buckets or every_bucket)
+    largest = pad_to or every_bucket[-1]
 
     def branch(size):
         def run(cache):
