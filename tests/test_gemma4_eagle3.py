@@ -354,6 +354,15 @@ def test_unsupported_gemma4_eagle3_drafter_is_a_one_line_error(fixture_dir, fixt
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
 
 
+def test_the_layer_family_is_the_exact_architecture_name_else_the_model_type():
+    assert eagle3.layer_family({"architectures": ["Gemma4Eagle3Model"]}) == "gemma4"
+    assert eagle3.layer_family({"architectures": ["Qwen3Eagle3Model"], "model_type": "qwen3"}) == "qwen3"
+    assert eagle3.layer_family({"architectures": ["SomeEagle3"], "model_type": "gemma4_text"}) == "gemma4"
+    assert eagle3.layer_family({"architectures": ["SomeEagle3"], "model_type": "qwen3"}) == "qwen3"
+    with pytest.raises(ConfigError, match="name both"):
+        eagle3.layer_family({"architectures": ["Gemma4Eagle3Model", "Qwen3Eagle3Model"]})
+
+
 def test_a_gemma4_eagle3_drafter_refuses_a_qwen3_target_and_back(fixture_pair):
     from spec_models import target_config
 
