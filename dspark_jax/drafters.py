@@ -72,10 +72,12 @@ class DrafterFamily:
 
 
 class Eagle3Family(DrafterFamily):
-    """Eagle-3: one layer drafting a chain (``eagle3``); no confidence head."""
+    """Eagle-3: one layer drafting a chain (``eagle3``); no confidence head. One family for
+    both targets: the config's layer is Qwen3's or Gemma 4's (``eagle3.layer_family`` reads the
+    exact architecture name, ``Qwen3Eagle3Model`` / ``Gemma4Eagle3Model``)."""
 
     name = "eagle3"
-    architectures = ("Eagle3",)
+    architectures = ("Eagle3",)  # both names; the layer family is chosen in Eagle3Config.from_hf
     config_class = eagle3.Eagle3Config
 
     def decl(self, dcfg):

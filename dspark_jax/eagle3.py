@@ -1,4 +1,5 @@
-"""The Eagle-3 drafter (DeepSpec's ``Qwen3Eagle3Model``): one decoder layer drafting a chain.
+"""The Eagle-3 drafter (DeepSpec's ``Qwen3Eagle3Model`` and ``Gemma4Eagle3Model``): one decoder
+layer drafting a chain.
 
 An entry at RoPE position p pairs "the hidden for p" with "the token at p + 1". The hidden
 is the target's features at ``target_layer_ids`` fused by ``fc`` (``[B, T, m*D] -> [B, T, D]``,
@@ -19,6 +20,14 @@ after, so a proposal here runs K - 1 forwards (the same K tokens and logits).
 
 Training: DeepSpec's training-time test (``ttt_loss``): ``ttt_length`` steps over whole
 sequences, step k feeding step k - 1's outputs back with the tokens shifted by k + 1.
+
+Target families: everything above is one code path; only the decoder layer follows its target
+(``Eagle3Config.layers``). A Qwen3 target's drafter has a Qwen3 layer (``layers.decoder_layer``).
+A Gemma 4 target's (``Gemma4Eagle3Model``) has a Gemma 4 layer of the full-attention geometry
+(``gemma4.draft_layer``: global head dim, global kv heads and values = the raw keys with
+``attention_k_eq_v``, q/k/v norms, proportional RoPE, unscaled scores, sandwich norms, the
+gelu-tanh MLP, ``layer_scalar``); its embedding is the target's scaled one and its logits are
+soft-capped, as the target's own (``target.embed_tokens`` / ``target.compute_logits``).
 """
 
 from __future__ import annotations
@@ -33,23 +42,28 @@ import optax
 
 from .attention import MASKED_SCORE, AttentionMask, Context, attend
 from .cache import KVCache, chunk_positions, write_layers
+from . import gemma4
 from .config import ConfigError, Qwen3Config
 from .draft import DraftBlock
 from .draft import check_compatible as draft_check_compatible
 from .layers import DecoderLayerParams, decoder_layer, decoder_layer_decl, layer_at, rms_norm, rope_cos_sin
 from .params import ParamDecl, init_tree
 from .sampling import Sampling, distribution, sample
-from .target import Qwen3Params, compute_logits
+from .target import Qwen3Params, compute_logits, embed_tokens
 
 ARCHITECTURE = "Qwen3Eagle3Model"
+GEMMA4_ARCHITECTURE = "Gemma4Eagle3Model"
+# config.json "architectures" -> the target family whose layer the drafter has
+ARCHITECTURES = {ARCHITECTURE: "qwen3", GEMMA4_ARCHITECTURE: "gemma4"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Eagle3Config:
     """A DeepSpec Eagle-3 ``config.json``: the target's attention shapes, one layer, and the
-    Eagle-3 fields. ``block_size`` (drafts per round by default) is ``ttt_length``."""
+    Eagle-3 fields. ``block_size`` (drafts per round by default) is ``ttt_length``. ``layers``
+    is a Qwen3 config, or a Gemma 4 text config (the target's, with one full-attention layer)."""
 
-    layers: Qwen3Config  # num_hidden_layers = 1
+    layers: Qwen3Config | gemma4.Gemma4Config  # num_hidden_layers = 1
     target_layer_ids: tuple[int, ...]
     ttt_length: int = 7
     step_loss_decay: float = 0.8
@@ -78,6 +92,22 @@ class Eagle3Config:
     def hidden_size(self) -> int:
         return self.layers.hidden_size
 
+    @property
+    def is_gemma4(self) -> bool:
+        return isinstance(self.layers, gemma4.Gemma4Config)
+
+    @property
+    def architecture(self) -> str:
+        return GEMMA4_ARCHITECTURE if self.is_gemma4 else ARCHITECTURE
+
+    def attention_geometry(self) -> tuple[int, int, float | None]:
+        """(kv heads, head dim, score scale) of the layer's attention (scale None: Dh ** -0.5).
+        Gemma 4: the full-attention geometry, unscaled scores (q and k are normed)."""
+        if self.is_gemma4:
+            spec = gemma4.draft_layer_specs(self.layers)[0]
+            return spec.kv_heads, spec.head_dim, 1.0
+        return self.layers.num_key_value_heads, self.layers.head_dim, None
+
     @classmethod
     def from_hf(cls, raw: Mapping[str, Any], where: str = "config.json") -> "Eagle3Config":
         if raw.get("target_layer_ids") is None:
@@ -85,8 +115,10 @@ class Eagle3Config:
         layers = int(raw.get("draft_num_hidden_layers") or raw.get("num_hidden_layers") or 1)
         if layers != 1:
             raise ConfigError(f"{where}: draft_num_hidden_layers {layers}: an Eagle-3 drafter has one layer")
+        one_layer = {**raw, "num_hidden_layers": 1, "layer_types": ["full_attention"]}
         return cls(
-            layers=Qwen3Config.from_hf({**raw, "num_hidden_layers": 1, "layer_types": ["full_attention"]}, where),
+            layers=(gemma4.Gemma4Config.from_hf(one_layer, where) if layer_family(raw, where) == "gemma4"
+                    else Qwen3Config.from_hf(one_layer, where)),
             target_layer_ids=tuple(int(i) for i in raw["target_layer_ids"]),
             ttt_length=int(raw.get("ttt_length") or 7),
             step_loss_decay=float(raw.get("step_loss_decay", 0.8)),
@@ -95,17 +127,33 @@ class Eagle3Config:
         )
 
     def to_hf(self) -> dict[str, Any]:
-        out = self.layers.to_hf()
+        out = self.layers.to_hf_text() if self.is_gemma4 else self.layers.to_hf()
         out.update(
-            architectures=[ARCHITECTURE], num_hidden_layers=1, layer_types=["full_attention"],
+            architectures=[self.architecture], num_hidden_layers=1, layer_types=["full_attention"],
             tie_word_embeddings=False, target_layer_ids=list(self.target_layer_ids), ttt_length=self.ttt_length,
             step_loss_decay=self.step_loss_decay, draft_num_hidden_layers=1,
         )
+        if self.is_gemma4:  # as DeepSpec's Gemma 4 build_draft_config writes them
+            out.update(target_model_type="gemma4", target_text_model_type="gemma4_text")
         if self.num_target_layers is not None:
             out["num_target_layers"] = self.num_target_layers
         if self.target_model_name_or_path is not None:
             out["target_model_name_or_path"] = self.target_model_name_or_path
         return out
+
+
+def layer_family(raw: Mapping[str, Any], where: str = "config.json") -> str:
+    """The target family of an Eagle-3 ``config.json``'s layer: named by its ``architectures``
+    (``Qwen3Eagle3Model`` / ``Gemma4Eagle3Model``, exactly), else by its ``model_type``; an
+    architecture that contradicts the model_type is an error."""
+    named = {ARCHITECTURES[a] for a in raw.get("architectures") or [] if a in ARCHITECTURES}
+    by_type = "gemma4" if gemma4.is_gemma4_config({"model_type": raw.get("model_type")}) else "qwen3"
+    if len(named) > 1:
+        raise ConfigError(f"{where}: architectures {raw['architectures']} name both a Qwen3 and a Gemma 4 Eagle-3 layer")
+    if named and raw.get("model_type") is not None and named != {by_type}:
+        raise ConfigError(f"{where}: architectures {raw['architectures']} name a {named.pop()} Eagle-3 layer but "
+                          f"model_type is {raw['model_type']!r}")
+    return named.pop() if named else by_type
 
 
 @jax.tree_util.register_dataclass
@@ -115,7 +163,8 @@ class Eagle3Params:
 
     fc: jax.Array  # [m * D, D]
     hidden_norm: jax.Array  # [D]
-    layer: DecoderLayerParams  # stacked over [1]; q/k/v project from 2D
+    # Qwen3: stacked over [1]; Gemma 4: the one layer (unstacked). q/k/v project from 2D
+    layer: DecoderLayerParams | gemma4.Gemma4LayerParams
     final_norm: jax.Array  # [D]
 
     @property
@@ -128,10 +177,14 @@ def eagle3_decl(cfg: Eagle3Config) -> Eagle3Params:
     """Every Eagle-3 weight with its name in a DeepSpec checkpoint (``embed_tokens`` /
     ``lm_head`` are the target's: ``draft.DRAFT_SHARED_TENSORS``)."""
     D, m = cfg.hidden_size, len(cfg.target_layer_ids)
+    if cfg.is_gemma4:
+        layer = gemma4.layer_decl(gemma4.draft_layer_specs(cfg.layers)[0], cfg.layers, "layers.0", attn_in=2 * D)
+    else:
+        layer = decoder_layer_decl(cfg.layers, 1, "layers", attn_in=2 * D)
     return Eagle3Params(
         fc=ParamDecl((m * D, D), ("features", "embed"), "fc.weight", 1),
         hidden_norm=ParamDecl((D,), ("embed",), "layers.0.hidden_norm.weight", init="ones"),
-        layer=decoder_layer_decl(cfg.layers, 1, "layers", attn_in=2 * D),
+        layer=layer,
         final_norm=ParamDecl((D,), ("embed",), "norm.weight", init="ones"),
     )
 
@@ -141,8 +194,13 @@ def init_eagle3_params(key: jax.Array, cfg: Eagle3Config, dtype=jnp.float32, std
 
 
 def check_compatible(cfg: Eagle3Config, tcfg: Qwen3Config, where: str = "draft"):
-    """Clear errors when an Eagle-3 drafter cannot run against a target: the DSpark drafter's
-    checks (vocab, hidden size, the target it was trained for, target_layer_ids in range)."""
+    """Clear errors when an Eagle-3 drafter cannot run against a target: its layer's family is
+    the target's, and the DSpark drafter's checks (vocab, hidden size, the target it was trained
+    for, target_layer_ids in range)."""
+    target_family = "gemma4" if isinstance(tcfg, gemma4.Gemma4Config) else "qwen3"
+    if (target_family == "gemma4") != cfg.is_gemma4:
+        raise ConfigError(f"{where}: a {cfg.architecture} drafter runs on "
+                          f"{'Gemma 4' if cfg.is_gemma4 else 'Qwen3'} targets, not on a {target_family} target")
     draft_check_compatible(cfg, tcfg, where)
     bad = [i for i in cfg.target_layer_ids if not 0 <= i < tcfg.num_hidden_layers]
     if bad:
@@ -174,15 +232,19 @@ def layer_forward(params: Eagle3Params, cfg: Eagle3Config, target: Qwen3Params, 
     ``positions [B, T]``. ``attend_fn(q, k, v) -> (out, aux)`` as in ``layers.decoder_layer``.
     Returns the layer output ``[B, T, D]`` (pre-norm) and ``aux``."""
     c = cfg.layers
-    layer = layer_at(params.layer, 0)
-    embedded = rms_norm(target.embed[tokens], layer.input_norm, c.rms_norm_eps)
-    x = jnp.concatenate([embedded, rms_norm(hidden, params.hidden_norm, c.rms_norm_eps).astype(embedded.dtype)], -1)
+    eps = c.rms_norm_eps
+    layer = params.layer if cfg.is_gemma4 else layer_at(params.layer, 0)
+    embedded = rms_norm(embed_tokens(target, tokens), layer.input_norm, eps)  # Gemma 4: the scaled embedding
+    x = jnp.concatenate([embedded, rms_norm(hidden, params.hidden_norm, eps).astype(embedded.dtype)], -1)
+    if cfg.is_gemma4:
+        cos, sin = gemma4.draft_rope(c, positions)
+        return gemma4.draft_layer(layer, eps, hidden, x, cos, sin, attend_fn)
     cos, sin = rope_cos_sin(c, positions)
     return decoder_layer(layer, c, hidden, cos, sin, attend_fn, attn_input=x)
 
 
 def draft_logits(params: Eagle3Params, cfg: Eagle3Config, target: Qwen3Params, hidden: jax.Array) -> jax.Array:
-    """float32 ``lm_head(norm(hidden))`` ``[..., V]``."""
+    """float32 ``lm_head(norm(hidden))`` ``[..., V]`` (soft-capped as the target's, Gemma 4)."""
     return compute_logits(target, rms_norm(hidden, params.final_norm, cfg.layers.rms_norm_eps))
 
 
@@ -192,8 +254,9 @@ def forward_against_cache(params, cfg, target, cache: KVCache, tokens, hidden, p
     mask = AttentionMask.make(positions, context_len=positions[:, 0])
     context = Context(cache.k, cache.v, jnp.int32(0))
     backend = cfg.layers.attention_backend
+    scale = cfg.attention_geometry()[2]
     return layer_forward(params, cfg, target, tokens, hidden, positions,
-                         lambda q, k, v: (attend(q, k, v, mask, context, backend), (k, v)))
+                         lambda q, k, v: (attend(q, k, v, mask, context, backend, scale=scale), (k, v)))
 
 
 def extend(params, cfg, target, cache: KVCache, fused: jax.Array, tokens: jax.Array, num_new: jax.Array):
@@ -221,9 +284,10 @@ class Eagle3State:
 
 
 def init_state(cfg: Eagle3Config, batch: int, max_len: int, dtype=jnp.float32) -> Eagle3State:
-    c = cfg.layers
-    return Eagle3State(KVCache.init(1, batch, max_len, c.num_key_value_heads, c.head_dim, dtype),
-                       jnp.zeros((batch, c.hidden_size), dtype), jnp.zeros((batch, c.hidden_size), dtype))
+    kv_heads, head_dim, _ = cfg.attention_geometry()
+    D = cfg.hidden_size
+    return Eagle3State(KVCache.init(1, batch, max_len, kv_heads, head_dim, dtype),
+                       jnp.zeros((batch, D), dtype), jnp.zeros((batch, D), dtype))
 
 
 def prefill_chunk(params, cfg, target, prompt_tokens, prompt_lengths, state: Eagle3State, features, num_new):
@@ -309,19 +373,20 @@ def propose(key, params, cfg, target, state: Eagle3State, anchor, sampling: Samp
 # ---------------------------------------------------------------------------- training (training-time test)
 
 
-def ttt_attention(q, keys, values, valid) -> jax.Array:
+def ttt_attention(q, keys, values, valid, scale: float | None = None) -> jax.Array:
     """Attention of TTT step k = ``len(keys) - 1``: query i reads step 0's keys j <= i and
     its own position i in the chunk of every later step 1..k (DeepSpec's eagle3 mask_mod);
     a query with ``valid [B, S]`` False reads nothing (a uniform average, as eager attention).
 
     q ``[B, S, H, Dh]``; keys / values: one ``[B, S, K, Dh]`` chunk per step so far. The
     per-query keys of the later chunks are what no ``AttentionMask`` (a shared prefix
-    context + a chunk) describes, hence this small dense softmax of its own."""
+    context + a chunk) describes, hence this small dense softmax of its own. Scores are
+    scaled by ``scale`` (default ``Dh ** -0.5``; Gemma 4: 1)."""
     B, S, H, Dh = q.shape
     kv = keys[0].shape[2]
     q5 = q.reshape(B, S, kv, H // kv, Dh)
     i = jnp.arange(S)
-    scale = Dh**-0.5
+    scale = Dh**-0.5 if scale is None else scale
     scores = jnp.einsum("bikgd,bjkd->bkgij", q5, keys[0], preferred_element_type=jnp.float32) * scale
     visible = (i[None, :, None] >= i[None, None, :]) & valid[:, :, None]  # [B, S, S]
     scores = jnp.where(visible[:, None, None], scores, MASKED_SCORE)
@@ -362,6 +427,7 @@ def ttt_forward(params: Eagle3Params, cfg: Eagle3Config, target: Qwen3Params, to
     B, S = tokens.shape
     i = jnp.arange(S, dtype=jnp.int32)
     hidden = fuse(params, features)
+    scale = cfg.attention_geometry()[2]
     keys, values, logits, hiddens, valids = [], [], [], [], []
     for k in range(cfg.ttt_length):
         valid = i[None, :] < (seq_len - k)[:, None]
@@ -369,7 +435,7 @@ def ttt_forward(params: Eagle3Params, cfg: Eagle3Config, target: Qwen3Params, to
         def attend_fn(q, new_k, new_v, valid=valid):
             keys.append(new_k)
             values.append(new_v)
-            return ttt_attention(q, keys, values, valid), None
+            return ttt_attention(q, keys, values, valid, scale), None
 
         positions = jnp.broadcast_to(i + k, (B, S))
         hidden, _ = layer_forward(params, cfg, target, shift_left(tokens, k + 1), hidden, positions, attend_fn)

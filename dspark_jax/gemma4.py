@@ -398,10 +398,12 @@ class Gemma4Params:
 
 
 def layer_decl(spec: LayerSpec, cfg: Gemma4Config, prefix: str,
-               layer_ids: tuple[int, ...] | None = None) -> Gemma4LayerParams:
+               layer_ids: tuple[int, ...] | None = None, attn_in: int | None = None) -> Gemma4LayerParams:
     """The declaration of one layer whose tensors are ``{prefix}.<Hugging Face name>``, or with
-    ``layer_ids`` of a stack of such layers (``prefix`` with ``{layer}`` in it), one per id."""
+    ``layer_ids`` of a stack of such layers (``prefix`` with ``{layer}`` in it), one per id.
+    ``attn_in`` is the width q/k/v project from (default hidden_size; Eagle-3: 2 x hidden)."""
     D, H, K, Dh, F = cfg.hidden_size, cfg.num_attention_heads, spec.kv_heads, spec.head_dim, spec.mlp_width
+    A = attn_in or D
     stack = () if layer_ids is None else (len(layer_ids),)
 
     def weight(name, shape, axes, n_in=0, init="normal"):
@@ -411,11 +413,11 @@ def layer_decl(spec: LayerSpec, cfg: Gemma4Config, prefix: str,
     own_kv = not spec.shared
     return Gemma4LayerParams(
         input_norm=weight("input_layernorm.weight", (D,), ("embed",), init="ones"),
-        q_proj=weight("self_attn.q_proj.weight", (D, H, Dh), ("embed", "heads", "head_dim"), 1),
+        q_proj=weight("self_attn.q_proj.weight", (A, H, Dh), ("embed", "heads", "head_dim"), 1),
         q_norm=weight("self_attn.q_norm.weight", (Dh,), ("head_dim",), init="ones"),
-        k_proj=weight("self_attn.k_proj.weight", (D, K, Dh), ("embed", "kv_heads", "head_dim"), 1) if own_kv else None,
+        k_proj=weight("self_attn.k_proj.weight", (A, K, Dh), ("embed", "kv_heads", "head_dim"), 1) if own_kv else None,
         k_norm=weight("self_attn.k_norm.weight", (Dh,), ("head_dim",), init="ones") if own_kv else None,
-        v_proj=weight("self_attn.v_proj.weight", (D, K, Dh), ("embed", "kv_heads", "head_dim"), 1)
+        v_proj=weight("self_attn.v_proj.weight", (A, K, Dh), ("embed", "kv_heads", "head_dim"), 1)
         if own_kv and not spec.values_from_keys else None,
         o_proj=weight("self_attn.o_proj.weight", (H, Dh, D), ("heads", "head_dim", "embed"), 2),
         post_attention_norm=weight("post_attention_layernorm.weight", (D,), ("embed",), init="ones"),
@@ -805,13 +807,22 @@ def draft_layers(layers: Sequence[Gemma4LayerParams], final_norm: jax.Array, cfg
     cos, sin = draft_rope(cfg, mask.q_pos)
     outs = []
     for i, p in enumerate(layers):
-        h = rms_norm(x, p.input_norm, eps)
-        q = project_q(p, eps, h, cos, sin)
-        k, v = project_kv(p, eps, h, cos, sin)
-        attn = attend(q, k, v, mask, Context(ctx_k, ctx_v, jnp.int32(i)), backend, scale=1.0)
-        x = layer_output(p, eps, x, attn, None)
+        context = Context(ctx_k, ctx_v, jnp.int32(i))
+        x, _ = draft_layer(p, eps, x, rms_norm(x, p.input_norm, eps), cos, sin,
+                           lambda q, k, v: (attend(q, k, v, mask, context, backend, scale=1.0), None))
         outs.append(x)
     return rms_norm(x, final_norm, eps), jnp.stack(outs)
+
+
+def draft_layer(p: Gemma4LayerParams, eps: float, x: jax.Array, h: jax.Array, cos, sin, attend_fn):
+    """One drafter layer (full-attention geometry, keys/values of its own) over the residual
+    ``x [B, T, D]``, q/k/v projected from ``h [B, T, A]`` (DSpark: ``input_norm(x)``; Eagle-3:
+    ``[input_norm(embedding) ; hidden_norm(x)]``). ``attend_fn(q, k, v) -> (out, aux)`` attends
+    with the caller's mask and context (unscaled scores: q and k are normed). Returns ``(x, aux)``."""
+    q = project_q(p, eps, h, cos, sin)
+    k, v = project_kv(p, eps, h, cos, sin)
+    attn, aux = attend_fn(q, k, v)
+    return layer_output(p, eps, x, attn, None), aux
 
 
 # ---------------------------------------------------------------------------- packed verification

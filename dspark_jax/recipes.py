@@ -29,7 +29,6 @@ from .drafters import family_of
 from .heads import CONFIDENCE_HEADS, MARKOV_HEADS, head_structure
 from .plugins import parse_plugin_args
 from .target import draft_layers_config, init_params
-from .target import family_of as target_family_of
 from .tokenizer import Tokenizer
 from .trainer import data_parallel_mesh, replicate, run_training
 
@@ -282,8 +281,7 @@ def train_draft_recipe(args):
     if getattr(args, "drafter", "dspark") == "eagle3":
         from . import eagle3
 
-        if target_family_of(tcfg) is not None:
-            raise SystemExit(f"error: --drafter eagle3 runs on Qwen3 targets; {args.target} is {tcfg.family}")
+        # DeepSpec's build_draft_config: the target's (text) config with one full-attention layer
         dcfg = eagle3.Eagle3Config(
             layers=dataclasses.replace(draft_layers_config(tcfg, 1), tie_word_embeddings=False),
             target_layer_ids=layer_ids or eagle3.default_target_layer_ids(tcfg.num_hidden_layers),
