@@ -15,8 +15,9 @@ above capacity grows with the run's length and no TTFT percentile is bounded. Re
   * time to first token (p50, p99): first token - arrival (queueing + prefill);
   * budget: mean target tokens verified per round per request (1 for ``ar``).
 The engine of each scheduler compiles during a warm-up before the first load; ``algorithm1``
-and ``async`` read an SPS profile measured on this machine (``--profile synthetic``: the
-linear stand-in). ``docs/serving.png`` plots per-user speed against throughput.
+and ``async`` read an SPS profile measured on this machine at every width the engine runs
+(``engine.profile_widths``; ``--profile synthetic``: the linear stand-in). ``docs/serving.png``
+plots per-user speed against throughput.
 
     python bench/bench_serving.py --loads 1 4 16 --duration 20 --slots 8 [--json] [--plot docs/serving.png]
 """
@@ -124,14 +125,26 @@ def serve(engine, prompts, arrivals, max_new: int, max_queue: int) -> dict:
     }
 
 
+def warm_up(engine, prompts, max_new: int):
+    """Compile before timing: generate at every width (a wave of that many requests), the row
+    move (a request that finishes first below one that runs on) and insert per prompt bucket."""
+    for width in engine.widths:
+        for p in prompts[:width]:
+            engine.submit(p, max_new_tokens=max_new)
+        engine.run_until_done()
+    engine.submit(prompts[0], max_new_tokens=1)
+    engine.submit(prompts[1], max_new_tokens=max_new)
+    engine.run_until_done()
+
+
 def make_engines(args, target, tcfg, draft, dcfg, calibration, prompts):
-    from dspark_jax.engine import Engine
-    from dspark_jax.speculative import profile_verification
+    from dspark_jax.engine import Engine, profile_widths
 
     profile = None
     if args.profile == "measured" and {"algorithm1", "async"} & set(args.schedulers):
-        profile = profile_verification(target, tcfg, args.slots, dcfg.block_size, context=args.prompt_len + args.max_new,
-                                       repeats=3, draft=draft, dcfg=dcfg)
+        # one profile per width the engine runs: fewer rows draft and verify cheaper
+        profile = profile_widths(target, tcfg, draft, dcfg, args.slots, context=args.prompt_len + args.max_new,
+                                 repeats=3)
     max_len = args.prompt_len + args.max_new + dcfg.block_size + 1
     engines = {}
     for name in args.schedulers:
@@ -139,9 +152,7 @@ def make_engines(args, target, tcfg, draft, dcfg, calibration, prompts):
         engine = Engine(target, tcfg, draft, dcfg, slots=args.slots, max_len=max_len, max_new_tokens=args.max_new,
                         scheduler=name, sps_profile=profile, calibration=calibration,
                         steps_per_call=args.steps_per_call, **kw)
-        for p in prompts[: args.slots + 1]:  # warm-up: compiles insert (per prompt bucket) and generate
-            engine.submit(p, max_new_tokens=args.max_new)
-        engine.run_until_done()
+        warm_up(engine, prompts, args.max_new)
         engines[name] = engine
     return engines
 

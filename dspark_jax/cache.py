@@ -44,6 +44,12 @@ class KVCache:
         return dataclasses.replace(self, lengths=self.lengths + jnp.asarray(n, jnp.int32))
 
 
+def cache_batch_axes(cache):
+    """The batch axis of every leaf of a cache (``KVCache`` or a family's, e.g. Gemma 4's), as
+    a pytree of the cache's structure: key/value stacks are ``[layers, B, ...]``, lengths ``[B]``."""
+    return dataclasses.replace(jax.tree.map(lambda _: 1, cache), lengths=0)
+
+
 def chunk_positions(lengths: jax.Array, chunk: int) -> jax.Array:
     """Positions ``[B, T]`` of a chunk of T new tokens written after each sequence's length."""
     return lengths[:, None] + jnp.arange(chunk, dtype=jnp.int32)[None, :]

@@ -17,7 +17,9 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from .cache import KVCache
+from .cache import KVCache, cache_batch_axes
+
+SHARED = -1  # in a batch-axes pytree (``DecodeState.batch_axes``): a leaf every row shares
 
 
 @jax.tree_util.register_dataclass
@@ -38,6 +40,46 @@ class DecodeState:
     schedule: Any = None  # speculative only: speculative.ScheduleState
     stats: Any = None  # speculative only: speculative.SpecStats
     trace: Any = None  # speculative only: speculative.SpecTrace
+
+    def batch_axes(self) -> "DecodeState":
+        """The batch axis of every leaf (``SHARED``: no batch axis, e.g. one key for all rows or
+        the scheduler's SPS table), as a pytree of this state's structure: what ``take_rows``,
+        ``put_rows`` and ``copy_row`` follow. Each part declares its own (``batch_axes``)."""
+        per_row = lambda a: 0 if a.ndim else SHARED
+        axes_of = lambda part: None if part is None else part.batch_axes()
+        return DecodeState(
+            output=0, num_generated=0, done=0, anchor=0, target_cache=cache_batch_axes(self.target_cache),
+            key=per_row(self.key), max_new_tokens=per_row(self.max_new_tokens),
+            stop_ids=None if self.stop_ids is None else 0,
+            sampling=None if self.sampling is None else jax.tree.map(lambda _: 0, self.sampling),
+            draft_cache=None if self.draft_cache is None else cache_batch_axes(self.draft_cache),
+            schedule=axes_of(self.schedule), stats=axes_of(self.stats), trace=axes_of(self.trace),
+        )
+
+
+def take_rows(tree, axes, width: int):
+    """Rows ``[0:width]`` of every batched leaf of ``tree`` (``axes``: its ``batch_axes``);
+    shared leaves as they are. A static slice: the copy holds ``width`` rows."""
+    return jax.tree.map(lambda a, axis: a if axis == SHARED else jax.lax.slice_in_dim(a, 0, width, axis=axis),
+                        tree, axes)
+
+
+def put_rows(tree, rows, axes):
+    """``rows`` (``take_rows(tree, axes, width)``, advanced) written over rows ``[0:width]`` of
+    ``tree``; shared leaves become ``rows``'. On a donated ``tree`` the write is in place."""
+    return jax.tree.map(
+        lambda a, r, axis: r if axis == SHARED else jax.lax.dynamic_update_slice_in_dim(a, r, 0, axis), tree, rows, axes)
+
+
+def copy_row(tree, axes, src, dst):
+    """Row ``src`` of every batched leaf copied into row ``dst`` (traced indices); shared
+    leaves untouched."""
+    def copy(a, axis):
+        if axis == SHARED:
+            return a
+        return jax.lax.dynamic_update_slice_in_dim(a, jax.lax.dynamic_slice_in_dim(a, src, 1, axis), dst, axis)
+
+    return jax.tree.map(copy, tree, axes)
 
 
 def is_stop(tokens: jax.Array, eos_ids: Sequence[int], stop_ids: jax.Array | None = None) -> jax.Array:

@@ -8,9 +8,19 @@ state, and **generate**: a few AR steps or speculative rounds for every slot ins
 decoding loop (``decoding.loop_until_done``). A slot whose request finished is refilled by the
 next waiting request while the others keep their caches and continue.
 
-Compiled shapes are bounded: one generate graph per engine, one insert graph per prompt
-bucket (``decoding.prompt_bucket``). Every request has its own PRNG stream (from its seed), so
-its output does not depend on its slot, its neighbours or when it arrived.
+**Width.** A round costs what its rows cost (the drafter over every row's block and context,
+the verification, the bookkeeping), so the engine runs only the rows in use: running requests
+sit in the lowest slots (a new one takes the lowest free slot; when a slot frees below a running
+request, ``move_row`` moves that request down), and ``generate`` is compiled per width W in
+``engine_widths(slots)`` = {1, 2, 4, ..., slots}: it slices rows ``[0:W]`` out of the donated
+state, runs the rounds on them and writes them back in place. At low load a request decodes at
+batch-1 cost, not at the cost of ``slots`` rows; AR decoding gets the same treatment. Each width
+may have its own SPS profile (``profile_widths``), since fewer rows draft and verify cheaper.
+
+Compiled shapes are bounded: one generate graph per width (log2(slots) + 1), one row move, one
+insert graph per prompt bucket (``decoding.prompt_bucket``). Every request has its own PRNG
+stream (from its seed), so its output does not depend on its slot, its neighbours, its moves or
+when it arrived.
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ from .drafters import family_of
 from . import draft as draft_model
 from . import target as target_model
 from .cache import KVCache
-from .commit import DecodeState
+from .commit import DecodeState, copy_row, put_rows, take_rows
 from .commit import start as start_state
 from .decoding import PREFILL_CHUNK, ar_step, bucket, check_context, loop_until_done, prefill, prompt_bucket
 from .sampling import RowSampling, Sampling, sample_logits, split
@@ -55,7 +65,7 @@ class Request:
     started_at: float | None = None  # inserted into a slot (prefill begins)
     first_token_at: float | None = None
     finished_at: float | None = None
-    slot: int | None = None
+    slot: int | None = None  # its row: the lowest free one at insertion, lower when ``Engine._pack`` moves it
     rounds: int = 0  # decoding rounds (AR steps) it took part in
     verified: int = 0  # target tokens run to verify it (anchors + drafts offered)
 
@@ -123,17 +133,60 @@ def insert(target, draft, state: DecodeState, slot, tokens, length, key, max_new
                                stats=dataclasses.replace(stats, **fresh))
 
 
-@functools.partial(jax.jit, static_argnames=("scfg", "tcfg", "max_steps"), donate_argnames=("state",))
-def generate(target, draft, state: DecodeState, *, scfg, tcfg, max_steps: int):
-    """Up to ``max_steps`` AR steps (``scfg`` None) or speculative rounds for every live slot,
-    then copies of what the host reads (ids, counts, done flags, per-slot rounds/verified)."""
+def engine_widths(slots: int) -> tuple[int, ...]:
+    """The widths ``generate`` compiles for an engine of ``slots`` rows: the powers of two
+    below ``slots``, and ``slots`` (log2(slots) + 1 programs at most)."""
+    widths, w = [], 1
+    while w < slots:
+        widths.append(w)
+        w *= 2
+    return tuple(widths) + (slots,)
+
+
+def width_for(rows: int, slots: int) -> int:
+    """The smallest compiled width that holds rows ``[0:rows]``."""
+    return next(w for w in engine_widths(slots) if w >= rows)
+
+
+@functools.partial(jax.jit, static_argnames=("scfg", "tcfg", "max_steps", "width"), donate_argnames=("state",))
+def generate(target, draft, state: DecodeState, sps_table=None, draft_seconds=None, *, scfg, tcfg, max_steps: int,
+             width: int):
+    """Up to ``max_steps`` AR steps (``scfg`` None) or speculative rounds for the live slots
+    among rows ``[0:width]`` (the engine keeps its requests there), then copies of what the
+    host reads for those rows (ids, counts, done flags, per-slot rounds/verified).
+
+    The rows are sliced out of the donated state, advanced, and written back in place, so a
+    round costs what ``width`` rows cost (drafter, verification, bookkeeping), not all slots.
+    ``sps_table``/``draft_seconds`` (speculative): the scheduler's SPS profile at this width."""
+    axes = state.batch_axes()
+    rows = take_rows(state, axes, width)
     if scfg is None:
         step = functools.partial(ar_step, target, cfg=tcfg, sampling=Sampling(), eos_ids=tcfg.eos_token_ids)
     else:
         step = functools.partial(spec.speculative_round, target, draft, scfg=scfg)
-    state = loop_until_done(step, state, max_steps)
-    counters = (state.stats.rounds + 0, state.stats.verified + 0) if state.stats is not None else None
-    return state, (state.output + 0, state.num_generated + 0, state.done + 0, counters)
+        rows = dataclasses.replace(rows, schedule=dataclasses.replace(rows.schedule, sps_table=sps_table,
+                                                                      draft_seconds=draft_seconds))
+    rows = loop_until_done(step, rows, max_steps)
+    state = put_rows(state, rows, axes)
+    counters = (rows.stats.rounds + 0, rows.stats.verified + 0) if rows.stats is not None else None
+    return state, (rows.output + 0, rows.num_generated + 0, rows.done + 0, counters)
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def move_row(state: DecodeState, src, dst) -> DecodeState:
+    """Move the request in row ``src`` to the free row ``dst`` (every per-row array: caches,
+    drafter context, confidence history, statistics, key, output, limits, sampling) and mark
+    ``src`` done: the engine keeps its live requests in the lowest rows. In place on the
+    donated state: one row is read and one written per array."""
+    state = copy_row(state, state.batch_axes(), src, dst)
+    return dataclasses.replace(state, done=state.done.at[src].set(True))
+
+
+def profile_widths(target, tcfg, draft, dcfg, slots: int, block_size: int | None = None, **kw) -> dict:
+    """``{width: SPSProfile}``: ``speculative.profile_verification`` (drafting included) at every
+    width an engine of ``slots`` rows runs (keywords: its ``context``, ``repeats``)."""
+    K = block_size or dcfg.block_size
+    return {w: spec.profile_verification(target, tcfg, w, K, draft=draft, dcfg=dcfg, **kw) for w in engine_widths(slots)}
 
 
 class Engine:
@@ -143,7 +196,8 @@ class Engine:
     rounds with ``scheduler`` (fixed | threshold | algorithm1 | async). ``max_len`` is each
     slot's cache capacity (prompt + new tokens + one round), ``max_new_tokens`` the largest a
     request may ask for (the output buffer), ``steps_per_call`` the rounds between two visits
-    of the host (where finished slots are refilled)."""
+    of the host (where finished slots are refilled). ``sps_profile`` (algorithm1 / async): one
+    ``schedule.SPSProfile`` for every width or ``{width: profile}`` (``profile_widths``)."""
 
     def __init__(self, target, tcfg, draft=None, dcfg=None, *, slots: int = 8, max_len: int = 512,
                  max_new_tokens: int = 128, scheduler: str | None = None, block_size: int | None = None,
@@ -172,7 +226,12 @@ class Engine:
             self.scfg = spec.SpecConfig(target=tcfg, draft=dcfg, block_size=K if K != dcfg.block_size else 0,
                                         eos_ids=tcfg.eos_token_ids, scheduler=scheduler, prefill_chunk=prefill_chunk)
         self.extra_cache = K + 1 if K else 0
-        self.state = self._empty_state(K, confidence_threshold, sps_profile, calibration, min_expected)
+        self.widths = engine_widths(slots)
+        no_costs = {w: (None, None) for w in self.widths}  # AR rounds read no profile
+        self._costs = self._width_costs(K, sps_profile) if self.scfg is not None else no_costs
+        self.state = self._empty_state(K, confidence_threshold, calibration, min_expected)
+        self.row_moves = 0  # requests moved down to a lower free slot (``_pack``)
+        self.widths_run: list[int] = []  # the width of every generate call, in order
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # slot -> request
         self.requests: dict[int, Request] = {}
@@ -183,20 +242,37 @@ class Engine:
     def scheduler(self) -> str:
         return "ar" if self.scfg is None else self.scfg.scheduler
 
-    def _empty_state(self, K, threshold, sps_profile, calibration, min_expected) -> DecodeState:
+    def _width_costs(self, K, sps_profile) -> dict[int, tuple[jax.Array, jax.Array]]:
+        """Per compiled width: the SPS table (steps/s by verified tokens, cut or extended flat
+        to the slots' largest budget) and the drafting's seconds per round. ``sps_profile``:
+        one ``schedule.SPSProfile`` for every width, or ``{width: profile}`` (``profile_widths``:
+        a round of fewer rows drafts and verifies cheaper); None: the synthetic linear one."""
+        size = self.slots * (K + 1) + 1
+        if sps_profile is None:
+            sps_profile = schedule_lib.linear_cost_profile(size - 1)
+        if not isinstance(sps_profile, dict):
+            sps_profile = {w: sps_profile for w in self.widths}
+        missing = [w for w in self.widths if w not in sps_profile]
+        if missing:
+            raise ValueError(f"sps_profile has no profile for widths {missing} (an engine of {self.slots} slots runs "
+                             f"widths {list(self.widths)}; engine.profile_widths measures them)")
+        costs = {}
+        for w in self.widths:
+            table = np.asarray(sps_profile[w].table, np.float32)[:size]
+            table = np.concatenate([table, np.full(size - len(table), table[-1], np.float32)])
+            costs[w] = (jnp.asarray(table), jnp.float32(sps_profile[w].draft_seconds))
+        return costs
+
+    def _empty_state(self, K, threshold, calibration, min_expected) -> DecodeState:
         B, S, dtype = self.slots, self.max_len, self.target.embed.dtype
         fields = {}
         if self.scfg is not None:
-            table = None
-            if sps_profile is not None:
-                table = np.asarray(sps_profile.table, np.float32)
-                if len(table) < B * (K + 1) + 1:
-                    table = np.concatenate([table, np.full(B * (K + 1) + 1 - len(table), table[-1], np.float32)])
+            table, draft_seconds = self._costs[B]
             temps = None if calibration is None else calibration.temperatures[:K]
             fields = dict(
                 draft_cache=draft_model.init_context_cache(self.scfg.draft, B, S, dtype),
-                schedule=spec.init_schedule_state(B, K, threshold, table, temps, min_expected,
-                                                  0.0 if sps_profile is None else sps_profile.draft_seconds),
+                schedule=spec.init_schedule_state(B, K, threshold, np.asarray(table), temps, min_expected,
+                                                  float(draft_seconds)),
                 stats=spec.init_stats(B, K),
             )
         return DecodeState(
@@ -269,19 +345,44 @@ class Engine:
         self._seen[slot] = 0
 
     def admit(self):
-        """Prefill waiting requests into the free slots, first come, first served."""
+        """Prefill waiting requests into the free slots, first come, first served, each into the
+        lowest free one (with ``_pack``, the running requests stay in the lowest rows)."""
         for slot in range(self.slots):
             if slot not in self.running and self.waiting:
                 self._insert(slot, self.waiting.popleft())
 
+    @property
+    def width(self) -> int:
+        """The rows the next ``generate`` runs: the smallest compiled width holding every running slot."""
+        return width_for(max(self.running, default=0) + 1, self.slots)
+
+    def _pack(self):
+        """Move the highest running requests down into the free slots below them (``move_row``),
+        so the running ones fill rows ``[0:n]`` and the next rounds run the smallest width."""
+        n = len(self.running)
+        holes = [slot for slot in range(n) if slot not in self.running]
+        above = sorted((slot for slot in self.running if slot >= n), reverse=True)
+        for dst, src in zip(holes, above):
+            self.state = move_row(self.state, jnp.int32(src), jnp.int32(dst))
+            req = self.running.pop(src)
+            req.slot = dst
+            self.running[dst] = req
+            self._seen[dst] = self._seen[src]
+            self.row_moves += 1
+
     def step(self) -> dict[int, list[int]]:
-        """Refill free slots from the queue (``admit``), run ``steps_per_call`` rounds, and
-        return each running request's newly committed ids ``{request id: ids}``."""
+        """Refill free slots from the queue (``admit``), run ``steps_per_call`` rounds on the
+        running rows' width, pack the survivors into the lowest rows (``_pack``), and return
+        each running request's newly committed ids ``{request id: ids}``."""
         self.admit()
         if not self.running:
             return {}
+        width = self.width
+        self.widths_run.append(width)
+        sps_table, draft_seconds = self._costs[width]
         self.state, (output, counts, done, counters) = generate(
-            self.target, self.draft, self.state, scfg=self.scfg, tcfg=self.tcfg, max_steps=self.steps_per_call)
+            self.target, self.draft, self.state, sps_table, draft_seconds, scfg=self.scfg, tcfg=self.tcfg,
+            max_steps=self.steps_per_call, width=width)
         output, counts, done = np.asarray(output), np.asarray(counts), np.asarray(done)
         if counters is not None:
             rounds, verified = (np.asarray(c) for c in counters)
@@ -302,6 +403,7 @@ class Engine:
             if done[slot]:
                 req.finished_at = now
                 del self.running[slot]
+        self._pack()
         return new
 
     def run_until_done(self) -> dict[int, list[int]]:

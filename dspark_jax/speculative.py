@@ -29,7 +29,7 @@ from . import target as target_model
 from .drafters import drafter_state_bytes, family_of
 from .cache import KVCache
 from .config import Qwen3Config
-from .commit import DecodeState, commit
+from .commit import SHARED, DecodeState, commit
 from .commit import start as start_state
 from .decoding import (PREFILL_CHUNK, loop_until_done, pad_batch, prefill, prepare_batch, row_sampling,  # noqa: F401 (pad_batch re-exported)
                        run_target)
@@ -56,6 +56,10 @@ class SpecStats:
     compute_tokens: jax.Array  # [] tokens the target actually ran (packed bucket sizes, or B*(K+1))
     skipped: jax.Array  # [B] rounds that ran one AR step instead of drafting (see ``skip_drafting``)
 
+    def batch_axes(self) -> "SpecStats":
+        """Per-row counters on axis 0; the run's compute total is shared (``DecodeState.batch_axes``)."""
+        return dataclasses.replace(jax.tree.map(lambda _: 0, self), compute_tokens=SHARED)
+
 
 def init_stats(batch: int, num_drafts: int) -> SpecStats:
     """Zero counters (distinct buffers: the state is donated)."""
@@ -71,6 +75,9 @@ class SpecTrace:
     accepted: jax.Array  # [B, R]
     bonus: jax.Array  # [B, R]
     confidence_logits: jax.Array  # [B, R, K] along the drafted path (all K, offered or not)
+
+    def batch_axes(self) -> "SpecTrace":
+        return jax.tree.map(lambda _: 0, self)
 
 
 SpecState = DecodeState  # the decode core's state, with the drafter context (the family's state), scheduler, stats and trace
@@ -89,6 +96,12 @@ class ScheduleState:
     draft_seconds: jax.Array | None = None  # [] the drafting's share of a step (schedule.SPSProfile.draft_seconds)
     skipped: jax.Array | None = None  # [] consecutive rounds that skipped drafting
     refresh_after: jax.Array | None = None  # [] skips in a row before a drafted round refreshes (``skip_drafting``)
+
+    def batch_axes(self) -> "ScheduleState":
+        """The confidence history ``[2, B, K]`` and ``min_expected [B]`` are per row; the rest is
+        the batch's (``DecodeState.batch_axes``)."""
+        axes = dataclasses.replace(jax.tree.map(lambda _: SHARED, self), stale_survival=1)
+        return axes if self.min_expected is None else dataclasses.replace(axes, min_expected=0)
 
 
 def init_schedule_state(batch: int, num_drafts: int, threshold: float = 0.0, sps_table=None, temperatures=None,
