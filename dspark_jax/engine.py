@@ -358,7 +358,8 @@ class Engine:
 
     def _pack(self):
         """Move the highest running requests down into the free slots below them (``move_row``),
-        so the running ones fill rows ``[0:n]`` and the next rounds run the smallest width."""
+        so the running ones fill rows ``[0:n]`` and the next rounds run the smallest width
+        (after ``admit``: a slot the queue refills needs no move)."""
         n = len(self.running)
         holes = [slot for slot in range(n) if slot not in self.running]
         above = sorted((slot for slot in self.running if slot >= n), reverse=True)
@@ -371,12 +372,13 @@ class Engine:
             self.row_moves += 1
 
     def step(self) -> dict[int, list[int]]:
-        """Refill free slots from the queue (``admit``), run ``steps_per_call`` rounds on the
-        running rows' width, pack the survivors into the lowest rows (``_pack``), and return
-        each running request's newly committed ids ``{request id: ids}``."""
+        """Refill free slots from the queue (``admit``), move running requests down into the
+        slots it could not fill (``_pack``), run ``steps_per_call`` rounds on the running rows'
+        width, and return each running request's newly committed ids ``{request id: ids}``."""
         self.admit()
         if not self.running:
             return {}
+        self._pack()
         width = self.width
         self.widths_run.append(width)
         sps_table, draft_seconds = self._costs[width]
@@ -403,7 +405,6 @@ class Engine:
             if done[slot]:
                 req.finished_at = now
                 del self.running[slot]
-        self._pack()
         return new
 
     def run_until_done(self) -> dict[int, list[int]]:
