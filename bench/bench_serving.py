@@ -133,7 +133,7 @@ def warm_up(engine, prompts, max_new: int):
             engine.submit(p, max_new_tokens=max_new)
         engine.run_until_done()
     engine.submit(prompts[0], max_new_tokens=1)
-    engine.submit(prompts[1], max_new_tokens=max_new)
+    engine.submit(prompts[1 % len(prompts)], max_new_tokens=max_new)
     engine.run_until_done()
 
 

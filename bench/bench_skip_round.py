@@ -1,5 +1,6 @@
 """What a speculative round that skips drafting costs, in AR steps: ms per round of the
-engine's decoding loop with every slot live, for plain AR steps (``ar``), algorithm1 rounds
+engine's decoding loop with ``--live`` requests (the engine runs the smallest width holding
+them), for plain AR steps (``ar``), algorithm1 rounds
 forced to skip drafting (``skip``) and forced to draft (``drafted``), on the embedded pair.
 
 The three run alternately (``--reps`` times each, ``--rounds`` rounds per call), and the
@@ -39,15 +40,17 @@ def parse_args(argv=None):
 
 
 def forced(engine, mode):
-    """The engine's state with the skip decision forced: always skip, or never."""
+    """The engine's state and the width's costs with the skip decision forced: always skip, or
+    never."""
     import jax.numpy as jnp
 
+    sps_table, draft_seconds = engine._costs[engine.width]
     sched = engine.state.schedule
     if mode == "skip":  # nothing survives, and the run of skips never ends
         sched = dataclasses.replace(sched, skipped=jnp.int32(-10**6), stale_survival=jnp.zeros_like(sched.stale_survival))
     else:  # every verified token costs the same: any survival pays for drafting
-        sched = dataclasses.replace(sched, sps_table=jnp.ones_like(sched.sps_table), draft_seconds=jnp.float32(0))
-    return dataclasses.replace(engine.state, schedule=sched)
+        sps_table, draft_seconds = jnp.ones_like(sps_table), jnp.float32(0)
+    return dataclasses.replace(engine.state, schedule=sched), (sps_table, draft_seconds)
 
 
 def seconds_per_round(engine, mode, prompts, args) -> float:
@@ -55,16 +58,17 @@ def seconds_per_round(engine, mode, prompts, args) -> float:
 
     from dspark_jax.engine import generate
 
-    engine.running.clear()  # a fresh set of requests in every slot
+    engine.running.clear()  # a fresh set of requests in the lowest slots
     for p in prompts[: args.live]:
         engine.submit(p, max_new_tokens=engine.max_new_tokens)
     engine.admit()
+    costs = (None, None)
     if mode != "ar":
-        engine.state = forced(engine, mode)
+        engine.state, costs = forced(engine, mode)
     jax.block_until_ready(engine.state)
     start = time.perf_counter()
-    engine.state, out = generate(engine.target, engine.draft, engine.state, scfg=engine.scfg, tcfg=engine.tcfg,
-                                 max_steps=args.rounds)
+    engine.state, out = generate(engine.target, engine.draft, engine.state, *costs, scfg=engine.scfg, tcfg=engine.tcfg,
+                                 max_steps=args.rounds, width=engine.width)
     jax.block_until_ready(out)
     seconds = (time.perf_counter() - start) / args.rounds
     if mode != "ar":
