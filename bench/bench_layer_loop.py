@@ -20,28 +20,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def timed(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from dspark_jax.timing import median_seconds
 
 
 def read_bandwidth(nbytes: int = 1 << 30) -> float:
     """Bytes/s of a jitted sum over a ``nbytes`` float32 array (all threads)."""
     a = jnp.ones((nbytes // 4,), jnp.float32)
     total = jax.jit(jnp.sum)
-    return nbytes / timed(total, a, repeats=5)
+    return nbytes / median_seconds(total, a, repeats=5)
 
 
 def main(argv=None):
@@ -82,9 +73,9 @@ def main(argv=None):
           + (f": {copies[0][:110]}..." if copies else ""))
     runs = {"scan": [], "per-layer": [], "fori": []}
     for _ in range(args.rounds):
-        runs["scan"].append(timed(scan, x, stacked, repeats=args.repeats))
-        runs["per-layer"].append(timed(unrolled, x, per_layer, repeats=args.repeats))
-        runs["fori"].append(timed(fori, x, stacked, repeats=args.repeats))
+        runs["scan"].append(median_seconds(scan, x, stacked, repeats=args.repeats))
+        runs["per-layer"].append(median_seconds(unrolled, x, per_layer, repeats=args.repeats))
+        runs["fori"].append(median_seconds(fori, x, stacked, repeats=args.repeats))
     for name, ts in runs.items():
         t = statistics.median(ts)
         print(f"{name:10s} {1e3 * t:7.1f} ms  ({t / floor:.2f}x the read floor; runs {', '.join(f'{1e3 * v:.1f}' for v in ts)})")

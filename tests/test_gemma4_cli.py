@@ -38,17 +38,24 @@ def byte_level_tokenizer(vocab_size: int, path):
     tok.save(str(path))
 
 
+def target_with_prompts(target_src, root):
+    """A copy of a Gemma 4 target directory under ``root`` with a byte-level tokenizer of its
+    vocabulary beside it, and a four-line prompts file: (target dir, prompts path)."""
+    target_dir = root / "target"
+    shutil.copytree(target_src, target_dir)
+    _, tcfg = load_target(target_dir, "float32")
+    byte_level_tokenizer(tcfg.vocab_size, target_dir / "tokenizer.json")
+    prompts = root / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"text": t}) for t in ["def f(x):", "the quick", "return x", "brown fox"]))
+    return target_dir, prompts
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """(target dir, the train-draft work dir, the fixture dir) after a 3-step train-draft run."""
     fixture = require_fixture(FIXTURE, "target/config.json", "target/model.safetensors", "draft/keys.json")
     root = tmp_path_factory.mktemp("gemma4_cli")
-    target_dir = root / "target"
-    shutil.copytree(fixture / "target", target_dir)
-    _, tcfg = load_target(target_dir, "float32")
-    byte_level_tokenizer(tcfg.vocab_size, target_dir / "tokenizer.json")
-    prompts = root / "p.jsonl"
-    prompts.write_text("\n".join(json.dumps({"text": t}) for t in ["def f(x):", "the quick", "return x", "brown fox"]))
+    target_dir, prompts = target_with_prompts(fixture / "target", root)
     out = root / "run"
     # the fixture drafter's shape: 3 layers (1 and 2 double-wide), Markov rank 16, confidence head
     cli.main(["train-draft", "--target", str(target_dir), "--out", str(out), "--prompts", str(prompts),
