@@ -405,11 +405,15 @@ def cmd_calibrate(args):
     from .speculative import speculative_generate
     from .tokenizer import Tokenizer
 
+    from .checkpoint import load_draft_config
+    from .speculative import no_confidence_hint
+
+    dcfg = load_draft_config(args.draft)  # read before any weights load
+    if not getattr(dcfg, "enable_confidence_head", False):
+        raise UsageError(f"{args.draft}: the drafter has no confidence head to calibrate" + no_confidence_hint(dcfg))
     args.target = _target_or_embedded(args.target)
     target, tcfg = load_target(args.target, args.dtype)
     draft, dcfg = load_drafter(args.draft, target, tcfg, args.dtype)
-    if draft.confidence is None:
-        raise SystemExit(f"error: {args.draft}: the drafter has no confidence head to calibrate")
     tok = Tokenizer(args.tokenizer or args.target)
     if args.prompts in ("held-out", "train"):
         docs = stdlib_corpus(args.prompts)

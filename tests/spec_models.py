@@ -240,3 +240,81 @@ def random_weights(decls, seed: int = 0, std: float = 0.3):
         return jnp.asarray(w, jnp.float32)
 
     return map_decls(draw, decls)
+
+
+# ---------------------------------------------------------------------------- Gemma 4
+
+
+def gemma4_target_config(vocab: int = 256, hidden: int = 64, window: int = 8, layer_types: tuple[str, ...] | None = None,
+                         kv_shared: int = 1):
+    """A small Gemma 4 text config: sliding and full (k_eq_v, global geometry) layers, by
+    default (sliding, full, sliding, full) with a KV-shared double-wide last layer; soft-capped,
+    untied head."""
+    from dspark_jax import gemma4
+
+    S, F = gemma4.SLIDING, gemma4.FULL
+    layer_types = tuple(layer_types or (S, F, S, F))
+    return gemma4.Gemma4Config(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=len(layer_types),
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+        layer_types=layer_types, sliding_window=window, attention_k_eq_v=True, num_kv_shared_layers=kv_shared,
+        use_double_wide_mlp=True, final_logit_softcapping=5.0, tie_word_embeddings=False)
+
+
+def make_gemma4_target(cfg, seed: int = 0, *, context: float = 0.1, logit_std: float = 2.5):
+    """The near-bigram Gemma 4 target. Gemma's sandwich norms rescale each residual write
+    (attention, MLP) to its post-norm's weight, so those weights (not o_proj / down_proj, as for
+    Qwen3) are scaled by ``context``; the scaled embedding has unit-scale entries and the untied
+    head gives logits of about ``logit_std`` (before the soft cap). Numpy-drawn (no compile)."""
+    from dspark_jax import gemma4
+
+    params = random_weights(gemma4.target_decl(cfg), seed)
+    rs = np.random.RandomState(seed + 1)
+    D, V = cfg.hidden_size, cfg.vocab_size
+    layers = tuple(tuple(dataclasses.replace(p, post_attention_norm=p.post_attention_norm * context,
+                                             post_feedforward_norm=p.post_feedforward_norm * context) for p in group)
+                   for group in params.layers)
+    return dataclasses.replace(params, layers=layers,
+                               embed=jnp.asarray(rs.standard_normal((V, D)) / np.sqrt(D), jnp.float32),
+                               lm_head=jnp.asarray(logit_std / np.sqrt(D) * rs.standard_normal((D, V)), jnp.float32))
+
+
+def gemma4_bigram_logits(params, cfg) -> np.ndarray:
+    """``M [V, V]``: row t = the Gemma 4 target's (soft-capped) logits for the sequence [t]."""
+    V = cfg.vocab_size
+    run = jax.jit(lambda p, tokens: forward(p, cfg, tokens, None)[0].logits[:, 0])  # one program, not op by op
+    return np.asarray(run(params, jnp.arange(V, dtype=jnp.int32)[:, None]), np.float64)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def make_gemma4_draft(target, tcfg, *, block_size: int = 4, alpha: tuple[float, float] = (0.0, 1.0),
+                      base_scale: float = 0.1, overconfidence: float = 2.0, seed: int = 1):
+    """A one-layer Gemma 4 DSpark drafter, the near-bigram oracle with an informative
+    confidence head. Vanilla Markov head W1 = I, W2 = diag(alpha_t) M with alpha_t drawn in
+    ``alpha`` per previous token t, so q_k ~ softmax(alpha_t M[t]) after t = x_{k-1} (the
+    backbone's logits nearly 0): after some tokens the drafter is the bigram, after others a
+    flattened one. The confidence head reads only the previous token's one-hot W1[x_{k-1}]: its
+    logit for t is ``overconfidence`` x logit(a_t), with a_t = sum_v min(softmax(M[t]),
+    softmax(alpha_t M[t])) the acceptance rate of a draft after t were the target exactly
+    bigram. Context moves the target away from M: the head ranks rounds well but is
+    overconfident, the case STS is for. Returns (params, config)."""
+    from dspark_jax import gemma4
+    from dspark_jax.draft import draft_decl
+
+    V, D = tcfg.vocab_size, tcfg.hidden_size
+    dcfg = DraftConfig(layers=gemma4.draft_layers_config(tcfg, 1), block_size=block_size, target_layer_ids=(-1, 1),
+                       mask_token_id=V - 1, markov_rank=V, enable_confidence_head=True,
+                       num_target_layers=tcfg.num_hidden_layers)
+    params = random_weights(draft_decl(dcfg), seed)
+    M = gemma4_bigram_logits(target, tcfg)
+    scale = np.random.RandomState(seed).uniform(*alpha, size=(V, 1))
+    a = np.clip(np.minimum(_softmax(M), _softmax(scale * M)).sum(-1), 0.01, 0.99)
+    w = np.concatenate([np.zeros(D), overconfidence * np.log(a / (1 - a))])
+    return dataclasses.replace(
+        params, final_norm=params.final_norm * base_scale,
+        markov={"w1": jnp.eye(V, dtype=jnp.float32), "w2": jnp.asarray(scale * M, jnp.float32)},
+        confidence={"w": jnp.asarray(w, jnp.float32), "b": jnp.zeros((), jnp.float32)}), dcfg

@@ -2,7 +2,10 @@
 the frozen fixture target and exports it in DeepSpec's ``Gemma4DSparkModel`` layout; the
 exported pair then runs ``generate`` (greedy speculative == greedy ar), ``eval`` and
 ``calibrate``. The target is the DeepSpec fixture's (``../shared/fixtures/deepspec_gemma4_vanilla``)
-with a byte-level tokenizer of its vocabulary size beside it."""
+with a byte-level tokenizer of its vocabulary size beside it. ``calibrate``'s STS fit needs
+confidences that track acceptance, which a few training steps do not give: it runs on a
+near-bigram Gemma 4 target and its oracle drafter (``spec_models``), whose drafts are partly
+accepted and whose confidence head ranks them (overconfidently)."""
 
 from __future__ import annotations
 
@@ -11,8 +14,10 @@ import shutil
 
 import pytest
 
-from dspark_jax import cli, gemma4
-from dspark_jax.checkpoint import load_draft, load_target
+import numpy as np
+
+from dspark_jax import cli, gemma4, schedule
+from dspark_jax.checkpoint import load_draft, load_target, save_draft
 from dspark_jax.decoding import generate_ar
 from fixtures import require_fixture
 
@@ -33,17 +38,24 @@ def byte_level_tokenizer(vocab_size: int, path):
     tok.save(str(path))
 
 
+def target_with_prompts(target_src, root):
+    """A copy of a Gemma 4 target directory under ``root`` with a byte-level tokenizer of its
+    vocabulary beside it, and a four-line prompts file: (target dir, prompts path)."""
+    target_dir = root / "target"
+    shutil.copytree(target_src, target_dir)
+    _, tcfg = load_target(target_dir, "float32")
+    byte_level_tokenizer(tcfg.vocab_size, target_dir / "tokenizer.json")
+    prompts = root / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"text": t}) for t in ["def f(x):", "the quick", "return x", "brown fox"]))
+    return target_dir, prompts
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """(target dir, the train-draft work dir, the fixture dir) after a 3-step train-draft run."""
     fixture = require_fixture(FIXTURE, "target/config.json", "target/model.safetensors", "draft/keys.json")
     root = tmp_path_factory.mktemp("gemma4_cli")
-    target_dir = root / "target"
-    shutil.copytree(fixture / "target", target_dir)
-    _, tcfg = load_target(target_dir, "float32")
-    byte_level_tokenizer(tcfg.vocab_size, target_dir / "tokenizer.json")
-    prompts = root / "p.jsonl"
-    prompts.write_text("\n".join(json.dumps({"text": t}) for t in ["def f(x):", "the quick", "return x", "brown fox"]))
+    target_dir, prompts = target_with_prompts(fixture / "target", root)
     out = root / "run"
     # the fixture drafter's shape: 3 layers (1 and 2 double-wide), Markov rank 16, confidence head
     cli.main(["train-draft", "--target", str(target_dir), "--out", str(out), "--prompts", str(prompts),
@@ -139,3 +151,65 @@ def test_train_draft_dflash_with_precomputed_gemma4_features_decodes_greedy_equa
     spec = run_json(capsys, ["generate", "--target", str(target_dir), "--draft", str(out / "draft"), "--prompt-ids",
                              ",".join(map(str, PROMPT_IDS)), "--max-new-tokens", "10", "--json"])
     assert spec["samples"] == [ar]
+
+
+def save_gemma4_text(path, params, cfg):
+    """A Gemma 4 text model in the layout dspark-jax loads: the text config as config.json,
+    the text tensors under their checkpoint names (no vision / audio towers)."""
+    from dspark_jax.params import export_tensors
+    from dspark_jax.safetensors_io import save_tensors
+
+    path.mkdir(parents=True)
+    save_tensors(str(path), export_tensors(gemma4.target_decl(cfg), params))
+    (path / "config.json").write_text(json.dumps(cfg.to_hf_text()))
+
+
+@pytest.fixture(scope="module")
+def near_bigram(tmp_path_factory):
+    """(target dir, draft dir, target, config): the near-bigram Gemma 4 pair, saved."""
+    from spec_models import gemma4_target_config, make_gemma4_draft, make_gemma4_target
+
+    root = tmp_path_factory.mktemp("gemma4_sts")
+    tcfg = gemma4_target_config()
+    target = make_gemma4_target(tcfg, context=0.05)
+    draft, dcfg = make_gemma4_draft(target, tcfg, block_size=4)
+    save_gemma4_text(root / "target", target, tcfg)
+    byte_level_tokenizer(tcfg.vocab_size, root / "target" / "tokenizer.json")
+    save_draft(root / "draft", draft, dcfg, target)
+    return root / "target", root / "draft", target, tcfg
+
+
+def test_calibrate_fits_sts_on_a_gemma4_pair_and_algorithm1_with_it_stays_greedy_equal_to_ar(
+        near_bigram, tmp_path, capsys, monkeypatch):
+    target_dir, draft_dir, target, tcfg = near_bigram
+    prompts = tmp_path / "p.jsonl"  # (cutting the stdlib corpus into prompts tokenizes all of it)
+    prompts.write_text("\n".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i} + {i * i}  # the quick brown fox"})
+                                 for i in range(16)))
+    cli.main(["calibrate", "--target", str(target_dir), "--draft", str(draft_dir), "--prompts", str(prompts),
+              "--num-prompts", "16", "--temperature", "1", "--max-new-tokens", "32", "--min-rounds", "64"])
+    assert "STS on" in capsys.readouterr().out
+    saved = json.loads((draft_dir / "sts_calibration.json").read_text())
+    temps, rep = np.asarray(saved["temperatures"]), saved["report"]
+    # finite, inside the search range (check_sts_fit refuses a fit at its bounds), not all 1
+    assert temps.shape == (4,) and np.all(np.isfinite(temps)) and np.all((0.05 < temps) & (temps < 20))
+    assert np.any(np.abs(temps - 1) > 0.05)
+    assert rep["rounds"] >= 64
+    before, after = np.asarray(rep["ece_before"]), np.asarray(rep["ece_after"])
+    assert np.all(after <= before + 1e-6) and after.mean() < before.mean()
+    assert rep["auroc_before"][0] > 0.6  # the confidences rank the rounds: what makes the fit well posed
+
+    # generate reads the drafter's sts_calibration.json; algorithm1 with it is lossless
+    profile = tmp_path / "sps.json"
+    schedule.linear_cost_profile(2 * 5).save(profile)
+    loaded = []
+    load = schedule.Calibration.load
+    monkeypatch.setattr(schedule.Calibration, "load",
+                        classmethod(lambda cls, *a, **kw: loaded.append(load(*a, **kw)) or loaded[-1]))
+    capsys.readouterr()
+    cli.main(["generate", "--target", str(target_dir), "--draft", str(draft_dir), "--prompt-ids",
+              ",".join(map(str, PROMPT_IDS)), "--max-new-tokens", "16", "--num-samples", "2", "--scheduler",
+              "algorithm1", "--sps-profile", str(profile), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert loaded and all(c.temperatures.tolist() == np.float32(temps).tolist() for c in loaded)
+    ar = generate_ar(target, tcfg, [PROMPT_IDS], max_new_tokens=16)[0]
+    assert out["samples"] == [ar, ar] and out["accepted_tokens"] > 0

@@ -25,7 +25,6 @@ import dataclasses
 import functools
 import json
 import math
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -382,15 +381,10 @@ def test_a_gemma4_eagle3_drafter_refuses_a_qwen3_target_and_back(fixture_pair):
 def trained(fixture_dir, tmp_path_factory):
     """``train-draft --drafter eagle3`` on the fixture target (a byte-level tokenizer of its
     vocabulary beside it): 2 steps, online target features, bfloat16 export without copies."""
-    from test_gemma4_cli import byte_level_tokenizer
+    from test_gemma4_cli import target_with_prompts
 
     root = tmp_path_factory.mktemp("gemma4_eagle3_cli")
-    target_dir = root / "target"
-    shutil.copytree(fixture_dir / "target", target_dir)
-    _, tcfg = load_target(target_dir, "float32")
-    byte_level_tokenizer(tcfg.vocab_size, target_dir / "tokenizer.json")
-    prompts = root / "p.jsonl"
-    prompts.write_text("\n".join(json.dumps({"text": t}) for t in ["def f(x):", "the quick", "return x", "brown fox"]))
+    target_dir, prompts = target_with_prompts(fixture_dir / "target", root)
     out = root / "run"
     cli.main(["train-draft", "--drafter", "eagle3", "--target", str(target_dir), "--out", str(out), "--prompts",
               str(prompts), "--num-prompts", "4", "--answer-tokens", "8", "--seq-len", "16", "--batch-size", "2",

@@ -59,6 +59,7 @@ def test_plugin_heads_train_save_reload_decode_losslessly_and_calibrate_through_
     got = run_json(capsys, ["generate", "--target", str(root / "target"), "--draft", str(out / "draft"),
                             "--prompt-ids", "5,6,7", "--max-new-tokens", "12", "--json", "--confidence-threshold", "0.5"])
     assert got["samples"] == [generate_ar(target, tcfg, [[5, 6, 7]], max_new_tokens=12)[0]]
+    assert got["verification_budget_per_request"] < dcfg.block_size + 1, got  # the threshold cut some drafts
     cal = tmp_path / "cal.json"
     cli.main(["calibrate", "--target", str(root / "target"), "--draft", str(out / "draft"), "--prompts", str(prompts),
               "--max-new-tokens", "24", "--min-rounds", "8", "--out", str(cal)])

@@ -221,6 +221,18 @@ def test_calibrate_refuses_too_few_rounds_and_keeps_the_old_file(dirs, tmp_path,
     assert sorted(os.listdir(draft)) == ["config.json", "manifest.json", "model.safetensors", "sts_calibration.json"]
 
 
+def test_calibrate_refuses_a_drafter_without_confidence_head_before_loading(dirs, tmp_path, capsys):
+    draft = copy(dirs / "draft", tmp_path / "draft")
+    config = json.loads((draft / "config.json").read_text())
+    (draft / "config.json").write_text(json.dumps({**config, "enable_confidence_head": False}))
+    (draft / "manifest.json").unlink()  # it records the confidence head this drafter was trained with
+    (draft / "model.safetensors").write_bytes(b"not a safetensors file")  # never read: the config decides
+    argv = ["calibrate", "--target", str(dirs / "target"), "--draft", str(draft), "--prompts", str(dirs / "p.jsonl")]
+    err = fails(capsys, argv, 2)
+    assert f"{draft}: the drafter has no confidence head to calibrate" in err
+    assert not (draft / "sts_calibration.json").exists()
+
+
 def test_degenerate_sts_fits_are_refused():
     rng = np.random.default_rng(0)
     with pytest.raises(DataError, match="at least 32 rounds"):
