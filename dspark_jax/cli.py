@@ -398,15 +398,12 @@ def cmd_calibrate(args):
     import numpy as np
 
     from .chat import with_stop_id
-    from .checkpoint import load_drafter, load_target
+    from .checkpoint import load_draft_config, load_drafter, load_target
     from .data import read_prompts, prompts_from_documents, stdlib_corpus
     from .sampling import Sampling
     from .schedule import check_sts_fit, fit_sts
-    from .speculative import speculative_generate
+    from .speculative import no_confidence_hint, speculative_generate
     from .tokenizer import Tokenizer
-
-    from .checkpoint import load_draft_config
-    from .speculative import no_confidence_hint
 
     dcfg = load_draft_config(args.draft)  # read before any weights load
     if not getattr(dcfg, "enable_confidence_head", False):

@@ -256,12 +256,8 @@ class Engine:
         if missing:
             raise ValueError(f"sps_profile has no profile for widths {missing} (an engine of {self.slots} slots runs "
                              f"widths {list(self.widths)}; engine.profile_widths measures them)")
-        costs = {}
-        for w in self.widths:
-            table = np.asarray(sps_profile[w].table, np.float32)[:size]
-            table = np.concatenate([table, np.full(size - len(table), table[-1], np.float32)])
-            costs[w] = (jnp.asarray(table), jnp.float32(sps_profile[w].draft_seconds))
-        return costs
+        return {w: (jnp.asarray(sps_profile[w].budget_table(size - 1)), jnp.float32(sps_profile[w].draft_seconds))
+                for w in self.widths}
 
     def _empty_state(self, K, threshold, calibration, min_expected) -> DecodeState:
         B, S, dtype = self.slots, self.max_len, self.target.embed.dtype

@@ -183,6 +183,12 @@ class SPSProfile:
     def __call__(self, tokens: int) -> float:
         return float(self.table[min(max(tokens, 1), len(self.table) - 1)])
 
+    def budget_table(self, max_tokens: int) -> np.ndarray:
+        """float32 steps/s for budgets ``0..max_tokens``: the table cut there, or extended flat
+        (a budget past the profile costs its last entry)."""
+        table = np.asarray(self.table, np.float32)[: max_tokens + 1]
+        return np.concatenate([table, np.full(max_tokens + 1 - len(table), table[-1], np.float32)])
+
     def to_json(self) -> dict:
         return {"table": self.table.tolist(), "measured": self.measured.tolist(), "buckets": list(self.buckets),
                 "draft_seconds": self.draft_seconds}

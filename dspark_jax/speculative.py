@@ -786,11 +786,7 @@ def speculative_start(
         prefill_chunk=prefill_chunk,
     )
     B = tokens.shape[0]
-    table = None
-    if sps_profile is not None:
-        table = np.asarray(sps_profile.table, np.float32)
-        if len(table) < B * (K + 1) + 1:  # extend flat: budgets past the profile cost its last entry
-            table = np.concatenate([table, np.full(B * (K + 1) + 1 - len(table), table[-1], np.float32)])
+    table = None if sps_profile is None else sps_profile.budget_table(B * (K + 1))
     temps = None if calibration is None else calibration.temperatures[:K]
     sched = init_schedule_state(B, K, confidence_threshold, table, temps, min_expected_accept,
                                 0.0 if sps_profile is None else sps_profile.draft_seconds)
