@@ -63,6 +63,7 @@ def parse_args(argv=None):
 def build(args):
     cfg, draft_layers, layer_ids = SHAPES[args.shape]
     dtype = jnp.dtype(args.dtype)
+    cfg = dataclasses.replace(cfg, per_layer_weights=True)  # decoding's layout (layers.run_layers)
     params = jax.jit(lambda k: target_model.init_params(k, cfg, dtype))(jax.random.key(0))
     dcfg = draft_model.DraftConfig(layers=dataclasses.replace(cfg, num_hidden_layers=draft_layers),
                                    block_size=args.block_size, target_layer_ids=layer_ids,

@@ -174,7 +174,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model_dir or tmp
         hf_model = build_hf_model(args, path)
-        params, cfg = load_qwen3(path, dtype=args.dtype)
+        params, cfg = load_qwen3(path, dtype=args.dtype, per_layer=True)
         print(f"parameters: {sum(x.size for x in jax.tree.leaves(params)) / 1e6:.2f}M")
 
         rows, agreement = [], []

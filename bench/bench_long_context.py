@@ -14,12 +14,16 @@ Prints, in one run (``--parts`` picks a subset):
     cost of a step does not depend on their values), so no 16k-token prefill is needed.
     The drafter is a random 5-layer, block-7 DSpark shape: its acceptance is meaningless,
     so speculative tokens/s is given at the measured tau and as the round cost.
+    ``--layouts stacked per-layer`` times ``ar`` with the target's layer weights in both
+    layouts, alternating (``layers.run_layers``: stacked ``[L, ...]`` is training's layout,
+    one array per layer decoding's); the first layout listed runs the speculative round.
 (c) ``prefill``: peak resident memory and time of a ``--prefill-len`` (32k) token prefill
     on the 0.6B shape, in a child process, beside the weight and KV-cache bytes.
 
     python bench/bench_long_context.py                                  # everything (long)
     python bench/bench_long_context.py --parts capacity
     python bench/bench_long_context.py --parts used --used 1024 4096 --new-tokens 8
+    python bench/bench_long_context.py --parts used --used 1024 --layouts per-layer stacked --no-transformers
     python bench/bench_long_context.py --parts prefill --prefill-len 32768
     python bench/bench_long_context.py --shape tiny --parts used prefill   # seconds: a smoke run
 """
@@ -76,9 +80,14 @@ def parse_args(argv=None):
     p.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-transformers", action="store_true")
+    p.add_argument("--layouts", nargs="+", default=["per-layer"], choices=list(LAYOUTS),
+                   help="layer-weight layouts to time ar with, alternating (the first also runs the round)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--child-prefill", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+LAYOUTS = {"per-layer": True, "stacked": False}  # Qwen3Config.per_layer_weights
 
 
 def median_time(fn, repeats: int) -> float:
@@ -109,7 +118,7 @@ def read_bandwidth() -> float:
 def part_capacity(args) -> list[dict]:
     from dspark_jax.checkpoint import embedded_path, load_target
 
-    params, cfg = load_target(embedded_path("target"), "float32")
+    params, cfg = load_target(embedded_path("target"), "float32", per_layer=True)
     prompt = np.random.RandomState(0).randint(0, cfg.vocab_size, 32).tolist()
     prepared = prepare_prompts([prompt], cfg.vocab_size, 128, max(args.capacities), max_positions=None)
     tokens, lengths = jnp.asarray(prepared.tokens), jnp.asarray(prepared.lengths)
@@ -262,9 +271,12 @@ def hf_decode_seconds(model, cfg: Qwen3Config, used: int, steps: int, repeats: i
 
 
 def part_used(args) -> dict:
-    cfg = SHAPES[args.shape]
-    params = target_model.init_params(jax.random.key(0), cfg)
-    dcfg = draft_config(cfg, args.block_size)
+    base_cfg = SHAPES[args.shape]
+    stacked = target_model.init_params(jax.random.key(0), base_cfg)
+    layouts = {name: target_model.with_layer_layout(stacked, base_cfg, LAYOUTS[name]) for name in args.layouts}
+    del stacked  # (kept by its layout when listed)
+    params, cfg = layouts[args.layouts[0]]
+    dcfg = draft_config(base_cfg, args.block_size)
     draft = draft_model.init_draft_params(jax.random.key(1), dcfg)
     bandwidth = read_bandwidth()
     weights = param_bytes(params)
@@ -275,21 +287,25 @@ def part_used(args) -> dict:
         torch.set_num_threads(os.cpu_count())
         model = hf_model(params, cfg)
     rows = []
-    steps = ar_steps_fn(params, cfg, args.new_tokens)
+    steps = {name: ar_steps_fn(p, c, args.new_tokens) for name, (p, c) in layouts.items()}
     round_fn, scfg = spec_round_fn(params, cfg, draft, dcfg, args.block_size)
     for used in args.used:
         capacity = bucket(used + args.new_tokens * (args.block_size + 1) + args.block_size + 1)
         # the donated cache is handed back and decoded into again (building a random cache of
         # 16k entries takes seconds: it stays out of the timing); each call adds new_tokens
         # entries, which the capacity leaves room for
-        ar_state = {"carry": (random_cache(cfg, 1, capacity, used, 0), jnp.zeros((1,), jnp.int32))}
-
-        def ar_call():
-            ar_state["carry"] = steps(*ar_state["carry"])
-            return ar_state["carry"][1]
-
-        ar_s = median_time(ar_call, args.repeats) / args.new_tokens
-        del ar_state
+        carries = {name: (random_cache(cfg, 1, capacity, used, 0), jnp.zeros((1,), jnp.int32)) for name in layouts}
+        ar_times = {name: [] for name in layouts}
+        for name in layouts:  # compile / warm up
+            carries[name] = jax.block_until_ready(steps[name](*carries[name]))
+        for _ in range(args.repeats):  # the layouts alternate
+            for name in layouts:
+                t = time.perf_counter()
+                carries[name] = jax.block_until_ready(steps[name](*carries[name]))
+                ar_times[name].append((time.perf_counter() - t) / args.new_tokens)
+        ar_by_layout = {name: statistics.median(ts) for name, ts in ar_times.items()}
+        ar_s = ar_by_layout[args.layouts[0]]
+        del carries
         state = spec_state(params, cfg, draft, dcfg, scfg, capacity, used, args.block_size)
         holder = {"state": state}
 
@@ -309,6 +325,7 @@ def part_used(args) -> dict:
             "spec_round_ms": 1e3 * round_s, "spec_tau_random_drafter": tau,
             "spec_tokens_per_s": tau / round_s,
             "spec_breakeven_tau": round_s / ar_s,
+            "ar_ms_per_token_by_layout": {name: 1e3 * t for name, t in ar_by_layout.items()},
         }
         if model is not None:
             hf_s = hf_decode_seconds(model, cfg, used, args.new_tokens, args.repeats)
@@ -331,7 +348,7 @@ def peak_rss_bytes() -> int:
 
 def child_prefill(args) -> dict:
     """In a fresh process: init weights, prefill ``--prefill-len`` tokens, report peak RSS."""
-    cfg = SHAPES[args.shape]
+    cfg = dataclasses.replace(SHAPES[args.shape], per_layer_weights=True)  # decoding's layout
     params = target_model.init_params(jax.random.key(0), cfg)
     jax.block_until_ready(params)
     after_weights = peak_rss_bytes()
@@ -411,12 +428,16 @@ def main(argv=None):
         head = f"{'used':>6} {'ar ms/tok':>10} {'tok/s':>7} {'roofline ms':>12} {'ratio':>6} {'round ms':>9} {'breakeven tau':>14}"
         if not args.no_transformers:
             head += f" {'hf ms/tok':>10} {'ours/hf speed':>14}"
+        others = args.layouts[1:]
+        head += "".join(f" {'ar ' + name:>12}" for name in others)
+        print(f"ar and the round: {args.layouts[0]} layer weights")
         print(head)
         for r in u["rows"]:
             line = (f"{r['used']:>6} {r['ar_ms_per_token']:>10.1f} {r['ar_tokens_per_s']:>7.2f} {r['roofline_ms']:>12.1f} "
                     f"{r['roofline_ratio']:>6.2f} {r['spec_round_ms']:>9.1f} {r['spec_breakeven_tau']:>14.2f}")
             if "transformers_ms_per_token" in r:
                 line += f" {r['transformers_ms_per_token']:>10.1f} {r['ours_vs_transformers']:>13.2f}x"
+            line += "".join(f" {r['ar_ms_per_token_by_layout'][name]:>12.1f}" for name in others)
             print(line)
         print("  (speculative: one round of block-size drafts; tokens/s = tau / round time; a random drafter's tau"
               " is ~1, so the break-even tau (round time / ar step) is the figure that carries over)")

@@ -214,7 +214,7 @@ def trained_pair(args):
 
     target_dir = args.target or embedded_path("target")
     draft_dir = args.draft or embedded_path("dspark")
-    target, tcfg = load_target(target_dir)
+    target, tcfg = load_target(target_dir, per_layer=True)
     draft, dcfg = load_drafter(draft_dir, target, tcfg)
     _, pool = load_prompt_set(args.prompts, Tokenizer(target_dir).encode, args.prompt_len,
                               max(args.num_prompts, max(args.batch)))

@@ -13,6 +13,7 @@ steps per second.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import jax
 import jax.numpy as jnp
 
@@ -59,6 +60,7 @@ def main():
     on_cpu = jax.default_backend() == "cpu"
     cfg = PRESETS[args.preset or ("small" if on_cpu else "qwen3-4b")]
     dtype = resolve_dtype(args.dtype)
+    cfg = dataclasses.replace(cfg, per_layer_weights=True)  # decoding's layout (layers.run_layers)
     params = target_model.init_params(jax.random.key(0), cfg, dtype)
     drafts = list(range(1, args.max_drafts + 1))
     print(f"backend={jax.default_backend()} devices={len(jax.devices())} dtype={jnp.dtype(dtype).name} "

@@ -12,6 +12,7 @@ Host memory peaks near one piece, not near the model.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -262,12 +263,13 @@ def _target_shardings(cfg: Qwen3Config, mesh):
     return target_shardings(cfg, mesh)
 
 
-def load_qwen3(model_dir: str | os.PathLike, dtype=None, *, mesh=None,
-               chunk_bytes: int = CHUNK_BYTES) -> tuple[Qwen3Params, Qwen3Config]:
+def load_qwen3(model_dir: str | os.PathLike, dtype=None, *, mesh=None, chunk_bytes: int = CHUNK_BYTES,
+               per_layer: bool = False) -> tuple[Qwen3Params, Qwen3Config]:
     """Load a Hugging Face Qwen3 directory (config.json + safetensors, one file or sharded)
     without torch. With a ``(data, model)`` mesh every weight is placed directly with the
-    sharding the tensor-parallel forward uses (``sharding.target_shardings``)."""
-    cfg = load_qwen3_config(model_dir)
+    sharding the tensor-parallel forward uses (``sharding.target_shardings``). ``per_layer``:
+    each layer's weights their own arrays (``config.Qwen3Config.per_layer_weights``)."""
+    cfg = dataclasses.replace(load_qwen3_config(model_dir), per_layer_weights=per_layer)
     dtype = resolve_dtype(dtype)
     with TensorSource(model_dir) as source:
         decls = _checked_target(cfg, source)
@@ -376,17 +378,21 @@ def restore_qwen3_orbax(path, dtype=None, *, mesh=None) -> tuple[Qwen3Params, Qw
     return restore_orbax(path, abstract), cfg
 
 
-def load_target(path, dtype=None, *, mesh=None) -> tuple[Qwen3Params, Qwen3Config]:
+def load_target(path, dtype=None, *, mesh=None, per_layer: bool = False) -> tuple[Qwen3Params, Qwen3Config]:
     """A target from either a Hugging Face directory or one of our orbax checkpoints, on a
-    mesh placed directly with the tensor-parallel shardings."""
+    mesh placed directly with the tensor-parallel shardings. ``per_layer``: the layer weights
+    one array per layer (the decoding layout, ``target.with_layer_layout``), read that way
+    from a Hugging Face directory."""
+    from .target import with_layer_layout
+
     path = os.fspath(path)
     if os.path.isdir(os.path.join(path, "params")):
-        return restore_qwen3_orbax(path, dtype, mesh=mesh)
+        return with_layer_layout(*restore_qwen3_orbax(path, dtype, mesh=mesh), per_layer)
     if target_family(path) == "gemma4":
         from .gemma4 import load_gemma4
 
         return load_gemma4(path, dtype, mesh=mesh)
-    return load_qwen3(path, dtype, mesh=mesh)
+    return load_qwen3(path, dtype, mesh=mesh, per_layer=per_layer)
 
 
 def load_target_config(model_dir):

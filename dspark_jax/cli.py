@@ -143,7 +143,8 @@ def run_generate(args, on_first_result=None, on_text=None) -> dict:
         from .sharding import make_mesh
 
         mesh = make_mesh(model=args.tensor_parallel, data=args.data_parallel)
-    target, tcfg = load_target(args.target, args.dtype, mesh=mesh)  # each weight straight onto its devices
+    # each weight straight onto its devices, one array per layer (the decoding layout)
+    target, tcfg = load_target(args.target, args.dtype, mesh=mesh, per_layer=True)
     tcfg = with_attention_backend(tcfg, args.attention_backend)
     tcfg = with_stop_id(tcfg, end_of_turn)  # a chat answer ends with the template's end-of-turn token
     prompts = [prompt] * args.num_samples
@@ -409,7 +410,7 @@ def cmd_calibrate(args):
     if not getattr(dcfg, "enable_confidence_head", False):
         raise UsageError(f"{args.draft}: the drafter has no confidence head to calibrate" + no_confidence_hint(dcfg))
     args.target = _target_or_embedded(args.target)
-    target, tcfg = load_target(args.target, args.dtype)
+    target, tcfg = load_target(args.target, args.dtype, per_layer=True)
     draft, dcfg = load_drafter(args.draft, target, tcfg, args.dtype)
     tok = Tokenizer(args.tokenizer or args.target)
     if args.prompts in ("held-out", "train"):
@@ -475,7 +476,7 @@ def cmd_eval(args):
 
     target_dir = _target_or_embedded(args.target)
     try:
-        target, tcfg = load_target(target_dir, args.dtype)
+        target, tcfg = load_target(target_dir, args.dtype, per_layer=True)
         tok = Tokenizer(args.tokenizer or target_dir)
         chat, end_of_turn = chat_rule(args, tok)
         tcfg = with_stop_id(tcfg, end_of_turn)
@@ -519,7 +520,7 @@ def cmd_profile_sps(args):
     from .checkpoint import load_target
     from .speculative import profile_verification
 
-    target, tcfg = load_target(args.target, args.dtype)
+    target, tcfg = load_target(args.target, args.dtype, per_layer=True)
     prof = profile_verification(target, tcfg, args.batch, args.block_size, args.context)
     prof.save(args.out)
     print(f"SPS profile (batch {args.batch}, {args.block_size} drafts) saved to {args.out}")

@@ -113,6 +113,9 @@ class Qwen3Config:
     layer_types: tuple[str, ...] | None = None  # None: every layer full attention
     # not part of the checkpoint: which attention.py backend runs ("auto": per platform)
     attention_backend: str = "auto"
+    # not part of the checkpoint: the layer weights as one array per layer and weight (the
+    # decoding layout, layers.run_layers) instead of stacked [L, ...] (training's)
+    per_layer_weights: bool = False
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:

@@ -62,6 +62,8 @@ class DraftConfig:
     num_target_layers: int | None = None
 
     def __post_init__(self):
+        if getattr(self.layers, "per_layer_weights", False):  # the drafter's layers stay stacked
+            object.__setattr__(self, "layers", dataclasses.replace(self.layers, per_layer_weights=False))
         if self.block_size < 1:
             raise ConfigError(f"block_size must be >= 1, got {self.block_size}")
         if self.markov_rank < 0:

@@ -75,7 +75,9 @@ class Eagle3Config:
 
     def __post_init__(self):
         # the drafter's lm_head is the target's: there is no tying of its own (DeepSpec writes false)
-        object.__setattr__(self, "layers", dataclasses.replace(self.layers, tie_word_embeddings=False))
+        # (and its one layer's weights are never per-layer arrays: Qwen3Config.per_layer_weights)
+        layout = {"per_layer_weights": False} if hasattr(self.layers, "per_layer_weights") else {}
+        object.__setattr__(self, "layers", dataclasses.replace(self.layers, tie_word_embeddings=False, **layout))
         if self.ttt_length < 1:
             raise ConfigError(f"ttt_length must be >= 1, got {self.ttt_length}")
         if self.layers.num_hidden_layers != 1:

@@ -9,6 +9,7 @@ tensor-parallel hook is ``tp_axis``, which sums the row-split projections across
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable
 
@@ -38,10 +39,17 @@ class DecoderLayerParams:
     down_proj: jax.Array  # [L, F, D]
 
 
-def decoder_layer_decl(cfg: Qwen3Config, num_layers: int, prefix: str, attn_in: int | None = None) -> DecoderLayerParams:
+def decoder_layer_decl(cfg: Qwen3Config, num_layers: int, prefix: str, attn_in: int | None = None,
+                       per_layer: bool = False) -> DecoderLayerParams | tuple[DecoderLayerParams, ...]:
     """The declaration of ``num_layers`` stacked decoder layers whose checkpoint tensors are
     ``{prefix}.{i}.<Hugging Face name>``: shapes, logical axes, names, initialisers.
-    ``attn_in`` is the width q/k/v project from (default hidden_size; Eagle-3: 2 x hidden)."""
+    ``attn_in`` is the width q/k/v project from (default hidden_size; Eagle-3: 2 x hidden).
+    ``per_layer``: a tuple of one declaration per layer instead (each weight its own array:
+    the decoding layout, see ``run_layers``)."""
+    if per_layer:
+        stacked = decoder_layer_decl(cfg, num_layers, prefix, attn_in)
+        return tuple(jax.tree.map(lambda d, i=i: d.layer(i), stacked, is_leaf=lambda x: isinstance(x, ParamDecl))
+                     for i in range(num_layers))
     L, D, H, K, Dh, F = (
         num_layers,
         cfg.hidden_size,
@@ -155,15 +163,80 @@ def layer_at(layers: DecoderLayerParams, i: int) -> DecoderLayerParams:
     return jax.tree.map(lambda a: a[i], layers)
 
 
+def unstack_layers(layers):
+    """Stacked layer weights ``[L, ...]`` as a tuple of ``L`` per-layer pytrees, each leaf its
+    own array (a copy, made outside any jit: this is a layout, not a view)."""
+    num = jax.tree.leaves(layers)[0].shape[0]
+    return tuple(layer_at(layers, i) for i in range(num))
+
+
+def stack_layers(layers):
+    """The inverse of ``unstack_layers``: stacked ``[L, ...]`` weights (unchanged if stacked)."""
+    if not isinstance(layers, tuple):
+        return layers
+    return jax.tree.map(lambda *a: jnp.stack(a), *layers)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSwitch:
+    """Layer ``index`` (traced) of per-layer weights ``layers`` (a tuple, ``unstack_layers``):
+    what a layer-loop body gets in place of its weights. ``on_layer`` runs a function of the
+    weights as a ``lax.switch`` whose branch l reads layer l's own arrays."""
+
+    layers: tuple
+    index: jax.Array
+
+
+def on_layer(p, fn: Callable, *args):
+    """``fn(weights, *args)`` for one layer's weights ``p``, or through a ``LayerSwitch``."""
+    if not isinstance(p, LayerSwitch):
+        return fn(p, *args)
+    return jax.lax.switch(p.index, [functools.partial(fn, layer) for layer in p.layers], *args)
+
+
+def run_layers(body, carry, layers, *xs):
+    """``lax.scan(body, carry, (weights, *xs))`` over the layers: ``weights`` is each layer's
+    slice of stacked weights ``[L, ...]``, or a ``LayerSwitch`` over a tuple of per-layer
+    weights (``unstack_layers``). Returns ``(carry, outputs stacked on [L])``.
+
+    Why two layouts: a scan body takes each layer's weights as a ``dynamic-slice`` of the
+    stack, and XLA:CPU writes that slice out before every dot (``bench/bench_layer_loop.py``),
+    so a weight-bound decode step reads every weight twice and writes it once. With per-layer
+    weights the body's matrix products run inside ``lax.switch`` branches that read layer l's
+    arrays where they lie; the loop stays a scan (one compiled body; the KV cache it reads is
+    updated in place, which an unrolled Python loop over layers broke: XLA copied the cache).
+    Decoding uses the per-layer layout; training keeps the stack."""
+    if not isinstance(layers, tuple):
+        return jax.lax.scan(body, carry, (layers, *xs))
+    index = jnp.arange(len(layers), dtype=jnp.int32)
+    return jax.lax.scan(lambda c, x: body(c, (LayerSwitch(layers, x[0]), *x[1:])), carry, (index, *xs))
+
+
+def split_heads(h: jax.Array, w: jax.Array) -> jax.Array:
+    """``h [..., D] @ w [D, N, Dh] -> [..., N, Dh]`` as one 2-D matrix product over the
+    weight's contiguous ``[D, N * Dh]`` view. (A 3-axis einsum leaves XLA free to pick a
+    weight layout, and XLA:CPU then copies whole weights before the dot: see ``merge_heads``.)"""
+    D, N, Dh = w.shape
+    return (h @ w.reshape(D, N * Dh)).reshape(*h.shape[:-1], N, Dh)
+
+
+def merge_heads(out: jax.Array, w: jax.Array) -> jax.Array:
+    """``out [..., N, Dh] @ w [N, Dh, D] -> [..., D]`` over the weight's ``[N * Dh, D]`` view.
+    As the einsum ``"btnh,nhd->btd"`` XLA:CPU transposed every o_proj to ``[Dh, N, D]`` (a
+    weight-sized copy per layer per decode step, ~13% of a Qwen3-0.6B step)."""
+    N, Dh, D = w.shape
+    return out.reshape(*out.shape[:-2], N * Dh) @ w.reshape(N * Dh, D)
+
+
 def project_kv(p: DecoderLayerParams, cfg: Qwen3Config, h: jax.Array, cos, sin):
     """Keys (k_norm, then RoPE) and values for normed inputs ``h [B, T, D]`` of one layer."""
-    k = rms_norm(jnp.einsum("btd,dkh->btkh", h, p.k_proj), p.k_norm, cfg.rms_norm_eps)
-    v = jnp.einsum("btd,dkh->btkh", h, p.v_proj)
+    k = rms_norm(split_heads(h, p.k_proj), p.k_norm, cfg.rms_norm_eps)
+    v = split_heads(h, p.v_proj)
     return apply_rope(k, cos, sin), v
 
 
 def project_q(p: DecoderLayerParams, cfg: Qwen3Config, h: jax.Array, cos, sin):
-    q = rms_norm(jnp.einsum("btd,dnh->btnh", h, p.q_proj), p.q_norm, cfg.rms_norm_eps)
+    q = rms_norm(split_heads(h, p.q_proj), p.q_norm, cfg.rms_norm_eps)
     return apply_rope(q, cos, sin)
 
 
@@ -188,12 +261,19 @@ def decoder_layer(
     the cache). ``attn_input [B, T, A]`` replaces ``input_norm(x)`` as what q/k/v project
     from (Eagle-3: [input_norm(embedding) ; hidden_norm(x)]). Returns ``(x, aux)``.
     """
-    h = rms_norm(x, p.input_norm, cfg.rms_norm_eps) if attn_input is None else attn_input
-    q = project_q(p, cfg, h, cos, sin)
-    k, v = project_kv(p, cfg, h, cos, sin)
+    q, k, v = on_layer(p, functools.partial(attention_inputs, cfg=cfg), x, cos, sin, attn_input)
     out, aux = attend(q, k, v)
-    x = x + tp_sum(jnp.einsum("btnh,nhd->btd", out, p.o_proj), tp_axis)
+    x = x + tp_sum(on_layer(p, lambda w, out: merge_heads(out, w.o_proj), out), tp_axis)
+    return x + tp_sum(on_layer(p, functools.partial(mlp_partial, cfg=cfg), x), tp_axis), aux
+
+
+def attention_inputs(p: DecoderLayerParams, x, cos, sin, attn_input=None, *, cfg: Qwen3Config):
+    """q, k, v of one layer (q/k normed, RoPE applied) from ``x`` (or ``attn_input``)."""
+    h = rms_norm(x, p.input_norm, cfg.rms_norm_eps) if attn_input is None else attn_input
+    return (project_q(p, cfg, h, cos, sin), *project_kv(p, cfg, h, cos, sin))
+
+
+def mlp_partial(p: DecoderLayerParams, x, *, cfg: Qwen3Config):
+    """The post-norm MLP's output before the tensor-parallel sum."""
     h = rms_norm(x, p.post_norm, cfg.rms_norm_eps)
-    mlp = jax.nn.silu(h @ p.gate_proj) * (h @ p.up_proj)
-    x = x + tp_sum(mlp @ p.down_proj, tp_axis)
-    return x, aux
+    return (jax.nn.silu(h @ p.gate_proj) * (h @ p.up_proj)) @ p.down_proj

@@ -80,6 +80,13 @@ class ParamDecl:
             return self.name
         return self.name.format(layer=layer if self.layer_ids is None else self.layer_ids[layer])
 
+    def layer(self, i: int) -> "ParamDecl":
+        """The declaration of index ``i`` of a stacked weight's leading axis on its own."""
+        if not self.stacked:
+            raise ValueError(f"{self.name}: not a per-layer weight")
+        return dataclasses.replace(self, shape=self.tensor_shape, axes=tuple(self.axes[1:]), name=self.tensor_name(i),
+                                   layer_ids=None)
+
     def tensor_names(self) -> list[str]:
         return [self.tensor_name(i) for i in range(self.num_tensors)] if self.stacked else [self.name]
 

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 from .attention import NO_WINDOW, AttentionMask, Context, attend
 from .cache import KVCache, chunk_positions, write_layers
 from .config import Qwen3Config
-from .layers import DecoderLayerParams, decoder_layer, decoder_layer_decl, rms_norm, rope_cos_sin
+from .layers import (DecoderLayerParams, decoder_layer, decoder_layer_decl, rms_norm, rope_cos_sin, run_layers,
+                     stack_layers, unstack_layers)
 from .params import ParamDecl, init_param, init_tree
 
 
@@ -28,7 +29,7 @@ from .params import ParamDecl, init_param, init_tree
 @dataclasses.dataclass
 class Qwen3Params:
     embed: jax.Array  # [V, D]
-    layers: DecoderLayerParams  # stacked over [L]
+    layers: DecoderLayerParams | tuple[DecoderLayerParams, ...]  # stacked over [L], or one per layer
     final_norm: jax.Array  # [D]
     lm_head: jax.Array | None  # [D, V]; None when tied to embed
 
@@ -63,7 +64,7 @@ def target_decl(cfg: Qwen3Config) -> Qwen3Params:
     D, V = cfg.hidden_size, cfg.vocab_size
     return Qwen3Params(
         embed=ParamDecl((V, D), ("vocab", "embed"), "model.embed_tokens.weight"),
-        layers=decoder_layer_decl(cfg, cfg.num_hidden_layers, "model.layers"),
+        layers=decoder_layer_decl(cfg, cfg.num_hidden_layers, "model.layers", per_layer=cfg.per_layer_weights),
         final_norm=ParamDecl((D,), ("embed",), "model.norm.weight", init="ones"),
         lm_head=None if cfg.tie_word_embeddings else ParamDecl((D, V), ("embed", "vocab"), "lm_head.weight", 1),
     )
@@ -92,7 +93,19 @@ def draft_layers_config(cfg: Qwen3Config, num_layers: int) -> Qwen3Config:
     layers and no stop ids (Gemma 4: every layer full attention, as DeepSpec builds it)."""
     if (family := family_of(cfg)) is not None:
         return family.draft_layers_config(cfg, num_layers)
-    return dataclasses.replace(cfg, num_hidden_layers=num_layers, eos_token_ids=())
+    return dataclasses.replace(cfg, num_hidden_layers=num_layers, eos_token_ids=(), per_layer_weights=False)
+
+
+def with_layer_layout(params: Qwen3Params, cfg: Qwen3Config, per_layer: bool = True) -> tuple[Qwen3Params, Qwen3Config]:
+    """The target with its layer weights one array per layer (``per_layer``, the decoding
+    layout: ``layers.run_layers`` says why) or stacked ``[L, ...]``, and the config that
+    declares that layout. A copy of the layer weights unless already so (load with
+    ``checkpoint.load_target(..., per_layer=True)`` to read them that way directly). Gemma 4
+    targets keep their own layout (layer groups)."""
+    if family_of(cfg) is not None or cfg.per_layer_weights == per_layer:
+        return params, cfg
+    layers = unstack_layers(params.layers) if per_layer else stack_layers(params.layers)
+    return dataclasses.replace(params, layers=layers), dataclasses.replace(cfg, per_layer_weights=per_layer)
 
 
 def embed_tokens(params: Qwen3Params, tokens: jax.Array) -> jax.Array:
@@ -171,8 +184,8 @@ def _run_layers(params, cfg, tokens, cos, sin, mask, context, feature_layers, wi
     if remat:
         body = jax.checkpoint(body)
     L = cfg.num_hidden_layers
-    scanned = (params.layers, jnp.arange(L, dtype=jnp.int32), layer_windows(cfg), slot_of_layer)
-    (x, collected), new_kv = jax.lax.scan(body, (x, collected), scanned)
+    (x, collected), new_kv = run_layers(body, (x, collected), params.layers, jnp.arange(L, dtype=jnp.int32),
+                                        layer_windows(cfg), slot_of_layer)
     embed_out = params.embed[tokens]
     parts = [embed_out if i == -1 else collected[decoder_ids.index(i)] for i in feature_layers]
     features = jnp.concatenate(parts, axis=-1) if parts else jnp.zeros((B, T, 0), x.dtype)

@@ -153,21 +153,69 @@ def cache_sized_copies(hlo: str, shapes: list[str]) -> list[str]:
     return bad
 
 
-def test_ar_step_updates_the_cache_in_place(pair):
-    target, _ = pair
-    compiled = ar_decode.lower(
+def weight_shapes(layers: tuple) -> set[str]:
+    """HLO spellings of per-layer weights' matrices, as stored and as the 2-D matrix each
+    projection multiplies by (``layers.split_heads`` / ``merge_heads`` views)."""
+    shapes = set()
+    for a in jax.tree.leaves(layers):
+        if a.ndim >= 2:  # not the norms (vectors the size of activations)
+            first, last = (a.shape[0], int(np.prod(a.shape[1:]))), (int(np.prod(a.shape[:-1])), a.shape[-1])
+            shapes |= {f"f32[{','.join(map(str, s))}]" for s in (a.shape, first, last)}
+    return shapes
+
+
+def weight_sized_copies(hlo: str, shapes: set[str]) -> list[str]:
+    """Instructions that write a weight-sized array (a copy, slice or fusion of a weight)
+    anywhere in the program: reading weights where they lie makes none."""
+    bad = []
+    for line in hlo.splitlines():
+        if " = " not in line:
+            continue
+        op = re.match(r"(\S+)\s+([\w-]+)\(", line.split(" = ", 1)[1])
+        if op and op.group(1).split("{")[0] in shapes and op.group(2) not in ("parameter", "bitcast", "get-tuple-element"):
+            bad.append(line.strip()[:160])
+    return bad
+
+
+def ar_program(target, cfg) -> str:
+    return ar_decode.lower(
         target, jnp.zeros((2, 16), jnp.int32), jnp.array([5, 3]), jax.random.key(0), jnp.int32(8),
-        target_model.init_cache(CFG, 2, 512), cfg=CFG, sampling=Sampling(), buffer_len=16, eos_ids=(),
+        target_model.init_cache(cfg, 2, 512), cfg=cfg, sampling=Sampling(), buffer_len=16, eos_ids=(),
     ).compile().as_text()
+
+
+LAYOUTS = {"stacked": False, "per-layer": True}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_ar_step_updates_the_cache_in_place(pair, layout):
+    target, cfg = target_model.with_layer_layout(pair[0], CFG, LAYOUTS[layout])
+    compiled = ar_program(target, cfg)
     shapes = list(cache_shapes(CFG, 2, 512))
     assert any(shapes[0] in line for line in loop_instructions(compiled))  # the cache is in the loop
     assert cache_sized_copies(compiled, shapes) == []
 
 
+def test_per_layer_weights_are_read_where_they_lie():
+    """The decoding layout's point: no instruction of the AR program writes a weight-sized
+    array (on XLA:CPU a scan over stacked weights copies each layer's slice before its dot,
+    and a 3-axis einsum over o_proj transposed it). Shapes distinct from every activation."""
+    cfg = Qwen3Config(vocab_size=300, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+                      num_attention_heads=6, num_key_value_heads=3, head_dim=16)
+    target, cfg = target_model.with_layer_layout(target_model.init_params(jax.random.key(0), cfg), cfg)
+    shapes = weight_shapes(target.layers)
+    assert {"f32[48,6,16]", "f32[48,96]", "f32[6,16,48]", "f32[96,48]", "f32[80,48]"} <= shapes
+    compiled = ar_program(target, cfg)
+    assert any("f32[48,80]" in line for line in compiled.splitlines())  # the weights are in the program
+    assert weight_sized_copies(compiled, shapes) == []
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("scheduler", ["fixed", "algorithm1"])
-def test_speculative_round_updates_both_caches_in_place(pair, scheduler):
-    target, draft = pair
-    scfg = SpecConfig(target=CFG, draft=DCFG, scheduler=scheduler)
+def test_speculative_round_updates_both_caches_in_place(pair, scheduler, layout):
+    target, cfg = target_model.with_layer_layout(pair[0], CFG, LAYOUTS[layout])
+    draft = pair[1]
+    scfg = SpecConfig(target=cfg, draft=DCFG, scheduler=scheduler)
     state = speculative_prefill(target, draft, jnp.zeros((2, 16), jnp.int32), jnp.array([5, 3]),
                                 jnp.array([True, True]), jax.random.key(0), jnp.int32(8),
                                 init_schedule_state(2, DCFG.block_size), scfg=scfg, buffer_len=16, cache_len=512)

@@ -72,6 +72,33 @@ def test_sharded_forward_equals_unsharded_logits_features_and_cache(kv_heads, mo
     np.testing.assert_array_equal(new_cache.lengths, ref_cache.lengths)
 
 
+def test_per_layer_weights_shard_and_decode_as_the_stacked_ones(pair):
+    """The decoding layout (one array per layer) under the mesh: each layer's weights split as
+    the stacked ones, the sharded forward equal to the unsharded stacked one, still two
+    all-reduces per layer (outside the per-layer branches), and greedy ar / speculative equal."""
+    target, cfg, draft, dcfg = pair
+    per, pcfg = target_model.with_layer_layout(target, cfg)
+    mesh = make_mesh(model=4, data=2)
+    sparams, scfg = shard_target(per, pcfg, mesh)
+    assert isinstance(sparams.layers, tuple) and scfg.per_layer_weights
+    assert sparams.layers[1].q_proj.sharding.spec == jax.sharding.PartitionSpec(None, "model", None)
+    tokens = jax.random.randint(jax.random.key(1), (4, 6), 0, cfg.vocab_size)
+    cache = target_model.init_cache(cfg, 4, 16).advance(jnp.array([0, 3, 1, 5]))
+    ref, ref_cache = target_model.forward(target, cfg, tokens, cache, feature_layers=(-1, 1))
+    fn = jax.jit(lambda p, t, c: sharded_forward(mesh, p, scfg, t, c, feature_layers=(-1, 1)))
+    out, new_cache = fn(sparams, tokens, target_model.init_cache(scfg, 4, 16).advance(jnp.array([0, 3, 1, 5])))
+    np.testing.assert_allclose(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out.features, ref.features, rtol=1e-4, atol=1e-4)
+    rep = scfg.num_key_value_heads // cfg.num_key_value_heads  # kv heads repeated to split over 4
+    np.testing.assert_allclose(new_cache.k[:, :, :, ::rep], ref_cache.k, rtol=1e-4, atol=1e-4)
+    assert count_all_reduces(fn.lower(sparams, tokens, new_cache).compile().as_text()) == 2
+
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9], [10, 11]]
+    ar = generate_ar(target, cfg, prompts, max_new_tokens=12)
+    assert generate_ar(per, pcfg, prompts, max_new_tokens=12, mesh=mesh) == ar
+    assert speculative_generate(per, pcfg, draft, dcfg, prompts, max_new_tokens=12, mesh=mesh).samples == ar
+
+
 def test_impossible_shapes_are_refused_with_a_clear_error():
     with pytest.raises(ValueError, match="num_key_value_heads=3"):
         kv_replication(dataclasses.replace(tiny_config(1), num_attention_heads=6, num_key_value_heads=3), 2)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from dspark_jax import decoding
-from dspark_jax.checkpoint import load_qwen3
+from dspark_jax.checkpoint import load_qwen3, load_target
 from dspark_jax.config import RopeConfig
 from dspark_jax.target import forward, init_cache
 from hf_models import hf_forward, make_hf_qwen3
@@ -78,20 +78,36 @@ SEQ_LEN = sum(CHUNKS)
 FEATURE_LAYERS = (-1,) + tuple(range(LAYERS))
 
 
-@pytest.fixture(scope="module", params=list(VARIANTS), ids=list(VARIANTS))
-def chunked_run(request, tmp_path_factory):
+@pytest.fixture(scope="module")
+def hf_runs(tmp_path_factory):
+    """Per variant (built once, shared by both weight layouts): the saved transformers model's
+    directory, its input ids, and its full-sequence outputs."""
+    runs = {}
+    for name, variant in VARIANTS.items():
+        path = tmp_path_factory.mktemp(name)
+        model = make_hf_qwen3(path, layers=LAYERS, vocab=VOCAB, seed=1, **variant)
+        ids = np.random.RandomState(0).randint(0, VOCAB, (2, SEQ_LEN)).astype(np.int32)
+        hf_logits, hf_hidden = hf_forward(model, ids)
+        runs[name] = dict(path=path, ids=ids, hf_logits=hf_logits, hf_hidden=hf_hidden,
+                          hf_raw_layers=hf_layer_outputs(model, ids))
+    return runs
+
+
+# the layer weights stacked [L, ...] (training's layout) and one array per layer (decoding's)
+LAYOUTS = {"stacked": False, "per-layer": True}
+
+
+@pytest.fixture(scope="module", params=[(v, l) for v in VARIANTS for l in LAYOUTS], ids="-".join)
+def chunked_run(request, hf_runs):
     """Ours chunk by chunk against the cache, and transformers on the full sequence."""
-    variant = VARIANTS[request.param]
-    path = tmp_path_factory.mktemp(request.param)
-    model = make_hf_qwen3(path, layers=LAYERS, vocab=VOCAB, seed=1, **variant)
-    params, cfg = load_qwen3(path, dtype="float32")
+    name, layout = request.param
+    variant, hf = VARIANTS[name], hf_runs[name]
+    params, cfg = load_target(hf["path"], dtype="float32", per_layer=LAYOUTS[layout])
     assert cfg.tie_word_embeddings == variant["tie"]
     assert (params.lm_head is None) == variant["tie"]
     assert cfg.num_key_value_heads == variant["kv_heads"]
-
-    ids = np.random.RandomState(0).randint(0, VOCAB, (2, SEQ_LEN)).astype(np.int32)
-    hf_logits, hf_hidden = hf_forward(model, ids)
-    hf_raw_layers = hf_layer_outputs(model, ids)
+    assert isinstance(params.layers, tuple) == LAYOUTS[layout] == cfg.per_layer_weights
+    ids, hf_logits, hf_hidden, hf_raw_layers = hf["ids"], hf["hf_logits"], hf["hf_hidden"], hf["hf_raw_layers"]
 
     cache = init_cache(cfg, batch=2, max_len=SEQ_LEN + 5)
     logits, features, hidden, lengths_after_forward = [], [], [], []
