@@ -277,7 +277,8 @@ def part_used(args) -> dict:
     del stacked  # (kept by its layout when listed)
     params, cfg = layouts[args.layouts[0]]
     dcfg = draft_config(base_cfg, args.block_size)
-    draft = draft_model.init_draft_params(jax.random.key(1), dcfg)
+    draft = draft_model.with_layer_layout(draft_model.init_draft_params(jax.random.key(1), dcfg), dcfg,
+                                          LAYOUTS[args.layouts[0]])
     bandwidth = read_bandwidth()
     weights = param_bytes(params)
     model = None

@@ -78,7 +78,7 @@ def load_pair(args):
     target_dir = args.target or embedded_path("target")
     draft_dir = args.draft or embedded_path("dspark")
     target, tcfg = load_target(target_dir, per_layer=True)
-    draft, dcfg = load_drafter(draft_dir, target, tcfg)
+    draft, dcfg = load_drafter(draft_dir, target, tcfg, per_layer=True)
     _, prompts = load_prompt_set(args.prompts, Tokenizer(target_dir).encode, args.prompt_len, args.num_prompts)
     return target, tcfg, draft, dcfg, prompts, Calibration.load(draft_dir, dcfg.block_size)
 

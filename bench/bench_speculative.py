@@ -215,7 +215,7 @@ def trained_pair(args):
     target_dir = args.target or embedded_path("target")
     draft_dir = args.draft or embedded_path("dspark")
     target, tcfg = load_target(target_dir, per_layer=True)
-    draft, dcfg = load_drafter(draft_dir, target, tcfg)
+    draft, dcfg = load_drafter(draft_dir, target, tcfg, per_layer=True)
     _, pool = load_prompt_set(args.prompts, Tokenizer(target_dir).encode, args.prompt_len,
                               max(args.num_prompts, max(args.batch)))
     desc = (f"target {target_dir} ({tcfg.num_hidden_layers} layers, hidden {tcfg.hidden_size}, vocab {tcfg.vocab_size}) | "

@@ -43,7 +43,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     target, tcfg = load_target(embedded_path("target"), per_layer=True)
-    draft, dcfg = load_drafter(embedded_path("dspark"), target, tcfg)
+    draft, dcfg = load_drafter(embedded_path("dspark"), target, tcfg, per_layer=True)
     tok = Tokenizer(embedded_path("target"))
     prompts = prompts_from_documents(stdlib_code("held-out"), args.prompt_tokens, tok.encode)[: args.prompts]
     spec = args.mode == "speculative"

@@ -602,21 +602,24 @@ def restore_training_drafter(workdir, dtype=None):
     return cast_tree(params, resolve_dtype(dtype)), draft_config(meta)
 
 
-def load_drafter(path, target: Qwen3Params, target_cfg: Qwen3Config, dtype=None):
+def load_drafter(path, target: Qwen3Params, target_cfg: Qwen3Config, dtype=None, *, per_layer: bool = False):
     """A drafter from a DeepSpec directory, one of our orbax checkpoints, or the work directory
-    of a ``train-draft`` run (its latest checkpoint, so a run can be evaluated while it trains)."""
+    of a ``train-draft`` run (its latest checkpoint, so a run can be evaluated while it trains).
+    ``per_layer``: a DSpark/DFlash drafter's layer weights one array per layer (decoding's
+    layout, ``draft.with_layer_layout``)."""
+    from .draft import with_layer_layout
     from .drafters import family_of
 
     path = os.fspath(path)
     if os.path.isdir(os.path.join(path, "params")):
         params, dcfg = restore_draft_orbax(path, dtype)
         family_of(dcfg).check_compatible(dcfg, target_cfg, where=os.path.join(path, "config.json"))
-        return params, dcfg
-    if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "checkpoints")):
+    elif not os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "checkpoints")):
         params, dcfg = restore_training_drafter(path, dtype)
         family_of(dcfg).check_compatible(dcfg, target_cfg, where=os.path.join(path, "checkpoints"))
-        return params, dcfg
-    return load_draft(path, target, target_cfg, dtype)
+    else:
+        params, dcfg = load_draft(path, target, target_cfg, dtype)
+    return with_layer_layout(params, dcfg, per_layer), dcfg
 
 
 # ---------------------------------------------------------------------------- embedded pair

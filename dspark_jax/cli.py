@@ -164,7 +164,7 @@ def run_generate(args, on_first_result=None, on_text=None) -> dict:
         from .schedule import Calibration, SPSProfile, check_scheduler
 
         check_scheduler(args.scheduler)  # a plug-in scheduler imports before the drafter loads
-        draft, dcfg = load_drafter(args.draft, target, tcfg, args.dtype)
+        draft, dcfg = load_drafter(args.draft, target, tcfg, args.dtype, per_layer=True)
         dcfg = with_attention_backend(dcfg, args.attention_backend)
 
         check_scheduler_applies(draft, dcfg, args.scheduler, args.confidence_threshold)  # before the SPS profile
@@ -411,7 +411,7 @@ def cmd_calibrate(args):
         raise UsageError(f"{args.draft}: the drafter has no confidence head to calibrate" + no_confidence_hint(dcfg))
     args.target = _target_or_embedded(args.target)
     target, tcfg = load_target(args.target, args.dtype, per_layer=True)
-    draft, dcfg = load_drafter(args.draft, target, tcfg, args.dtype)
+    draft, dcfg = load_drafter(args.draft, target, tcfg, args.dtype, per_layer=True)
     tok = Tokenizer(args.tokenizer or args.target)
     if args.prompts in ("held-out", "train"):
         docs = stdlib_corpus(args.prompts)
@@ -481,7 +481,7 @@ def cmd_eval(args):
         chat, end_of_turn = chat_rule(args, tok)
         tcfg = with_stop_id(tcfg, end_of_turn)
         sets = [load_prompt_set(p, tok.encode, args.prompt_tokens, args.num_prompts, chat=chat) for p in args.prompts]
-        drafters = [(d, *load_drafter(d, target, tcfg, args.dtype)) for d in args.draft]
+        drafters = [(d, *load_drafter(d, target, tcfg, args.dtype, per_layer=True)) for d in args.draft]
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     results = []

@@ -32,6 +32,9 @@ from .layers import (
     project_kv,
     rms_norm,
     rope_cos_sin,
+    run_layers,
+    stack_layers,
+    unstack_layers,
 )
 from . import heads as heads_lib
 from .params import ParamDecl, init_param, init_tree
@@ -262,6 +265,15 @@ def check_compatible(dcfg: DraftConfig, tcfg: Qwen3Config, where: str = "draft")
         )
 
 
+def with_layer_layout(params: DraftParams, dcfg: DraftConfig, per_layer: bool = True) -> DraftParams:
+    """A DSpark/DFlash drafter's layer weights one array per layer (``per_layer``: decoding's
+    layout, as the target's: ``layers.run_layers``) or stacked ``[L, ...]`` (training's,
+    export's: the declaration stays stacked). Other drafters are returned as they are."""
+    if not isinstance(dcfg, DraftConfig) or dcfg.is_gemma4 or isinstance(params.layers, tuple) == per_layer:
+        return params
+    return dataclasses.replace(params, layers=unstack_layers(params.layers) if per_layer else stack_layers(params.layers))
+
+
 def init_context_cache(dcfg: DraftConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
     """The drafter's context cache: keys/values of projected target features, per draft layer."""
     c = dcfg.layers
@@ -285,7 +297,10 @@ def context_kv(params: DraftParams, dcfg: DraftConfig, features: jax.Array, posi
     if dcfg.is_gemma4:
         return gemma4.draft_context_kv(params.layers, dcfg.layers, h_ctx, positions)
     cos, sin = rope_cos_sin(dcfg.layers, positions)
-    return jax.vmap(lambda layer: project_kv(layer, dcfg.layers, h_ctx, cos, sin))(params.layers)
+    kv = lambda layer: project_kv(layer, dcfg.layers, h_ctx, cos, sin)
+    if isinstance(params.layers, tuple):  # one array per layer (with_layer_layout)
+        return jax.tree.map(lambda *a: jnp.stack(a), *[kv(layer) for layer in params.layers])
+    return jax.vmap(kv)(params.layers)
 
 
 def append_context(
@@ -328,7 +343,7 @@ def draft_layers(
         x, _ = decoder_layer(layer, c, x, cos, sin, lambda q, k, v: (attend(q, k, v, mask, context, backend), None))
         return x, x
 
-    x, layer_out = jax.lax.scan(body, x, (params.layers, jnp.arange(c.num_hidden_layers, dtype=jnp.int32)))
+    x, layer_out = run_layers(body, x, params.layers, jnp.arange(c.num_hidden_layers, dtype=jnp.int32))
     return rms_norm(x, params.final_norm, c.rms_norm_eps), layer_out
 
 

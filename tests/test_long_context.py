@@ -196,6 +196,23 @@ def test_ar_step_updates_the_cache_in_place(pair, layout):
     assert cache_sized_copies(compiled, shapes) == []
 
 
+def test_per_layer_target_and_drafter_decode_as_the_stacked_ones(pair):
+    """Greedy speculative decoding with both models in the decoding layout: the target's own
+    greedy tokens, and the same drafts accepted as with stacked weights."""
+    (target, draft), prompts = pair, ragged_prompts([9, 3, 14])
+    per, cfg = target_model.with_layer_layout(target, CFG)
+    per_draft = draft_model.with_layer_layout(draft, DCFG)
+    assert isinstance(per_draft.layers, tuple) and len(per_draft.layers) == DCFG.layers.num_hidden_layers
+    ar = generate_ar(target, CFG, prompts, max_new_tokens=20)
+    assert generate_ar(per, cfg, prompts, max_new_tokens=20) == ar
+    stacked = speculative_generate(target, CFG, draft, DCFG, prompts, max_new_tokens=20)
+    layered = speculative_generate(per, cfg, per_draft, DCFG, prompts, max_new_tokens=20)
+    assert stacked.samples == layered.samples == ar
+    assert layered.stats["accepted_tokens"] == stacked.stats["accepted_tokens"] > 0
+    back = draft_model.with_layer_layout(per_draft, DCFG, per_layer=False)
+    assert all(bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(draft)))
+
+
 def test_per_layer_weights_are_read_where_they_lie():
     """The decoding layout's point: no instruction of the AR program writes a weight-sized
     array (on XLA:CPU a scan over stacked weights copies each layer's slice before its dot,
@@ -214,7 +231,7 @@ def test_per_layer_weights_are_read_where_they_lie():
 @pytest.mark.parametrize("scheduler", ["fixed", "algorithm1"])
 def test_speculative_round_updates_both_caches_in_place(pair, scheduler, layout):
     target, cfg = target_model.with_layer_layout(pair[0], CFG, LAYOUTS[layout])
-    draft = pair[1]
+    draft = draft_model.with_layer_layout(pair[1], DCFG, LAYOUTS[layout])
     scfg = SpecConfig(target=cfg, draft=DCFG, scheduler=scheduler)
     state = speculative_prefill(target, draft, jnp.zeros((2, 16), jnp.int32), jnp.array([5, 3]),
                                 jnp.array([True, True]), jax.random.key(0), jnp.int32(8),
