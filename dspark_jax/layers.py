@@ -177,6 +177,14 @@ def stack_layers(layers):
     return jax.tree.map(lambda *a: jnp.stack(a), *layers)
 
 
+def per_layer_by_default(platform: str | None = None) -> bool:
+    """Whether decoding should load layer weights one array per layer on ``platform`` (default:
+    JAX's default backend): on CPU, where a scan over stacked weights copies each layer's slice
+    before its dots. GPU and TPU fusions read a slice of the stack in place, and there a
+    ``lax.switch`` per layer would only add branches (on GPU, a host read of the index each)."""
+    return (platform or jax.default_backend()) == "cpu"
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerSwitch:
     """Layer ``index`` (traced) of per-layer weights ``layers`` (a tuple, ``unstack_layers``):
