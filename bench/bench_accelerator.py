@@ -33,7 +33,6 @@ from bench_long_context import (  # noqa: E402
 )
 from dspark_jax import draft as draft_model  # noqa: E402
 from dspark_jax import target as target_model  # noqa: E402
-from dspark_jax.layers import per_layer_by_default  # noqa: E402
 from dspark_jax.config import Qwen3Config  # noqa: E402
 from dspark_jax.decoding import bucket, cache_bytes  # noqa: E402
 
@@ -64,7 +63,7 @@ def parse_args(argv=None):
 def build(args):
     cfg, draft_layers, layer_ids = SHAPES[args.shape]
     dtype = jnp.dtype(args.dtype)
-    cfg = dataclasses.replace(cfg, per_layer_weights=per_layer_by_default())  # decoding's layout (layers.run_layers)
+    cfg = dataclasses.replace(cfg, per_layer_weights=target_model.resolve_layer_layout("auto", cfg, dtype))  # decoding's layout
     params = jax.jit(lambda k: target_model.init_params(k, cfg, dtype))(jax.random.key(0))
     dcfg = draft_model.DraftConfig(layers=dataclasses.replace(cfg, num_hidden_layers=draft_layers),
                                    block_size=args.block_size, target_layer_ids=layer_ids,

@@ -39,7 +39,6 @@ from transformers import Qwen3ForCausalLM  # noqa: E402
 
 from dspark_jax.checkpoint import load_qwen3  # noqa: E402
 from dspark_jax.decoding import ar_decode, bucket, new_cache, prepare_prompts  # noqa: E402
-from dspark_jax.layers import per_layer_by_default  # noqa: E402
 from dspark_jax.sampling import GREEDY  # noqa: E402
 
 
@@ -175,7 +174,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model_dir or tmp
         hf_model = build_hf_model(args, path)
-        params, cfg = load_qwen3(path, dtype=args.dtype, per_layer=per_layer_by_default())
+        params, cfg = load_qwen3(path, dtype=args.dtype, per_layer="auto")
         print(f"parameters: {sum(x.size for x in jax.tree.leaves(params)) / 1e6:.2f}M")
 
         rows, agreement = [], []

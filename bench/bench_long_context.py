@@ -55,7 +55,6 @@ from dspark_jax import target as target_model  # noqa: E402
 from dspark_jax.config import Qwen3Config  # noqa: E402
 from dspark_jax.decoding import (PREFILL_CHUNK, ar_decode, bucket, cache_bytes, generate_ar, new_cache,  # noqa: E402
                                  prefill, prepare_prompts)
-from dspark_jax.layers import per_layer_by_default  # noqa: E402
 from dspark_jax.sampling import GREEDY  # noqa: E402
 
 SHAPES = {
@@ -119,7 +118,7 @@ def read_bandwidth() -> float:
 def part_capacity(args) -> list[dict]:
     from dspark_jax.checkpoint import embedded_path, load_target
 
-    params, cfg = load_target(embedded_path("target"), "float32", per_layer=per_layer_by_default())
+    params, cfg = load_target(embedded_path("target"), "float32", per_layer="auto")
     prompt = np.random.RandomState(0).randint(0, cfg.vocab_size, 32).tolist()
     prepared = prepare_prompts([prompt], cfg.vocab_size, 128, max(args.capacities), max_positions=None)
     tokens, lengths = jnp.asarray(prepared.tokens), jnp.asarray(prepared.lengths)
@@ -350,7 +349,8 @@ def peak_rss_bytes() -> int:
 
 def child_prefill(args) -> dict:
     """In a fresh process: init weights, prefill ``--prefill-len`` tokens, report peak RSS."""
-    cfg = dataclasses.replace(SHAPES[args.shape], per_layer_weights=per_layer_by_default())  # decoding's layout
+    cfg = SHAPES[args.shape]
+    cfg = dataclasses.replace(cfg, per_layer_weights=target_model.resolve_layer_layout("auto", cfg, jnp.float32))  # decoding's layout
     params = target_model.init_params(jax.random.key(0), cfg)
     jax.block_until_ready(params)
     after_weights = peak_rss_bytes()

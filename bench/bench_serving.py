@@ -71,15 +71,14 @@ def parse_args(argv=None):
 
 def load_pair(args):
     from dspark_jax.checkpoint import embedded_path, load_drafter, load_target
-    from dspark_jax.layers import per_layer_by_default
     from dspark_jax.evaluate import load_prompt_set
     from dspark_jax.schedule import Calibration
     from dspark_jax.tokenizer import Tokenizer
 
     target_dir = args.target or embedded_path("target")
     draft_dir = args.draft or embedded_path("dspark")
-    target, tcfg = load_target(target_dir, per_layer=per_layer_by_default())
-    draft, dcfg = load_drafter(draft_dir, target, tcfg, per_layer=per_layer_by_default())
+    target, tcfg = load_target(target_dir, per_layer="auto")
+    draft, dcfg = load_drafter(draft_dir, target, tcfg, per_layer="auto")
     _, prompts = load_prompt_set(args.prompts, Tokenizer(target_dir).encode, args.prompt_len, args.num_prompts)
     return target, tcfg, draft, dcfg, prompts, Calibration.load(draft_dir, dcfg.block_size)
 

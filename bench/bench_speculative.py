@@ -209,14 +209,13 @@ def prepared_state(target, tcfg, draft, dcfg, prompts, sampling, K, scheduler, t
 def trained_pair(args):
     """(target, tcfg, draft, dcfg, prompts_for(B), description) from checkpoint directories."""
     from dspark_jax.checkpoint import embedded_path, load_drafter, load_target
-    from dspark_jax.layers import per_layer_by_default
     from dspark_jax.evaluate import load_prompt_set
     from dspark_jax.tokenizer import Tokenizer
 
     target_dir = args.target or embedded_path("target")
     draft_dir = args.draft or embedded_path("dspark")
-    target, tcfg = load_target(target_dir, per_layer=per_layer_by_default())
-    draft, dcfg = load_drafter(draft_dir, target, tcfg, per_layer=per_layer_by_default())
+    target, tcfg = load_target(target_dir, per_layer="auto")
+    draft, dcfg = load_drafter(draft_dir, target, tcfg, per_layer="auto")
     _, pool = load_prompt_set(args.prompts, Tokenizer(target_dir).encode, args.prompt_len,
                               max(args.num_prompts, max(args.batch)))
     desc = (f"target {target_dir} ({tcfg.num_hidden_layers} layers, hidden {tcfg.hidden_size}, vocab {tcfg.vocab_size}) | "

@@ -23,7 +23,6 @@ sys.path.insert(0, ROOT)
 from dspark_jax.checkpoint import embedded_path, load_drafter, load_target  # noqa: E402
 from dspark_jax.data import prompts_from_documents, stdlib_code  # noqa: E402
 from dspark_jax.decoding import generate_ar  # noqa: E402
-from dspark_jax.layers import per_layer_by_default  # noqa: E402
 from dspark_jax.speculative import speculative_generate  # noqa: E402
 from dspark_jax.streaming import stream_generate  # noqa: E402
 from dspark_jax.tokenizer import Tokenizer  # noqa: E402
@@ -43,8 +42,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    target, tcfg = load_target(embedded_path("target"), per_layer=per_layer_by_default())
-    draft, dcfg = load_drafter(embedded_path("dspark"), target, tcfg, per_layer=per_layer_by_default())
+    target, tcfg = load_target(embedded_path("target"), per_layer="auto")
+    draft, dcfg = load_drafter(embedded_path("dspark"), target, tcfg, per_layer="auto")
     tok = Tokenizer(embedded_path("target"))
     prompts = prompts_from_documents(stdlib_code("held-out"), args.prompt_tokens, tok.encode)[: args.prompts]
     spec = args.mode == "speculative"

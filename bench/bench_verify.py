@@ -20,7 +20,6 @@ import jax.numpy as jnp
 from dspark_jax import target as target_model
 from dspark_jax.checkpoint import resolve_dtype
 from dspark_jax.config import Qwen3Config
-from dspark_jax.layers import per_layer_by_default
 from dspark_jax.sharding import make_mesh, shard_target, sharded_forward
 from dspark_jax.timing import median_seconds
 
@@ -61,7 +60,7 @@ def main():
     on_cpu = jax.default_backend() == "cpu"
     cfg = PRESETS[args.preset or ("small" if on_cpu else "qwen3-4b")]
     dtype = resolve_dtype(args.dtype)
-    cfg = dataclasses.replace(cfg, per_layer_weights=per_layer_by_default())  # decoding's layout (layers.run_layers)
+    cfg = dataclasses.replace(cfg, per_layer_weights=target_model.resolve_layer_layout("auto", cfg, dtype))  # decoding's layout
     params = target_model.init_params(jax.random.key(0), cfg, dtype)
     drafts = list(range(1, args.max_drafts + 1))
     print(f"backend={jax.default_backend()} devices={len(jax.devices())} dtype={jnp.dtype(dtype).name} "

@@ -264,13 +264,17 @@ def _target_shardings(cfg: Qwen3Config, mesh):
 
 
 def load_qwen3(model_dir: str | os.PathLike, dtype=None, *, mesh=None, chunk_bytes: int = CHUNK_BYTES,
-               per_layer: bool = False) -> tuple[Qwen3Params, Qwen3Config]:
+               per_layer: bool | str = False) -> tuple[Qwen3Params, Qwen3Config]:
     """Load a Hugging Face Qwen3 directory (config.json + safetensors, one file or sharded)
     without torch. With a ``(data, model)`` mesh every weight is placed directly with the
     sharding the tensor-parallel forward uses (``sharding.target_shardings``). ``per_layer``:
-    each layer's weights their own arrays (``config.Qwen3Config.per_layer_weights``)."""
-    cfg = dataclasses.replace(load_qwen3_config(model_dir), per_layer_weights=per_layer)
+    each layer's weights their own arrays (``config.Qwen3Config.per_layer_weights``; ``"auto"``:
+    where ``layers.per_layer_by_default`` says it pays)."""
+    from .target import resolve_layer_layout
+
+    cfg = load_qwen3_config(model_dir)
     dtype = resolve_dtype(dtype)
+    cfg = dataclasses.replace(cfg, per_layer_weights=resolve_layer_layout(per_layer, cfg, dtype))
     with TensorSource(model_dir) as source:
         decls = _checked_target(cfg, source)
         return load_tree(source, decls, dtype, _target_shardings(cfg, mesh), chunk_bytes), cfg
@@ -378,11 +382,11 @@ def restore_qwen3_orbax(path, dtype=None, *, mesh=None) -> tuple[Qwen3Params, Qw
     return restore_orbax(path, abstract), cfg
 
 
-def load_target(path, dtype=None, *, mesh=None, per_layer: bool = False) -> tuple[Qwen3Params, Qwen3Config]:
+def load_target(path, dtype=None, *, mesh=None, per_layer: bool | str = False) -> tuple[Qwen3Params, Qwen3Config]:
     """A target from either a Hugging Face directory or one of our orbax checkpoints, on a
     mesh placed directly with the tensor-parallel shardings. ``per_layer``: the layer weights
-    one array per layer (the decoding layout, ``target.with_layer_layout``), read that way
-    from a Hugging Face directory."""
+    one array per layer (the decoding layout, ``target.with_layer_layout``; ``"auto"``: where
+    it pays), read that way from a Hugging Face directory."""
     from .target import with_layer_layout
 
     path = os.fspath(path)
@@ -602,11 +606,11 @@ def restore_training_drafter(workdir, dtype=None):
     return cast_tree(params, resolve_dtype(dtype)), draft_config(meta)
 
 
-def load_drafter(path, target: Qwen3Params, target_cfg: Qwen3Config, dtype=None, *, per_layer: bool = False):
+def load_drafter(path, target: Qwen3Params, target_cfg: Qwen3Config, dtype=None, *, per_layer: bool | str = False):
     """A drafter from a DeepSpec directory, one of our orbax checkpoints, or the work directory
     of a ``train-draft`` run (its latest checkpoint, so a run can be evaluated while it trains).
     ``per_layer``: a DSpark/DFlash drafter's layer weights one array per layer (decoding's
-    layout, ``draft.with_layer_layout``)."""
+    layout, ``draft.with_layer_layout``; ``"auto"``: where it pays)."""
     from .draft import with_layer_layout
     from .drafters import family_of
 

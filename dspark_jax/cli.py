@@ -20,7 +20,6 @@ import tempfile
 import time
 
 from . import checkpoint as _checkpoint_lib
-from .layers import per_layer_by_default
 from .validate import DataError, UsageError, check_args, strict_json, warn_undecodable
 
 
@@ -145,7 +144,7 @@ def run_generate(args, on_first_result=None, on_text=None) -> dict:
 
         mesh = make_mesh(model=args.tensor_parallel, data=args.data_parallel)
     # each weight straight onto its devices (one array per layer on CPU: the decoding layout)
-    target, tcfg = load_target(args.target, args.dtype, mesh=mesh, per_layer=per_layer_by_default())
+    target, tcfg = load_target(args.target, args.dtype, mesh=mesh, per_layer="auto")
     tcfg = with_attention_backend(tcfg, args.attention_backend)
     tcfg = with_stop_id(tcfg, end_of_turn)  # a chat answer ends with the template's end-of-turn token
     prompts = [prompt] * args.num_samples
@@ -165,7 +164,7 @@ def run_generate(args, on_first_result=None, on_text=None) -> dict:
         from .schedule import Calibration, SPSProfile, check_scheduler
 
         check_scheduler(args.scheduler)  # a plug-in scheduler imports before the drafter loads
-        draft, dcfg = load_drafter(args.draft, target, tcfg, args.dtype, per_layer=per_layer_by_default())
+        draft, dcfg = load_drafter(args.draft, target, tcfg, args.dtype, per_layer="auto")
         dcfg = with_attention_backend(dcfg, args.attention_backend)
 
         check_scheduler_applies(draft, dcfg, args.scheduler, args.confidence_threshold)  # before the SPS profile
@@ -411,8 +410,8 @@ def cmd_calibrate(args):
     if not getattr(dcfg, "enable_confidence_head", False):
         raise UsageError(f"{args.draft}: the drafter has no confidence head to calibrate" + no_confidence_hint(dcfg))
     args.target = _target_or_embedded(args.target)
-    target, tcfg = load_target(args.target, args.dtype, per_layer=per_layer_by_default())
-    draft, dcfg = load_drafter(args.draft, target, tcfg, args.dtype, per_layer=per_layer_by_default())
+    target, tcfg = load_target(args.target, args.dtype, per_layer="auto")
+    draft, dcfg = load_drafter(args.draft, target, tcfg, args.dtype, per_layer="auto")
     tok = Tokenizer(args.tokenizer or args.target)
     if args.prompts in ("held-out", "train"):
         docs = stdlib_corpus(args.prompts)
@@ -477,12 +476,12 @@ def cmd_eval(args):
 
     target_dir = _target_or_embedded(args.target)
     try:
-        target, tcfg = load_target(target_dir, args.dtype, per_layer=per_layer_by_default())
+        target, tcfg = load_target(target_dir, args.dtype, per_layer="auto")
         tok = Tokenizer(args.tokenizer or target_dir)
         chat, end_of_turn = chat_rule(args, tok)
         tcfg = with_stop_id(tcfg, end_of_turn)
         sets = [load_prompt_set(p, tok.encode, args.prompt_tokens, args.num_prompts, chat=chat) for p in args.prompts]
-        drafters = [(d, *load_drafter(d, target, tcfg, args.dtype, per_layer=per_layer_by_default())) for d in args.draft]
+        drafters = [(d, *load_drafter(d, target, tcfg, args.dtype, per_layer="auto")) for d in args.draft]
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     results = []
@@ -521,7 +520,7 @@ def cmd_profile_sps(args):
     from .checkpoint import load_target
     from .speculative import profile_verification
 
-    target, tcfg = load_target(args.target, args.dtype, per_layer=per_layer_by_default())
+    target, tcfg = load_target(args.target, args.dtype, per_layer="auto")
     prof = profile_verification(target, tcfg, args.batch, args.block_size, args.context)
     prof.save(args.out)
     print(f"SPS profile (batch {args.batch}, {args.block_size} drafts) saved to {args.out}")

@@ -40,7 +40,7 @@ from . import heads as heads_lib
 from .params import ParamDecl, init_param, init_tree
 from .plugins import is_import_path
 from .sampling import Sampling, distribution, sample, split
-from .target import Qwen3Params, compute_logits, embed_tokens
+from .target import Qwen3Params, compute_logits, embed_tokens, resolve_layer_layout
 from . import gemma4
 
 MARKOV_HEAD_TYPES = ("vanilla", "gated", "rnn")
@@ -265,11 +265,15 @@ def check_compatible(dcfg: DraftConfig, tcfg: Qwen3Config, where: str = "draft")
         )
 
 
-def with_layer_layout(params: DraftParams, dcfg: DraftConfig, per_layer: bool = True) -> DraftParams:
+def with_layer_layout(params: DraftParams, dcfg: DraftConfig, per_layer: bool | str = True) -> DraftParams:
     """A DSpark/DFlash drafter's layer weights one array per layer (``per_layer``: decoding's
-    layout, as the target's: ``layers.run_layers``) or stacked ``[L, ...]`` (training's,
-    export's: the declaration stays stacked). Other drafters are returned as they are."""
-    if not isinstance(dcfg, DraftConfig) or dcfg.is_gemma4 or isinstance(params.layers, tuple) == per_layer:
+    layout, as the target's: ``layers.run_layers``; ``"auto"``: where
+    ``layers.per_layer_by_default`` says it pays) or stacked ``[L, ...]`` (training's, export's:
+    the declaration stays stacked). Other drafters are returned as they are."""
+    if not isinstance(dcfg, DraftConfig) or dcfg.is_gemma4:
+        return params
+    per_layer = resolve_layer_layout(per_layer, dcfg.layers, params.fc.dtype)
+    if isinstance(params.layers, tuple) == per_layer:
         return params
     return dataclasses.replace(params, layers=unstack_layers(params.layers) if per_layer else stack_layers(params.layers))
 

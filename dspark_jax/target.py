@@ -20,8 +20,8 @@ import jax.numpy as jnp
 from .attention import NO_WINDOW, AttentionMask, Context, attend
 from .cache import KVCache, chunk_positions, write_layers
 from .config import Qwen3Config
-from .layers import (DecoderLayerParams, decoder_layer, decoder_layer_decl, rms_norm, rope_cos_sin, run_layers,
-                     stack_layers, unstack_layers)
+from .layers import (DecoderLayerParams, decoder_layer, decoder_layer_decl, layer_bytes, per_layer_by_default,
+                     rms_norm, rope_cos_sin, run_layers, stack_layers, unstack_layers)
 from .params import ParamDecl, init_param, init_tree
 
 
@@ -96,12 +96,26 @@ def draft_layers_config(cfg: Qwen3Config, num_layers: int) -> Qwen3Config:
     return dataclasses.replace(cfg, num_hidden_layers=num_layers, eos_token_ids=(), per_layer_weights=False)
 
 
-def with_layer_layout(params: Qwen3Params, cfg: Qwen3Config, per_layer: bool = True) -> tuple[Qwen3Params, Qwen3Config]:
+def resolve_layer_layout(per_layer: bool | str, cfg: Qwen3Config, dtype) -> bool:
+    """``per_layer`` as a bool: ``"auto"`` = ``layers.per_layer_by_default`` for this config's
+    layer size in ``dtype`` (Gemma 4 targets: False, they keep their layer groups)."""
+    if family_of(cfg) is not None:
+        return False
+    if per_layer == "auto":
+        return per_layer_by_default(layer_bytes(cfg, dtype))
+    if not isinstance(per_layer, bool):
+        raise ValueError(f"per_layer must be True, False or 'auto', got {per_layer!r}")
+    return per_layer
+
+
+def with_layer_layout(params: Qwen3Params, cfg: Qwen3Config,
+                      per_layer: bool | str = True) -> tuple[Qwen3Params, Qwen3Config]:
     """The target with its layer weights one array per layer (``per_layer``, the decoding
-    layout: ``layers.run_layers`` says why) or stacked ``[L, ...]``, and the config that
-    declares that layout. A copy of the layer weights unless already so (load with
-    ``checkpoint.load_target(..., per_layer=True)`` to read them that way directly). Gemma 4
-    targets keep their own layout (layer groups)."""
+    layout: ``layers.run_layers`` says why; ``"auto"``: where ``layers.per_layer_by_default``
+    says it pays) or stacked ``[L, ...]``, and the config that declares that layout. A copy of
+    the layer weights unless already so (load with ``checkpoint.load_target(...,
+    per_layer=...)`` to read them that way directly). Gemma 4 targets keep their own layout."""
+    per_layer = resolve_layer_layout(per_layer, cfg, params.embed.dtype)
     if family_of(cfg) is not None or cfg.per_layer_weights == per_layer:
         return params, cfg
     layers = unstack_layers(params.layers) if per_layer else stack_layers(params.layers)

@@ -15,8 +15,9 @@ import torch
 
 from dspark_jax import draft as draft_model
 from dspark_jax import target as target_model
-from dspark_jax.checkpoint import load_qwen3
+from dspark_jax.checkpoint import load_qwen3, load_target
 from dspark_jax.config import Qwen3Config
+from dspark_jax.layers import layer_bytes, per_layer_by_default
 from dspark_jax.decoding import ContextError, ar_decode, bucket, generate_ar, prefill, prepare_prompts
 from dspark_jax.sampling import Sampling
 from dspark_jax.speculative import SpecConfig, init_schedule_state, speculative_decode, speculative_generate, speculative_prefill
@@ -211,6 +212,23 @@ def test_per_layer_target_and_drafter_decode_as_the_stacked_ones(pair):
     assert layered.stats["accepted_tokens"] == stacked.stats["accepted_tokens"] > 0
     back = draft_model.with_layer_layout(per_draft, DCFG, per_layer=False)
     assert all(bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(draft)))
+
+
+def test_auto_layout_holds_large_layers_per_layer_on_cpu_only(tmp_path):
+    big = Qwen3Config(vocab_size=1000, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                      num_attention_heads=16, num_key_value_heads=8, head_dim=128)  # Qwen3-0.6B's layers
+    matrices, norms = 1024 * 2048 + 2 * 1024 * 1024 + 2048 * 1024 + 3 * 1024 * 3072, 2 * 1024 + 2 * 128
+    assert layer_bytes(big, jnp.float32) == 4 * (matrices + norms)  # 63 MB
+    assert target_model.resolve_layer_layout("auto", big, jnp.float32)
+    assert not per_layer_by_default(layer_bytes(big, jnp.float32), platform="gpu")
+    assert not per_layer_by_default(layer_bytes(big, jnp.float32), platform="tpu")
+    assert not target_model.resolve_layer_layout("auto", CFG, jnp.float32)  # 0.03 MB layers
+    assert target_model.resolve_layer_layout(True, CFG, jnp.float32)
+    with pytest.raises(ValueError, match="per_layer must be"):
+        target_model.resolve_layer_layout("yes", CFG, jnp.float32)
+    make_hf_qwen3(tmp_path, layers=2)
+    _, small = load_target(tmp_path, per_layer="auto")
+    assert not small.per_layer_weights
 
 
 def test_per_layer_weights_are_read_where_they_lie():
