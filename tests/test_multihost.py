@@ -108,9 +108,9 @@ def test_two_processes_decode_token_for_token_as_one_and_each_reads_only_its_sli
     meshes = []
     load_target = checkpoint.load_target
 
-    def spy(path, dtype=None, *, mesh=None):
+    def spy(path, dtype=None, *, mesh=None, **kw):
         meshes.append(None if mesh is None else dict(mesh.shape))
-        return load_target(path, dtype, mesh=mesh)
+        return load_target(path, dtype, mesh=mesh, **kw)
 
     monkeypatch.setattr(checkpoint, "load_target", spy)
     cli.main(generate_argv(path))
