@@ -13,10 +13,8 @@ together; absolute times are only indicative.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]
@@ -39,41 +37,10 @@ def parse_args(argv=None):
     return args
 
 
-def forced(engine, mode):
-    """The engine's state and the width's costs with the skip decision forced: always skip, or
-    never."""
-    import jax.numpy as jnp
-
-    sps_table, draft_seconds = engine._costs[engine.width]
-    sched = engine.state.schedule
-    if mode == "skip":  # nothing survives, and the run of skips never ends
-        sched = dataclasses.replace(sched, skipped=jnp.int32(-10**6), stale_survival=jnp.zeros_like(sched.stale_survival))
-    else:  # every verified token costs the same: any survival pays for drafting
-        sps_table, draft_seconds = jnp.ones_like(sps_table), jnp.float32(0)
-    return dataclasses.replace(engine.state, schedule=sched), (sps_table, draft_seconds)
-
-
 def seconds_per_round(engine, mode, prompts, args) -> float:
-    import jax
+    from dspark_jax.engine import loop_round_seconds, width_for
 
-    from dspark_jax.engine import generate
-
-    engine.running.clear()  # a fresh set of requests in the lowest slots
-    for p in prompts[: args.live]:
-        engine.submit(p, max_new_tokens=engine.max_new_tokens)
-    engine.admit()
-    costs = (None, None)
-    if mode != "ar":
-        engine.state, costs = forced(engine, mode)
-    jax.block_until_ready(engine.state)
-    start = time.perf_counter()
-    engine.state, out = generate(engine.target, engine.draft, engine.state, *costs, scfg=engine.scfg, tcfg=engine.tcfg,
-                                 max_steps=args.rounds, width=engine.width)
-    jax.block_until_ready(out)
-    seconds = (time.perf_counter() - start) / args.rounds
-    if mode != "ar":
-        assert int(engine.state.stats.skipped[0]) == (args.rounds if mode == "skip" else 0), f"{mode}: forced wrong"
-    return seconds
+    return loop_round_seconds(engine, width_for(args.live, args.slots), mode, prompts[: args.live], args.rounds)
 
 
 def main(argv=None):

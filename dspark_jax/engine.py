@@ -182,11 +182,89 @@ def move_row(state: DecodeState, src, dst) -> DecodeState:
     return dataclasses.replace(state, done=state.done.at[src].set(True))
 
 
-def profile_widths(target, tcfg, draft, dcfg, slots: int, block_size: int | None = None, **kw) -> dict:
-    """``{width: SPSProfile}``: ``speculative.profile_verification`` (drafting included) at every
-    width an engine of ``slots`` rows runs (keywords: its ``context``, ``repeats``)."""
+def forced_costs(state: DecodeState, costs, mode: str):
+    """The state and a width's ``(sps_table, draft_seconds)`` with the budget schedulers' skip
+    decision forced, for timing: ``"skip"`` (nothing survives and the run of skips never ends)
+    or ``"drafted"`` (every verified token costs the same and every draft survived, so drafting
+    pays: rounds draft and verify their blocks)."""
+    sps_table, draft_seconds = costs
+    sched = state.schedule
+    if mode == "skip":
+        sched = dataclasses.replace(sched, skipped=jnp.int32(-10**6), stale_survival=jnp.zeros_like(sched.stale_survival))
+    elif mode == "drafted":  # and the confidence history restarts as "every draft survives"
+        sps_table, draft_seconds = jnp.ones_like(sps_table), jnp.float32(0)
+        sched = dataclasses.replace(sched, skipped=jnp.zeros_like(sched.skipped),
+                                    stale_survival=jnp.ones_like(sched.stale_survival))
+    else:
+        raise ValueError(f"mode must be 'skip' or 'drafted', got {mode!r}")
+    return dataclasses.replace(state, schedule=sched), (sps_table, draft_seconds)
+
+
+def loop_round_seconds(engine: "Engine", width: int, mode: str, prompts, rounds: int) -> float:
+    """Seconds per round of ``engine``'s own decoding loop at ``width`` with ``prompts`` (one per
+    row, ``width`` of them) just inserted, the skip decision forced (``forced_costs``; ``mode``
+    "ar" for an AR engine). The requests are replaced on every call; none may end inside it."""
+    engine.running.clear()
+    engine.waiting.clear()
+    for p in prompts[:width]:
+        engine.submit(p)
+    engine.admit()
+    costs = engine._costs[width]
+    if mode != "ar":
+        engine.state, costs = forced_costs(engine.state, costs, mode)
+    jax.block_until_ready(engine.state)
+    start = time.perf_counter()
+    engine.state, out = generate(engine.target, engine.draft, engine.state, *costs, scfg=engine.scfg,
+                                 tcfg=engine.tcfg, max_steps=rounds, width=width)
+    jax.block_until_ready(out)
+    seconds = (time.perf_counter() - start) / rounds
+    if mode != "ar":
+        skipped = np.asarray(engine.state.stats.skipped[:width])
+        if not (skipped == (rounds if mode == "skip" else 0)).all():
+            raise RuntimeError(f"timing {mode!r} rounds: the forced decision did not hold (skipped {skipped.tolist()} "
+                               f"of {rounds})")
+    return seconds
+
+
+def profile_widths(target, tcfg, draft, dcfg, slots: int, block_size: int | None = None, context: int = 128,
+                   repeats: int = 5, rounds: int = 8, seed: int = 0) -> dict:
+    """``{width: SPSProfile}`` for every width an engine of ``slots`` rows runs, measured where
+    the engine spends its time. The packed verification by bucket (``speculative.
+    verification_seconds``, separate jitted calls at ``context`` positions) gives the table's
+    shape; the engine's own decoding loop gives its level: a round that drafts and verifies a
+    full block and a round that skips drafting, each timed inside ``generate`` at that width
+    (``rounds`` per call, the two alternating, medians of ``repeats``), on random prompts of
+    ``context`` tokens with no EOS. Separate calls miss what a round costs in the loop (on a
+    2-core CPU a drafted round at width 1 measured ~3.4 AR steps in the loop and ~2.4 as
+    separate calls), and a scheduler reading them drafts where drafting does not pay.
+
+    SPS(B) = 1 / (verify(B) + overhead) with overhead = drafted - verify(full block) (the
+    drafting and the round's bookkeeping); ``draft_seconds`` = what a skipped round saves,
+    1 / SPS(width) - skipped, so ``schedule.drafting_pays`` compares against the loop's own
+    skipped-round cost."""
     K = block_size or dcfg.block_size
-    return {w: spec.profile_verification(target, tcfg, w, K, draft=draft, dcfg=dcfg, **kw) for w in engine_widths(slots)}
+    max_new = rounds * (K + 1)
+    no_eos = dataclasses.replace(tcfg, eos_token_ids=())  # no timed row may end early
+    engine = Engine(target, no_eos, draft, dcfg, slots=slots, max_len=context + max_new + K + 2, max_new_tokens=max_new,
+                    scheduler="algorithm1", block_size=K)
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(1, tcfg.vocab_size, context).tolist() for _ in range(slots)]
+    profiles = {}
+    for w in engine.widths:
+        verify, _ = spec.verification_seconds(target, tcfg, w, K, context=context, repeats=repeats)
+        times = {"drafted": [], "skip": []}
+        for mode in times:  # compile (the two modes run one program)
+            loop_round_seconds(engine, w, mode, prompts, rounds)
+        for _ in range(repeats):
+            for mode in times:
+                times[mode].append(loop_round_seconds(engine, w, mode, prompts, rounds))
+        drafted, skipped = (float(np.median(times[m])) for m in ("drafted", "skip"))
+        full = max(verify)
+        overhead = max(drafted - verify[full], 0.0)
+        seconds = {size: t + overhead for size, t in verify.items()}
+        saved = min(max(seconds[min(verify)] - skipped, 0.0), 0.95 * min(seconds.values()))
+        profiles[w] = schedule_lib.profile_from_bucket_times(seconds, w * (K + 1), saved)
+    return profiles
 
 
 class Engine:

@@ -57,12 +57,12 @@ class RowSampling:
 
 
 def _row_distribution(logits: jax.Array, rows: RowSampling) -> jax.Array:
-    """``distribution`` with each row's own (traced) setting; logits ``[B, ..., V]``."""
+    """``distribution`` with each row's own (traced) setting; logits ``[B, ..., V]``. A batch
+    of greedy rows (the common serving case) computes only the argmax."""
     V = logits.shape[-1]
     expand = lambda a: a.reshape(a.shape + (1,) * (logits.ndim - 1))
     temperature, top_k, top_p = expand(rows.temperature), expand(rows.top_k), expand(rows.top_p)
-    greedy = jax.nn.one_hot(jnp.argmax(logits, axis=-1), V, dtype=jnp.float32)
-    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
+    greedy = lambda logits: jax.nn.one_hot(jnp.argmax(logits, axis=-1), V, dtype=jnp.float32)
 
     def truncate(scaled):  # top-k, then top-p (the vocabulary sort only when a row asks for it)
         sorted_logits = jnp.sort(scaled, axis=-1)[..., ::-1]
@@ -74,8 +74,17 @@ def _row_distribution(logits: jax.Array, rows: RowSampling) -> jax.Array:
         cutoff = jnp.min(jnp.where(mass_before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
         return jnp.where((top_p < 1.0) & (scaled < cutoff), -jnp.inf, scaled)
 
-    scaled = jax.lax.cond(jnp.any((rows.top_k > 0) | (rows.top_p < 1.0)), truncate, lambda x: x, scaled)
-    return jnp.where(temperature > 0, jax.nn.softmax(scaled, axis=-1), greedy)
+    def mixed(logits):
+        scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
+        scaled = jax.lax.cond(jnp.any((rows.top_k > 0) | (rows.top_p < 1.0)), truncate, lambda x: x, scaled)
+        return jnp.where(temperature > 0, jax.nn.softmax(scaled, axis=-1), greedy(logits))
+
+    return jax.lax.cond(all_greedy(rows), greedy, mixed, logits)
+
+
+def all_greedy(rows: RowSampling) -> jax.Array:
+    """Whether every row decodes greedily (traced)."""
+    return jnp.all(rows.temperature <= 0)
 
 
 def distribution(logits: jax.Array, sampling: "Sampling | RowSampling") -> jax.Array:
@@ -109,22 +118,31 @@ def split(key: jax.Array, num: int = 2) -> jax.Array:
     return jnp.moveaxis(jax.vmap(lambda k: jax.random.split(k, num))(key), 1, 0)
 
 
-def uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """Uniform ``[B, ...]`` draws from one key or from per-row keys ``[B]``."""
+def uniform(key: jax.Array, shape: tuple[int, ...], minval: float = 0.0) -> jax.Array:
+    """Uniform ``[B, ...]`` draws in ``[minval, 1)`` from one key or from per-row keys ``[B]``."""
     if key.ndim == 0:
-        return jax.random.uniform(key, shape)
-    return jax.vmap(lambda k: jax.random.uniform(k, shape[1:]))(key)
+        return jax.random.uniform(key, shape, minval=minval)
+    return jax.vmap(lambda k: jax.random.uniform(k, shape[1:], minval=minval))(key)
 
 
 def sample(key: jax.Array, probs: jax.Array) -> jax.Array:
-    """One token id per row of ``probs [B, ..., V]`` (int32), from one key or per-row keys ``[B]``."""
-    if key.ndim == 0:
-        return jax.random.categorical(key, jnp.log(probs), axis=-1).astype(jnp.int32)
-    return jax.vmap(lambda k, p: jax.random.categorical(k, jnp.log(p), axis=-1))(key, probs).astype(jnp.int32)
+    """One token id per row of ``probs [B, ..., V]`` (int32), from one key or per-row keys ``[B]``:
+    the first id whose cumulative probability reaches one uniform draw (in ``(0, 1)``, so an
+    id of zero probability is never drawn). One random number per distribution instead of the
+    V Gumbels of ``jax.random.categorical``: ~5x cheaper on a CPU, where those dominated a
+    drafted round's sampling."""
+    cdf = jnp.cumsum(probs.astype(jnp.float32), axis=-1)
+    u = uniform(key, probs.shape[:-1], minval=jnp.finfo(jnp.float32).tiny)
+    index = jnp.sum(cdf < (u * cdf[..., -1])[..., None], axis=-1)
+    return jnp.minimum(index, probs.shape[-1] - 1).astype(jnp.int32)
 
 
 def sample_logits(key: jax.Array, logits: jax.Array, sampling: "Sampling | RowSampling") -> jax.Array:
-    """Sample from warped logits; greedy is an exact argmax (no randomness)."""
+    """Sample from warped logits; greedy is an exact argmax (no randomness), also when every
+    row of a ``RowSampling`` is greedy."""
+    argmax = lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if sampling.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return argmax()
+    if isinstance(sampling, RowSampling):
+        return jax.lax.cond(all_greedy(sampling), argmax, lambda: sample(key, distribution(logits, sampling)))
     return sample(key, distribution(logits, sampling))

@@ -820,6 +820,17 @@ def profile_verification(target, tcfg, batch: int, num_drafts: int, context: int
     time of drafting a block (paid every round whatever the budget) is added to every bucket,
     so SPS is the whole engine step rate, as the paper's profile is."""
     from .schedule import profile_from_bucket_times
+
+    seconds, draft_seconds = verification_seconds(target, tcfg, batch, num_drafts, context, repeats, draft, dcfg)
+    seconds = {size: t + draft_seconds for size, t in seconds.items()}
+    return profile_from_bucket_times(seconds, batch * (num_drafts + 1), draft_seconds)
+
+
+def verification_seconds(target, tcfg, batch: int, num_drafts: int, context: int = 128, repeats: int = 5,
+                         draft=None, dcfg=None) -> tuple[dict[int, float], float]:
+    """Median seconds of one packed verification call at every bucket size this batch compiles
+    (``{size: seconds}``, each a separately jitted call at ``context`` committed positions) and
+    of drafting one block (0 without a drafter)."""
     from .timing import median_seconds
 
     cache = target_model.init_cache(tcfg, batch, context + num_drafts + 2, target.embed.dtype).advance(context)
@@ -841,5 +852,5 @@ def profile_verification(target, tcfg, batch: int, num_drafts: int, context: int
         extra = size - batch
         lengths = jnp.asarray([extra // batch + (b < extra % batch) for b in range(batch)], jnp.int32)
         fn = jax.jit(lambda c, l: packed_verify(target, tcfg, c, tokens, l, live, ())[0])
-        seconds[size] = median_seconds(fn, cache, lengths, repeats=repeats) + draft_seconds
-    return profile_from_bucket_times(seconds, batch * (num_drafts + 1), draft_seconds)
+        seconds[size] = median_seconds(fn, cache, lengths, repeats=repeats)
+    return seconds, draft_seconds

@@ -13,7 +13,7 @@ import pytest
 from dspark_jax.engine import Engine
 from dspark_jax.sampling import Sampling
 from spec_models import random_prompts
-from test_speculative import (CACHE, MAX_NEW, SAMPLING_CONTEXT, SAMPLING_PROMPT, SAMPLING_ROWS, assert_matches,
+from test_speculative import (CACHE, K, MAX_NEW, SAMPLING_CONTEXT, SAMPLING_PROMPT, SAMPLING_ROWS, assert_matches,
                               budget_profile, exact_joint_2_3, pair, run_ar, run_spec)
 
 VOCAB = 32
@@ -152,6 +152,58 @@ def test_row_sampling_is_each_rows_own_static_setting():
         np.testing.assert_array_equal(row, np.asarray(distribution(x, setting)))
 
 
+def test_all_greedy_rows_take_the_argmax_path_and_mixed_rows_do_not():
+    """A batch of greedy rows computes only the argmax (``lax.cond``), equal to what the mixed
+    path gives a greedy row; one sampled row switches the whole batch to the mixed path."""
+    import jax
+
+    from dspark_jax.sampling import RowSampling, distribution, sample_logits
+
+    logits = 3 * jax.random.normal(jax.random.key(1), (3, 50))
+    keys = jax.random.split(jax.random.key(2), 3)
+    greedy = RowSampling.of([Sampling()] * 3)
+    np.testing.assert_array_equal(np.asarray(distribution(logits, greedy)),
+                                  np.asarray(jax.nn.one_hot(argmax_ids(logits), 50)))
+    np.testing.assert_array_equal(np.asarray(sample_logits(keys, logits, greedy)), argmax_ids(logits))
+    mixed = RowSampling.of([Sampling(), Sampling(1.0), Sampling()])
+    probs = np.asarray(distribution(logits, mixed))
+    np.testing.assert_array_equal(probs[[0, 2]], np.asarray(jax.nn.one_hot(argmax_ids(logits)[[0, 2]], 50)))
+    assert 0 < probs[1].max() < 1  # the sampled row is a softmax, not one-hot
+    draws = np.stack([np.asarray(sample_logits(jax.random.split(jax.random.key(s), 3), logits, mixed))
+                      for s in range(40)])
+    assert (draws[:, [0, 2]] == argmax_ids(logits)[[0, 2]]).all() and len(set(draws[:, 1])) > 1
+
+
+def argmax_ids(logits):
+    return np.asarray(logits).argmax(-1)
+
+
+def test_sample_draws_each_distribution_and_never_a_zero_probability_id():
+    """``sample`` (one uniform per distribution, inverting the CDF) follows ``probs`` for
+    per-row keys and for one key, and never returns an id of probability 0 (leading, inner
+    and trailing zeros)."""
+    import jax
+    import jax.numpy as jnp
+
+    from dspark_jax.sampling import sample
+
+    probs = np.zeros((2, 40), np.float32)
+    probs[0, 3:30] = np.arange(1, 28)
+    probs[0, 10:14] = 0
+    probs[1, [0, 7, 39]] = (0.5, 0.3, 0.2)
+    probs /= probs.sum(-1, keepdims=True)
+    n = 20000
+    per_row = jax.vmap(lambda k: sample(jax.random.split(k, 2), jnp.asarray(probs)))(
+        jax.random.split(jax.random.key(3), n))  # [n, 2]
+    one_key = sample(jax.random.key(4), jnp.broadcast_to(jnp.asarray(probs), (n, 2, 40)))  # [n, 2]
+    for draws in (np.asarray(per_row), np.asarray(one_key)):
+        assert_matches(np.bincount(draws[:, 0], minlength=40), probs[0])  # 23 ids: a chi-square
+        for row in range(2):
+            counts = np.bincount(draws[:, row], minlength=40)
+            assert not counts[probs[row] == 0].any()
+            np.testing.assert_allclose(counts / n, probs[row], atol=0.015)
+
+
 def test_skipping_drafts_keeps_the_target_distribution():
     """Rows whose last expected acceptance is too low verify nothing; when every row is, the
     round is one AR step. Both decisions read only past rounds, so the output is still the
@@ -202,3 +254,30 @@ def test_engine_rejects_bad_requests_before_running():
         with pytest.raises(ValueError, match=message):
             engine.submit(**kw)
     assert not engine.requests
+
+
+def test_profile_widths_times_the_engines_own_loop():
+    """One profile per width, levelled by rounds timed inside ``generate`` (the forced skip /
+    drafted decisions hold, else ``loop_round_seconds`` raises): a valid, non-increasing table
+    whose saved drafting is below every round's time, that survives its JSON and drives an
+    engine whose greedy output is still each request's own AR output."""
+    from dspark_jax.engine import profile_widths
+    from dspark_jax.schedule import SPSProfile
+
+    pr = pair()
+    profiles = profile_widths(pr.target, pr.tcfg, pr.draft, pr.dcfg, slots=2, context=12, repeats=1, rounds=2)
+    assert sorted(profiles) == [1, 2]
+    for w, profile in profiles.items():
+        table = profile.table[1:]
+        assert len(profile.table) == w * (K + 1) + 1 and np.isfinite(table).all() and (table > 0).all()
+        assert (np.diff(table) <= 0).all()
+        assert 0 <= profile.draft_seconds < 1 / table.max()
+        again = SPSProfile.from_json(profile.to_json())
+        np.testing.assert_array_equal(again.table, profile.table)
+    prompts = random_prompts(8, VOCAB, 1, 16, 21)[:7]
+    ar = run_ar(pr, prompts + prompts[:1])[:3]  # the batch of 8 the first test compiles
+    engine = Engine(pr.target, pr.tcfg, pr.draft, pr.dcfg, slots=2, max_len=CACHE, max_new_tokens=MAX_NEW,
+                    scheduler="algorithm1", sps_profile=profiles)
+    ids = [engine.submit(p) for p in prompts[:3]]
+    engine.run_until_done()
+    assert [engine.result(i) for i in ids] == ar
