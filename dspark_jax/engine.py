@@ -48,6 +48,9 @@ from . import speculative as spec
 from . import schedule as schedule_lib
 
 MAX_STOP_IDS = spec.MAX_STOP_IDS  # per-request stop ids a slot holds (besides the model's EOS ids)
+# the key of a request's first-confidence block: fold_in(key, i) is split(key, n)[i] (JAX's
+# partitionable threefry), so a small i would be a key its first round draws its drafts with
+PROBE_STREAM = 0x7FFFFFFF
 
 
 @dataclasses.dataclass
@@ -122,15 +125,28 @@ def insert(target, draft, state: DecodeState, slot, tokens, length, key, max_new
     if state.draft_cache is None:
         return new
     sched, stats = state.schedule, state.stats
-    # the new request's confidence history starts as the slots' recent one (all ones before any
-    # round): assuming every draft survives would make the next rounds draft whenever a request
-    # arrives, which at saturation is every few rounds, at several AR steps each
-    prior = jnp.mean(sched.stale_survival, axis=1, keepdims=True)  # [2, 1, K]
-    sched = dataclasses.replace(sched, stale_survival=_put_rows(sched.stale_survival, prior, slot, 1))
+    sched = dataclasses.replace(sched, stale_survival=_put_rows(
+        sched.stale_survival, first_confidences(target, draft, draft_cache, first, key, sampling, sched, scfg), slot, 1))
     per_row = {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats) if f.name != "compute_tokens"}
     fresh = {name: _put_rows(a, jnp.zeros((1,) + a.shape[1:], a.dtype), slot) for name, a in per_row.items()}
     return dataclasses.replace(new, draft_cache=_put_cache(state.draft_cache, draft_cache, slot), schedule=sched,
                                stats=dataclasses.replace(stats, **fresh))
+
+
+def first_confidences(target, draft, draft_cache, first, key, sampling: RowSampling, sched, scfg) -> jax.Array:
+    """A new request's confidence history ``[2, 1, K]`` before its first round. The budget
+    schedulers (which may skip drafting) draft one block for the request alone from its first
+    token, right after its prefill, and start from that block's survival: the request's own
+    evidence, at the cost of one 1-row drafter call per request (not a round of every slot).
+    The block is never verified, and its key is a stream of its own (``PROBE_STREAM``), so the
+    rounds draw what they would draw without it: deciding from it is deciding from the past
+    (lossless). Other schedulers read no history: all ones."""
+    K = sched.stale_survival.shape[-1]
+    if not scfg.may_skip_drafting:
+        return jnp.ones((2, 1, K), jnp.float32)
+    probe_key = jax.vmap(lambda k: jax.random.fold_in(k, PROBE_STREAM))(key)
+    block, _ = family_of(scfg.draft).propose(probe_key, draft, scfg.draft, target, draft_cache, first, sampling, K)
+    return jnp.broadcast_to(schedule_lib.survival(block.confidence_logits, sched.temperatures), (2, 1, K))
 
 
 def engine_widths(slots: int) -> tuple[int, ...]:

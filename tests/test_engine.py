@@ -69,9 +69,10 @@ def test_engine_greedy_output_is_each_requests_own_ar_output(scheduler):
 
 def test_engine_sampling_follows_the_target_distribution_with_neighbours():
     """Sampled requests that arrive while others decode (the queue refills slots as they free):
-    each starts its confidence history from the slots' mean, which may change its budgets and
-    skipped drafts but not what is drawn: every request's tokens #2 (its first round) and #3
-    follow the target's distribution."""
+    each starts its confidence history from a block drafted for it alone at insertion (never
+    verified, drawn with a key of its own), which changes its budgets and skipped drafts but not
+    what is drawn: every request's tokens #2 (its first round) and #3 follow the target's
+    distribution."""
     sampling = Sampling(temperature=1.0)
     pr = pair("vanilla", context=SAMPLING_CONTEXT)
     # the shapes of the greedy test above: its compiles serve here
@@ -281,3 +282,29 @@ def test_profile_widths_times_the_engines_own_loop():
     ids = [engine.submit(p) for p in prompts[:3]]
     engine.run_until_done()
     assert [engine.result(i) for i in ids] == ar
+
+
+def test_a_new_request_starts_from_its_own_first_block():
+    """At insertion a budget scheduler drafts one block for the request alone and starts its
+    confidence history there. Greedy, that block is the one its first round drafts (the history
+    after that round holds the same survival twice); sampled, its key is a stream of its own, so
+    the first round drafts other tokens (a key the round also drew with would repeat the block,
+    and the skip decision would read the drafts it decides on)."""
+    pr = pair("vanilla", context=SAMPLING_CONTEXT)
+    prompts = random_prompts(8, VOCAB, 1, 16, 21)[:4]
+    histories = {}
+    for name, sampling in (("greedy", Sampling()), ("sampled", Sampling(temperature=1.0))):
+        engine = Engine(pr.target, pr.tcfg, pr.draft, pr.dcfg, slots=4, max_len=CACHE, max_new_tokens=MAX_NEW,
+                        scheduler="algorithm1", steps_per_call=1)
+        for seed, p in enumerate(prompts):
+            engine.submit(p, sampling=sampling, seed=seed)
+        engine.admit()
+        start = np.asarray(engine.state.schedule.stale_survival)
+        assert (start[0] == start[1]).all() and ((0 < start) & (start < 1)).all()
+        assert len({tuple(row) for row in start[1]}) == len(prompts)  # each its own evidence
+        engine.step()
+        assert not np.asarray(engine.state.stats.skipped).any()  # the first round drafted
+        histories[name] = np.asarray(engine.state.schedule.stale_survival)
+        np.testing.assert_array_equal(histories[name][0], start[1])
+    np.testing.assert_allclose(histories["greedy"][1], histories["greedy"][0], rtol=1e-6)
+    assert np.abs(histories["sampled"][1] - histories["sampled"][0]).max(-1).min() > 0
