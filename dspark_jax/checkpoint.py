@@ -629,11 +629,11 @@ def load_drafter(path, target: Qwen3Params, target_cfg: Qwen3Config, dtype=None,
 # ---------------------------------------------------------------------------- embedded pair
 
 EMBEDDED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints")
-EMBEDDED_MODELS = ("target", "dspark", "dflash")
+EMBEDDED_MODELS = ("target", "dspark", "dflash", "eagle3")
 
 
 def embedded_path(name: str = "target", root: str | os.PathLike | None = None) -> str:
-    """Directory of an embedded checkpoint (``target``, ``dspark`` or ``dflash``) in ``checkpoints/``.
+    """Directory of an embedded checkpoint (``target``, ``dspark``, ``dflash`` or ``eagle3``) in ``checkpoints/``.
 
     They ship with a clone of the repository (``pip install -e .``); a wheel built without the
     repository has none, and the error says so instead of failing later on a missing file.
