@@ -250,15 +250,23 @@ def ar_start(params, prompt_tokens, prompt_lengths, key, max_new_tokens, cache: 
 def ar_step(params, s: DecodeState, *, cfg: Qwen3Config, sampling: Sampling, eos_ids: tuple[int, ...],
             mesh=None) -> DecodeState:
     """One token for every live row."""
-    out, cache = run_target(params, cfg, s.anchor[:, None], s.target_cache, mesh=mesh)
+    return ar_step_with_features(params, s, cfg=cfg, sampling=sampling, eos_ids=eos_ids, mesh=mesh)[0]
+
+
+def ar_step_with_features(params, s: DecodeState, *, cfg: Qwen3Config, sampling: Sampling, eos_ids: tuple[int, ...],
+                          mesh=None, feature_layers=()) -> tuple[DecodeState, jax.Array | None]:
+    """``ar_step``, also returning the target features ``[B, F]`` of the position it ran (the
+    anchor's; None without ``feature_layers``): what a drafter's context receives."""
+    out, cache = run_target(params, cfg, s.anchor[:, None], s.target_cache, feature_layers=feature_layers, mesh=mesh)
     key, sub = split(s.key)
     token = sample_logits(sub, out.logits[:, 0], row_sampling(s, sampling))
     live = ~s.done
     token = jnp.where(live, token, s.anchor)
     cache = cache.advance(live.astype(jnp.int32))
     output, num_generated, done, _ = commit(s, token[:, None], jnp.ones_like(s.num_generated), cache, eos_ids)
-    return dataclasses.replace(s, output=output, num_generated=num_generated, done=done, anchor=token,
-                               target_cache=cache, key=key)
+    new = dataclasses.replace(s, output=output, num_generated=num_generated, done=done, anchor=token,
+                              target_cache=cache, key=key)
+    return new, (out.features[:, 0] if feature_layers else None)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling", "buffer_len", "eos_ids", "mesh", "prefill_chunk"),

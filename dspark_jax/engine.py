@@ -164,28 +164,36 @@ def width_for(rows: int, slots: int) -> int:
     return next(w for w in engine_widths(slots) if w >= rows)
 
 
-@functools.partial(jax.jit, static_argnames=("scfg", "tcfg", "max_steps", "width"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("scfg", "tcfg", "max_steps", "width", "anchor_only"),
+                   donate_argnames=("state",))
 def generate(target, draft, state: DecodeState, sps_table=None, draft_seconds=None, *, scfg, tcfg, max_steps: int,
-             width: int):
+             width: int, anchor_only: bool = False):
     """Up to ``max_steps`` AR steps (``scfg`` None) or speculative rounds for the live slots
     among rows ``[0:width]`` (the engine keeps its requests there), then copies of what the
-    host reads for those rows (ids, counts, done flags, per-slot rounds/verified).
+    host reads for those rows (ids, counts, done flags, per-slot rounds/verified) and how many
+    of the coming rounds will skip drafting (``speculative.skips_ahead``).
 
     The rows are sliced out of the donated state, advanced, and written back in place, so a
     round costs what ``width`` rows cost (drafter, verification, bookkeeping), not all slots.
-    ``sps_table``/``draft_seconds`` (speculative): the scheduler's SPS profile at this width."""
+    ``sps_table``/``draft_seconds`` (speculative): the scheduler's SPS profile at this width.
+    ``anchor_only``: the ``max_steps`` rounds are known to skip drafting (the last call said
+    so and nothing was inserted since): they run as AR steps (``speculative.anchor_steps``)."""
     axes = state.batch_axes()
     rows = take_rows(state, axes, width)
     if scfg is None:
         step = functools.partial(ar_step, target, cfg=tcfg, sampling=Sampling(), eos_ids=tcfg.eos_token_ids)
+        rows = loop_until_done(step, rows, max_steps)
     else:
-        step = functools.partial(spec.speculative_round, target, draft, scfg=scfg)
         rows = dataclasses.replace(rows, schedule=dataclasses.replace(rows.schedule, sps_table=sps_table,
                                                                       draft_seconds=draft_seconds))
-    rows = loop_until_done(step, rows, max_steps)
+        if anchor_only:
+            rows = spec.anchor_steps(target, draft, rows, max_steps, scfg=scfg)
+        else:
+            rows = loop_until_done(functools.partial(spec.speculative_round, target, draft, scfg=scfg), rows, max_steps)
     state = put_rows(state, rows, axes)
     counters = (rows.stats.rounds + 0, rows.stats.verified + 0) if rows.stats is not None else None
-    return state, (rows.output + 0, rows.num_generated + 0, rows.done + 0, counters)
+    skips = spec.skips_ahead(rows, scfg) if scfg is not None else jnp.int32(0)
+    return state, (rows.output + 0, rows.num_generated + 0, rows.done + 0, counters, skips)
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
@@ -291,12 +299,15 @@ class Engine:
     slot's cache capacity (prompt + new tokens + one round), ``max_new_tokens`` the largest a
     request may ask for (the output buffer), ``steps_per_call`` the rounds between two visits
     of the host (where finished slots are refilled). ``sps_profile`` (algorithm1 / async): one
-    ``schedule.SPSProfile`` for every width or ``{width: profile}`` (``profile_widths``)."""
+    ``schedule.SPSProfile`` for every width or ``{width: profile}`` (``profile_widths``).
+    ``anchor_steps``: a call whose rounds are all known to skip drafting runs them as plain AR
+    steps (``speculative.anchor_steps``; False: as skipped rounds, for comparison)."""
 
     def __init__(self, target, tcfg, draft=None, dcfg=None, *, slots: int = 8, max_len: int = 512,
                  max_new_tokens: int = 128, scheduler: str | None = None, block_size: int | None = None,
                  confidence_threshold: float = 0.0, sps_profile=None, calibration=None, min_expected: float = 0.0,
-                 steps_per_call: int = 4, prefill_chunk: int = PREFILL_CHUNK, tokenizer=None, chat_template=None):
+                 steps_per_call: int = 4, prefill_chunk: int = PREFILL_CHUNK, tokenizer=None, chat_template=None,
+                 anchor_steps: bool = True):
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         if steps_per_call < 1:
@@ -325,6 +336,10 @@ class Engine:
         self._costs = self._width_costs(K, sps_profile) if self.scfg is not None else no_costs
         self.state = self._empty_state(K, confidence_threshold, calibration, min_expected)
         self.row_moves = 0  # requests moved down to a lower free slot (``_pack``)
+        self.inserted = 0  # requests prefilled into a slot
+        self.anchor_steps = anchor_steps
+        self.anchor_calls = 0  # generate calls run as AR steps (every round known to skip drafting)
+        self._skips_ahead = 0  # rounds the last call said will skip drafting
         self.widths_run: list[int] = []  # the width of every generate call, in order
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # slot -> request
@@ -432,6 +447,7 @@ class Engine:
         )
         req.slot, req.started_at = slot, started
         self.running[slot] = req
+        self.inserted += 1
         self._seen[slot] = 0
 
     def admit(self):
@@ -465,16 +481,23 @@ class Engine:
         """Refill free slots from the queue (``admit``), move running requests down into the
         slots it could not fill (``_pack``), run ``steps_per_call`` rounds on the running rows'
         width, and return each running request's newly committed ids ``{request id: ids}``."""
+        before = (self.inserted, self.row_moves)
         self.admit()
         if not self.running:
             return {}
         self._pack()
+        changed = (self.inserted, self.row_moves) != before
         width = self.width
         self.widths_run.append(width)
         sps_table, draft_seconds = self._costs[width]
-        self.state, (output, counts, done, counters) = generate(
+        # a call whose every round is known to skip drafting runs them as AR steps; an insert or
+        # a row move since the last call changed what is known (a new request's confidences)
+        anchor_only = self.anchor_steps and self._skips_ahead >= self.steps_per_call and not changed
+        self.anchor_calls += anchor_only
+        self.state, (output, counts, done, counters, skips) = generate(
             self.target, self.draft, self.state, sps_table, draft_seconds, scfg=self.scfg, tcfg=self.tcfg,
-            max_steps=self.steps_per_call, width=width)
+            max_steps=self.steps_per_call, width=width, anchor_only=anchor_only)
+        self._skips_ahead = int(skips)
         output, counts, done = np.asarray(output), np.asarray(counts), np.asarray(done)
         if counters is not None:
             rounds, verified = (np.asarray(c) for c in counters)

@@ -31,8 +31,8 @@ from .cache import KVCache
 from .config import Qwen3Config
 from .commit import SHARED, DecodeState, commit
 from .commit import start as start_state
-from .decoding import (PREFILL_CHUNK, loop_until_done, pad_batch, prefill, prepare_batch, row_sampling,  # noqa: F401 (pad_batch re-exported)
-                       run_target)
+from .decoding import (PREFILL_CHUNK, ar_step_with_features, loop_until_done, pad_batch,  # noqa: F401 (re-exported)
+                       prefill, prepare_batch, row_sampling, run_target)
 from .sharding import Mesh, constrain_cache, sharded_forward_packed
 from .draft import DraftConfig, DraftParams
 from . import schedule as schedule_lib
@@ -487,6 +487,58 @@ def too_low_to_pay(sched: ScheduleState) -> jax.Array:
     return jnp.sum(sched.stale_survival[1], -1) < sched.min_expected
 
 
+def nothing_pays_now(s: SpecState, scfg: SpecConfig) -> jax.Array:
+    """Whether, judged from the last drafted round's confidences (``async``: the round before),
+    no drafted round beats AR steps for the live rows, or every live row is too low to pay."""
+    sched, live = s.schedule, ~s.done
+    stale = sched.stale_survival[0] if scfg.scheduler == "async" else sched.stale_survival[1]
+    pays = schedule_lib.drafting_pays(stale, live, sched.sps_table, sched.draft_seconds)
+    return ~pays | jnp.all(too_low_to_pay(sched) | ~live)
+
+
+def skips_ahead(s: SpecState, scfg: SpecConfig) -> jax.Array:
+    """Rounds from now that skip drafting whatever they commit (``skip_drafting`` decides each
+    from the same stale confidences until the run of skips reaches ``refresh_after``): ``[]``,
+    0 when the next round may draft or the scheduler never skips."""
+    if not scfg.may_skip_drafting:
+        return jnp.int32(0)
+    sched = s.schedule
+    return jnp.where(nothing_pays_now(s, scfg), jnp.maximum(sched.refresh_after - sched.skipped, 0), 0).astype(jnp.int32)
+
+
+def anchor_steps(target: Qwen3Params, draft: DraftParams, s: SpecState, steps: int, *, scfg: SpecConfig) -> SpecState:
+    """``steps`` rounds known to skip drafting (``skips_ahead``), run as plain AR steps of the
+    decode core (``decoding.ar_step_with_features``) inside one ``lax.while_loop``: the same
+    tokens and bookkeeping as that many skipped rounds (the committed token drawn from the
+    target's distribution at the anchor; statistics; the run of skips), without a round's
+    decision, packing and per-round drafter update: the positions' target features are
+    gathered and enter the drafter's context in one append after the loop."""
+    B = s.anchor.shape[0]
+    layers = scfg.draft.target_layer_ids
+    F = target.embed.shape[-1] * len(layers)
+    step = functools.partial(ar_step_with_features, target, cfg=scfg.target, sampling=scfg.sampling,
+                             eos_ids=scfg.eos_ids, mesh=scfg.mesh, feature_layers=layers)
+
+    def body(carry):
+        s, i, features, tokens, counts = carry
+        live = ~s.done
+        new, f = step(s)
+        features = jax.lax.dynamic_update_slice_in_dim(features, f[:, None].astype(features.dtype), i, 1)
+        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, new.anchor[:, None], i, 1)
+        return new, i + 1, features, tokens, counts + live
+
+    carry = (s, jnp.int32(0), jnp.zeros((B, steps, F), target.embed.dtype), jnp.zeros((B, steps), jnp.int32),
+             jnp.zeros((B,), jnp.int32))
+    new, ran, features, tokens, counts = jax.lax.while_loop(lambda c: (c[1] < steps) & ~jnp.all(c[0].done), body,
+                                                            carry)
+    draft_cache = family_of(scfg.draft).commit(draft, scfg.draft, target, s.draft_cache, features, tokens, counts)
+    stats = s.stats
+    stats = dataclasses.replace(stats, rounds=stats.rounds + counts, verified=stats.verified + counts,
+                                skipped=stats.skipped + counts, compute_tokens=stats.compute_tokens + B * ran)
+    schedule = dataclasses.replace(s.schedule, skipped=s.schedule.skipped + ran)
+    return dataclasses.replace(new, draft_cache=draft_cache, stats=stats, schedule=schedule)
+
+
 def skip_drafting(s: SpecState, scfg: SpecConfig) -> tuple[jax.Array, ScheduleState]:
     """Whether the coming round skips drafting (one AR step instead of draft + verify), and the
     schedule with the refresh interval updated. Skip when, judged from the last drafted
@@ -497,10 +549,8 @@ def skip_drafting(s: SpecState, scfg: SpecConfig) -> tuple[jax.Array, ScheduleSt
     costs several AR steps, so refreshing often would cost more than it finds), a round where
     drafting pays resets it. Read from the state before drafting, never from this round's
     drafts, so it cannot bias what is committed (lossless)."""
-    sched, live = s.schedule, ~s.done
-    stale = sched.stale_survival[0] if scfg.scheduler == "async" else sched.stale_survival[1]
-    pays = schedule_lib.drafting_pays(stale, live, sched.sps_table, sched.draft_seconds)
-    nothing_pays = ~pays | jnp.all(too_low_to_pay(sched) | ~live)
+    sched = s.schedule
+    nothing_pays = nothing_pays_now(s, scfg)
     skip = nothing_pays & (sched.skipped < sched.refresh_after)
     refresh = jnp.where(nothing_pays, jnp.where(skip, sched.refresh_after,
                                                 jnp.minimum(2 * sched.refresh_after + 1, LAST_REFRESH)),

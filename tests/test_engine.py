@@ -308,3 +308,33 @@ def test_a_new_request_starts_from_its_own_first_block():
         np.testing.assert_array_equal(histories[name][0], start[1])
     np.testing.assert_allclose(histories["greedy"][1], histories["greedy"][0], rtol=1e-6)
     assert np.abs(histories["sampled"][1] - histories["sampled"][0]).max(-1).min() > 0
+
+
+def test_rounds_known_to_skip_drafting_run_as_ar_steps_with_the_same_result():
+    """When the last call says its next rounds all skip drafting (every row too low to pay), the
+    engine runs them as plain AR steps (``speculative.anchor_steps``): the same ids, statistics,
+    run of skips and drafter context (its features appended in one chunk after the steps) as
+    running them as skipped rounds."""
+    pr = pair("vanilla")
+    prompts = random_prompts(8, VOCAB, 1, 16, 21)[:4]
+    ar = run_ar(pr, prompts + prompts[:4])[:4]
+    engines = {}
+    for anchor_steps in (True, False):
+        engine = Engine(pr.target, pr.tcfg, pr.draft, pr.dcfg, slots=2, max_len=CACHE, max_new_tokens=MAX_NEW,
+                        scheduler="algorithm1", steps_per_call=3, min_expected=float("inf"),
+                        anchor_steps=anchor_steps)
+        ids = [engine.submit(p) for p in prompts]
+        engine.run_until_done()
+        assert [engine.result(i) for i in ids] == ar
+        engines[anchor_steps] = engine
+    fast, slow = engines[True], engines[False]
+    assert fast.anchor_calls >= 4 and slow.anchor_calls == 0
+    for name in ("rounds", "verified", "skipped", "accepted", "proposed"):
+        np.testing.assert_array_equal(getattr(fast.state.stats, name), getattr(slow.state.stats, name), err_msg=name)
+    assert int(fast.state.schedule.skipped) == int(slow.state.schedule.skipped)
+    lengths = np.asarray(fast.state.draft_cache.lengths)
+    np.testing.assert_array_equal(lengths, np.asarray(slow.state.draft_cache.lengths))
+    for slot, n in enumerate(lengths):  # entries past a row's length are never read
+        for a, b in ((fast.state.draft_cache.k, slow.state.draft_cache.k),
+                     (fast.state.draft_cache.v, slow.state.draft_cache.v)):
+            np.testing.assert_allclose(np.asarray(a)[:, slot, :n], np.asarray(b)[:, slot, :n], rtol=1e-5, atol=1e-6)
