@@ -337,7 +337,8 @@ class Engine:
         self.state = self._empty_state(K, confidence_threshold, calibration, min_expected)
         self.row_moves = 0  # requests moved down to a lower free slot (``_pack``)
         self.inserted = 0  # requests prefilled into a slot
-        self.anchor_steps = anchor_steps
+        # whether calls known to skip drafting run as AR steps: only budget schedulers skip
+        self._reads_skips = anchor_steps and self.scfg is not None and self.scfg.may_skip_drafting
         self.anchor_calls = 0  # generate calls run as AR steps (every round known to skip drafting)
         self._skips_ahead = 0  # rounds the last call said will skip drafting
         self.widths_run: list[int] = []  # the width of every generate call, in order
@@ -492,12 +493,13 @@ class Engine:
         sps_table, draft_seconds = self._costs[width]
         # a call whose every round is known to skip drafting runs them as AR steps; an insert or
         # a row move since the last call changed what is known (a new request's confidences)
-        anchor_only = self.anchor_steps and self._skips_ahead >= self.steps_per_call and not changed
+        anchor_only = self._reads_skips and self._skips_ahead >= self.steps_per_call and not changed
         self.anchor_calls += anchor_only
         self.state, (output, counts, done, counters, skips) = generate(
             self.target, self.draft, self.state, sps_table, draft_seconds, scfg=self.scfg, tcfg=self.tcfg,
             max_steps=self.steps_per_call, width=width, anchor_only=anchor_only)
-        self._skips_ahead = int(skips)
+        if self._reads_skips:  # a device-to-host read per call, only where a call may use it
+            self._skips_ahead = int(skips)
         output, counts, done = np.asarray(output), np.asarray(counts), np.asarray(done)
         if counters is not None:
             rounds, verified = (np.asarray(c) for c in counters)
