@@ -266,6 +266,8 @@ def profile_widths(target, tcfg, draft, dcfg, slots: int, block_size: int | None
     drafting and the round's bookkeeping); ``draft_seconds`` = what a skipped round saves,
     1 / SPS(width) - skipped, so ``schedule.drafting_pays`` compares against the loop's own
     skipped-round cost."""
+    if min(context, repeats, rounds) < 1:
+        raise ValueError(f"profile_widths needs context, repeats and rounds >= 1, got {context}, {repeats}, {rounds}")
     K = block_size or dcfg.block_size
     max_new = rounds * (K + 1)
     no_eos = dataclasses.replace(tcfg, eos_token_ids=())  # no timed row may end early

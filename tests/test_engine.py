@@ -266,6 +266,8 @@ def test_profile_widths_times_the_engines_own_loop():
     from dspark_jax.schedule import SPSProfile
 
     pr = pair()
+    with pytest.raises(ValueError, match="repeats and rounds >= 1, got 12, 0, 2"):  # a median of nothing: NaN
+        profile_widths(pr.target, pr.tcfg, pr.draft, pr.dcfg, slots=2, context=12, repeats=0, rounds=2)
     profiles = profile_widths(pr.target, pr.tcfg, pr.draft, pr.dcfg, slots=2, context=12, repeats=1, rounds=2)
     assert sorted(profiles) == [1, 2]
     for w, profile in profiles.items():
