@@ -144,7 +144,7 @@ def make_engines(args, target, tcfg, draft, dcfg, calibration, prompts):
     if args.profile == "measured" and {"algorithm1", "async"} & set(args.schedulers):
         # one profile per width the engine runs: fewer rows draft and verify cheaper
         profile = profile_widths(target, tcfg, draft, dcfg, args.slots, context=args.prompt_len + args.max_new,
-                                 repeats=3)
+                                 rounds=args.steps_per_call)
     max_len = args.prompt_len + args.max_new + dcfg.block_size + 1
     engines = {}
     for name in args.schedulers:

@@ -1,7 +1,8 @@
 """What a speculative round that skips drafting costs, in AR steps: ms per round of the
 engine's decoding loop with ``--live`` requests (the engine runs the smallest width holding
-them), for plain AR steps (``ar``), algorithm1 rounds
-forced to skip drafting (``skip``) and forced to draft (``drafted``), on the embedded pair.
+them), for plain AR steps (``ar``), algorithm1 rounds forced to skip drafting (``skip``: each
+round decides and skips; ``anchor``: the skips known ahead, run as AR steps of the decode core
+as the engine runs them) and forced to draft (``drafted``), on the embedded pair.
 
 The three run alternately (``--reps`` times each, ``--rounds`` rounds per call), and the
 ratios to ``ar`` are medians of per-repetition ratios, so a noisy machine shifts all three
@@ -21,7 +22,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]
 
 import numpy as np  # noqa: E402
 
-MODES = {"ar": "ar", "skip": "algorithm1", "drafted": "algorithm1"}
+MODES = {"ar": "ar", "skip": "algorithm1", "anchor": "algorithm1", "drafted": "algorithm1"}
 
 
 def parse_args(argv=None):
@@ -40,7 +41,8 @@ def parse_args(argv=None):
 def seconds_per_round(engine, mode, prompts, args) -> float:
     from dspark_jax.engine import loop_round_seconds, width_for
 
-    return loop_round_seconds(engine, width_for(args.live, args.slots), mode, prompts[: args.live], args.rounds)
+    forced = "skip" if mode == "anchor" else mode
+    return loop_round_seconds(engine, width_for(args.live, args.slots), forced, prompts[: args.live], args.rounds)
 
 
 def main(argv=None):
@@ -53,7 +55,8 @@ def main(argv=None):
     new_tokens = args.rounds * (dcfg.block_size + 1)  # no request ends inside a timed call
     max_len = max(len(p) for p in prompts) + new_tokens + dcfg.block_size + 1
     engines = {mode: Engine(target, tcfg, draft, dcfg, slots=args.slots, max_len=max_len, max_new_tokens=new_tokens,
-                            scheduler=scheduler, calibration=calibration) for mode, scheduler in MODES.items()}
+                            scheduler=scheduler, calibration=calibration, anchor_steps=mode == "anchor")
+               for mode, scheduler in MODES.items()}
     for mode, engine in engines.items():  # compile
         seconds_per_round(engine, mode, prompts, args)
     ms = {mode: [] for mode in MODES}

@@ -402,7 +402,7 @@ def cmd_calibrate(args):
     from .checkpoint import load_draft_config, load_drafter, load_target
     from .data import read_prompts, prompts_from_documents, stdlib_corpus
     from .sampling import Sampling
-    from .schedule import check_sts_fit, fit_sts
+    from .schedule import Calibration, check_sts_fit, fit_sts
     from .speculative import no_confidence_hint, speculative_generate
     from .tokenizer import Tokenizer
 
@@ -438,14 +438,22 @@ def cmd_calibrate(args):
                     accepted.append(r["accepted"])
     if len(accepted) < args.min_rounds:  # before the fit: fit_sts needs rounds at all
         check_sts_fit(None, np.asarray(accepted), args.min_rounds)
-    cal = fit_sts(np.asarray(logits), np.asarray(accepted))
-    check_sts_fit(cal, np.asarray(accepted), args.min_rounds)  # refused: the old file stays as it was
-    cal.report.update(rounds=len(accepted), prompts=len(prompts), temperature=args.temperature)
+    fit = fit_sts(np.asarray(logits), np.asarray(accepted))
+    check_sts_fit(fit, np.asarray(accepted), args.min_rounds)  # refused: the old file stays as it was
+    fit.report.update(rounds=len(accepted), prompts=len(prompts), temperature=args.temperature)
     out = args.out or args.draft
-    cal.save(out)
-    rep = cal.report
-    print(f"STS on {len(accepted)} rounds ({len(prompts)} prompts, T={args.temperature}); "
-          f"saved to {out if out.endswith('.json') else os.path.join(out, cal.FILENAME)}")
+    greedy = args.temperature == 0
+    try:
+        old = Calibration.load(out, K)
+    except DataError as err:  # a file for another block size, or broken: this fit replaces it
+        print(f"replacing {Calibration.path(out)}: {err}")
+        old = None
+    Calibration.fitted(fit, greedy, old).save(out)
+    rep = fit.report
+    regime = "greedy" if greedy else "sampled"
+    kept = "" if old is None else f"; the {'sampled' if greedy else 'greedy'} set already there is kept"
+    print(f"STS on {len(accepted)} rounds ({len(prompts)} prompts, T={args.temperature}): the {regime} set, saved to "
+          f"{Calibration.path(out)}{kept}")
     print(" k   temp   ECE before  ECE after  AUROC(c_k)  AUROC prefix before/after")
     for k in range(K):
         print(f"{k + 1:2d} {rep['temperatures'][k]:6.2f}   {rep['ece_before'][k]:9.4f} {rep['ece_after'][k]:10.4f}"
@@ -652,7 +660,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
 
-    c = sub.add_parser("calibrate", help="STS calibration of the confidence head (writes sts_calibration.json)")
+    c = sub.add_parser("calibrate", help="STS calibration of the confidence head (writes sts_calibration.json): "
+                       "--temperature 0 fits the set greedy decoding reads, any other the sampled set; the other set "
+                       "in the file is kept")
     c.add_argument("--target", help="default: the embedded target in checkpoints/")
     c.add_argument("--draft", required=True)
     c.add_argument("--prompts", default="held-out",

@@ -212,8 +212,9 @@ def is_eos(tokens: jax.Array, eos_ids: Sequence[int]) -> jax.Array:
 def loop_until_done(step: Callable, state, max_steps: int = 0):
     """``state = step(state)`` while any row is live, inside one ``lax.while_loop``; with
     ``max_steps > 0`` at most that many steps, so a stream can return to the host between
-    chunks and continue from the state (every decoding loop, chunked or not, is this one)."""
-    if not max_steps:
+    chunks and continue from the state (every decoding loop, chunked or not, is this one).
+    ``max_steps`` may be traced (the engine's rounds left after its known skips)."""
+    if isinstance(max_steps, int) and not max_steps:
         return jax.lax.while_loop(lambda s: ~jnp.all(s.done), step, state)
 
     def cond(carry):

@@ -146,7 +146,8 @@ def first_confidences(target, draft, draft_cache, first, key, sampling: RowSampl
         return jnp.ones((2, 1, K), jnp.float32)
     probe_key = jax.vmap(lambda k: jax.random.fold_in(k, PROBE_STREAM))(key)
     block, _ = family_of(scfg.draft).propose(probe_key, draft, scfg.draft, target, draft_cache, first, sampling, K)
-    return jnp.broadcast_to(schedule_lib.survival(block.confidence_logits, sched.temperatures), (2, 1, K))
+    temperatures = spec.confidence_temperatures(sched.temperatures, sampling)
+    return jnp.broadcast_to(schedule_lib.survival(block.confidence_logits, temperatures), (2, 1, K))
 
 
 def engine_widths(slots: int) -> tuple[int, ...]:
@@ -164,36 +165,39 @@ def width_for(rows: int, slots: int) -> int:
     return next(w for w in engine_widths(slots) if w >= rows)
 
 
-@functools.partial(jax.jit, static_argnames=("scfg", "tcfg", "max_steps", "width", "anchor_only"),
+@functools.partial(jax.jit, static_argnames=("scfg", "tcfg", "max_steps", "width", "anchor_steps"),
                    donate_argnames=("state",))
 def generate(target, draft, state: DecodeState, sps_table=None, draft_seconds=None, *, scfg, tcfg, max_steps: int,
-             width: int, anchor_only: bool = False):
+             width: int, anchor_steps: bool = True):
     """Up to ``max_steps`` AR steps (``scfg`` None) or speculative rounds for the live slots
     among rows ``[0:width]`` (the engine keeps its requests there), then copies of what the
     host reads for those rows (ids, counts, done flags, per-slot rounds/verified) and how many
-    of the coming rounds will skip drafting (``speculative.skips_ahead``).
+    rounds ran as AR steps.
 
     The rows are sliced out of the donated state, advanced, and written back in place, so a
     round costs what ``width`` rows cost (drafter, verification, bookkeeping), not all slots.
     ``sps_table``/``draft_seconds`` (speculative): the scheduler's SPS profile at this width.
-    ``anchor_only``: the ``max_steps`` rounds are known to skip drafting (the last call said
-    so and nothing was inserted since): they run as AR steps (``speculative.anchor_steps``)."""
+    ``anchor_steps`` (budget schedulers): the coming rounds known to skip drafting whatever
+    they commit (``speculative.skips_ahead``, read from the state on the device) run first as
+    plain AR steps (``speculative.anchor_steps``), the rest of the call as rounds; False: every
+    round is a round (for comparison)."""
     axes = state.batch_axes()
     rows = take_rows(state, axes, width)
+    known = jnp.int32(0)
     if scfg is None:
         step = functools.partial(ar_step, target, cfg=tcfg, sampling=Sampling(), eos_ids=tcfg.eos_token_ids)
         rows = loop_until_done(step, rows, max_steps)
     else:
         rows = dataclasses.replace(rows, schedule=dataclasses.replace(rows.schedule, sps_table=sps_table,
                                                                       draft_seconds=draft_seconds))
-        if anchor_only:
-            rows = spec.anchor_steps(target, draft, rows, max_steps, scfg=scfg)
-        else:
-            rows = loop_until_done(functools.partial(spec.speculative_round, target, draft, scfg=scfg), rows, max_steps)
+        if anchor_steps and scfg.may_skip_drafting:
+            known = jnp.minimum(spec.skips_ahead(rows, scfg), max_steps)
+            rows = spec.anchor_steps(target, draft, rows, known, scfg=scfg, max_steps=max_steps)
+        rows = loop_until_done(functools.partial(spec.speculative_round, target, draft, scfg=scfg), rows,
+                               max_steps - known)
     state = put_rows(state, rows, axes)
     counters = (rows.stats.rounds + 0, rows.stats.verified + 0) if rows.stats is not None else None
-    skips = spec.skips_ahead(rows, scfg) if scfg is not None else jnp.int32(0)
-    return state, (rows.output + 0, rows.num_generated + 0, rows.done + 0, counters, skips)
+    return state, (rows.output + 0, rows.num_generated + 0, rows.done + 0, counters, known)
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
@@ -206,28 +210,34 @@ def move_row(state: DecodeState, src, dst) -> DecodeState:
     return dataclasses.replace(state, done=state.done.at[src].set(True))
 
 
-def forced_costs(state: DecodeState, costs, mode: str):
+def forced_costs(state: DecodeState, costs, mode: str, tokens: int | None = None):
     """The state and a width's ``(sps_table, draft_seconds)`` with the budget schedulers' skip
     decision forced, for timing: ``"skip"`` (nothing survives and the run of skips never ends)
-    or ``"drafted"`` (every verified token costs the same and every draft survived, so drafting
-    pays: rounds draft and verify their blocks)."""
+    or ``"drafted"`` (every round drafts; with ``tokens``, Algorithm 1 verifies exactly that many
+    tokens in all, anchors included: the table pays nothing past them; else every draft).
+    ``tokens`` equal to the rows verifies no draft: the drafting's cost is then made negative so
+    a round with nothing to verify still drafts."""
     sps_table, draft_seconds = costs
     sched = state.schedule
     if mode == "skip":
         sched = dataclasses.replace(sched, skipped=jnp.int32(-10**6), stale_survival=jnp.zeros_like(sched.stale_survival))
     elif mode == "drafted":  # and the confidence history restarts as "every draft survives"
-        sps_table, draft_seconds = jnp.ones_like(sps_table), jnp.float32(0)
+        budget = jnp.arange(sps_table.shape[0])
+        sps_table = jnp.ones_like(sps_table) if tokens is None else jnp.where(budget <= tokens, 1.0, 1e-9)
+        draft_seconds = jnp.float32(-1.0)
         sched = dataclasses.replace(sched, skipped=jnp.zeros_like(sched.skipped),
                                     stale_survival=jnp.ones_like(sched.stale_survival))
     else:
         raise ValueError(f"mode must be 'skip' or 'drafted', got {mode!r}")
-    return dataclasses.replace(state, schedule=sched), (sps_table, draft_seconds)
+    return dataclasses.replace(state, schedule=sched), (sps_table.astype(jnp.float32), draft_seconds)
 
 
-def loop_round_seconds(engine: "Engine", width: int, mode: str, prompts, rounds: int) -> float:
+def loop_round_seconds(engine: "Engine", width: int, mode: str, prompts, rounds: int, tokens: int | None = None) -> float:
     """Seconds per round of ``engine``'s own decoding loop at ``width`` with ``prompts`` (one per
     row, ``width`` of them) just inserted, the skip decision forced (``forced_costs``; ``mode``
-    "ar" for an AR engine). The requests are replaced on every call; none may end inside it."""
+    "ar" for an AR engine; ``tokens``: the verified tokens of a drafted round; forced skips run
+    as AR steps where the engine runs known skips so, ``Engine(anchor_steps=True)``). The
+    requests are replaced on every call; none may end inside it."""
     engine.running.clear()
     engine.waiting.clear()
     for p in prompts[:width]:
@@ -235,37 +245,38 @@ def loop_round_seconds(engine: "Engine", width: int, mode: str, prompts, rounds:
     engine.admit()
     costs = engine._costs[width]
     if mode != "ar":
-        engine.state, costs = forced_costs(engine.state, costs, mode)
+        engine.state, costs = forced_costs(engine.state, costs, mode, tokens)
     jax.block_until_ready(engine.state)
     start = time.perf_counter()
     engine.state, out = generate(engine.target, engine.draft, engine.state, *costs, scfg=engine.scfg,
-                                 tcfg=engine.tcfg, max_steps=rounds, width=width)
+                                 tcfg=engine.tcfg, max_steps=rounds, width=width, anchor_steps=engine.anchor_steps)
     jax.block_until_ready(out)
     seconds = (time.perf_counter() - start) / rounds
     if mode != "ar":
-        skipped = np.asarray(engine.state.stats.skipped[:width])
-        if not (skipped == (rounds if mode == "skip" else 0)).all():
+        stats = engine.state.stats
+        skipped = np.asarray(stats.skipped[:width])
+        verified = int(np.asarray(stats.verified[:width]).sum())
+        held = (skipped == (rounds if mode == "skip" else 0)).all() and (tokens is None or verified == tokens * rounds)
+        if not held:
             raise RuntimeError(f"timing {mode!r} rounds: the forced decision did not hold (skipped {skipped.tolist()} "
-                               f"of {rounds})")
+                               f"of {rounds}, {verified} tokens verified" + (f", forced {tokens * rounds})" if tokens else ")"))
     return seconds
 
 
 def profile_widths(target, tcfg, draft, dcfg, slots: int, block_size: int | None = None, context: int = 128,
-                   repeats: int = 5, rounds: int = 8, seed: int = 0) -> dict:
-    """``{width: SPSProfile}`` for every width an engine of ``slots`` rows runs, measured where
-    the engine spends its time. The packed verification by bucket (``speculative.
-    verification_seconds``, separate jitted calls at ``context`` positions) gives the table's
-    shape; the engine's own decoding loop gives its level: a round that drafts and verifies a
-    full block and a round that skips drafting, each timed inside ``generate`` at that width
-    (``rounds`` per call, the two alternating, medians of ``repeats``), on random prompts of
-    ``context`` tokens with no EOS. Separate calls miss what a round costs in the loop (on a
-    2-core CPU a drafted round at width 1 measured ~3.4 AR steps in the loop and ~2.4 as
-    separate calls), and a scheduler reading them drafts where drafting does not pay.
-
-    SPS(B) = 1 / (verify(B) + overhead) with overhead = drafted - verify(full block) (the
-    drafting and the round's bookkeeping); ``draft_seconds`` = what a skipped round saves,
-    1 / SPS(width) - skipped, so ``schedule.drafting_pays`` compares against the loop's own
-    skipped-round cost."""
+                   repeats: int = 7, rounds: int = 4, seed: int = 0) -> dict:
+    """``{width: SPSProfile}`` for every width an engine of ``slots`` rows runs, timed where the
+    engine spends its time: rounds of its own decoding loop (``generate`` at that width, the
+    decision forced by ``loop_round_seconds``) that draft and verify each packed bucket's
+    worth of tokens (``speculative.packed_buckets``), and rounds that skip drafting; ``rounds``
+    per call (the engine's ``steps_per_call``: each call's host overhead is shared out over its
+    rounds), every kind in turn ``repeats`` times, on random prompts of ``context`` tokens with
+    no EOS. Separate jitted calls miss what a round costs in the loop (on a 2-core CPU a drafted
+    round at width 1 measured ~3.4 AR steps in the loop and ~2.4 as separate calls), and
+    buckets timed one after another take the machine's drift for their shape: a scheduler
+    reading either drafts where drafting does not pay. ``level_profile`` makes the table;
+    ``draft_seconds`` is what a skipped round saves, so ``schedule.drafting_pays`` compares
+    against the loop's own skipped-round cost."""
     if min(context, repeats, rounds) < 1:
         raise ValueError(f"profile_widths needs context, repeats and rounds >= 1, got {context}, {repeats}, {rounds}")
     K = block_size or dcfg.block_size
@@ -277,20 +288,31 @@ def profile_widths(target, tcfg, draft, dcfg, slots: int, block_size: int | None
     prompts = [rng.integers(1, tcfg.vocab_size, context).tolist() for _ in range(slots)]
     profiles = {}
     for w in engine.widths:
-        verify, _ = spec.verification_seconds(target, tcfg, w, K, context=context, repeats=repeats)
-        times = {"drafted": [], "skip": []}
-        for mode in times:  # compile (the two modes run one program)
-            loop_round_seconds(engine, w, mode, prompts, rounds)
+        kinds = [("skip", None)] + [("drafted", size) for size in spec.packed_buckets(w, K)]
+        loop_round_seconds(engine, w, "skip", prompts, rounds)  # compile (every kind runs one program)
+        times = {kind: [] for kind in kinds}
         for _ in range(repeats):
-            for mode in times:
-                times[mode].append(loop_round_seconds(engine, w, mode, prompts, rounds))
-        drafted, skipped = (float(np.median(times[m])) for m in ("drafted", "skip"))
-        full = max(verify)
-        overhead = max(drafted - verify[full], 0.0)
-        seconds = {size: t + overhead for size, t in verify.items()}
-        saved = min(max(seconds[min(verify)] - skipped, 0.0), 0.95 * min(seconds.values()))
-        profiles[w] = schedule_lib.profile_from_bucket_times(seconds, w * (K + 1), saved)
+            for kind in kinds:
+                times[kind].append(loop_round_seconds(engine, w, kind[0], prompts, rounds, kind[1]))
+        drafted = {size: t for (mode, size), t in times.items() if mode == "drafted"}
+        profiles[w] = level_profile(drafted, times[("skip", None)], w * (K + 1))
     return profiles
+
+
+def level_profile(drafted: dict[int, Sequence[float]], skipped: Sequence[float], max_tokens: int) -> schedule_lib.SPSProfile:
+    """A width's SPS profile from in-loop round times taken in turn: ``drafted {bucket: [s]}``
+    (rounds verifying that many tokens) and ``skipped [s]``. The full bucket's round costs its
+    median; every other kind costs that times the median of its per-turn ratio to the full
+    round, so machine drift between turns cancels (a difference of two medians swung 0.5-2.4 ms
+    at width 1 on this CPU). ``draft_seconds`` = the anchors-only bucket's round less the
+    skipped round (what skipping the drafting saves)."""
+    full = max(drafted)
+    base = np.asarray(drafted[full])
+    level = float(np.median(base))
+    relative = lambda times: level * float(np.median(np.asarray(times) / base))
+    seconds = {size: relative(times) for size, times in drafted.items()}
+    saved = min(max(seconds[min(drafted)] - relative(skipped), 0.0), 0.95 * min(seconds.values()))
+    return schedule_lib.profile_from_bucket_times(seconds, max_tokens, saved)
 
 
 class Engine:
@@ -302,8 +324,8 @@ class Engine:
     request may ask for (the output buffer), ``steps_per_call`` the rounds between two visits
     of the host (where finished slots are refilled). ``sps_profile`` (algorithm1 / async): one
     ``schedule.SPSProfile`` for every width or ``{width: profile}`` (``profile_widths``).
-    ``anchor_steps``: a call whose rounds are all known to skip drafting runs them as plain AR
-    steps (``speculative.anchor_steps``; False: as skipped rounds, for comparison)."""
+    ``anchor_steps``: the rounds a call knows will skip drafting run first as plain AR steps
+    (``speculative.anchor_steps``; False: as skipped rounds, for comparison)."""
 
     def __init__(self, target, tcfg, draft=None, dcfg=None, *, slots: int = 8, max_len: int = 512,
                  max_new_tokens: int = 128, scheduler: str | None = None, block_size: int | None = None,
@@ -339,10 +361,8 @@ class Engine:
         self.state = self._empty_state(K, confidence_threshold, calibration, min_expected)
         self.row_moves = 0  # requests moved down to a lower free slot (``_pack``)
         self.inserted = 0  # requests prefilled into a slot
-        # whether calls known to skip drafting run as AR steps: only budget schedulers skip
-        self._reads_skips = anchor_steps and self.scfg is not None and self.scfg.may_skip_drafting
-        self.anchor_calls = 0  # generate calls run as AR steps (every round known to skip drafting)
-        self._skips_ahead = 0  # rounds the last call said will skip drafting
+        self.anchor_steps = anchor_steps  # rounds known to skip drafting run as AR steps (``generate``)
+        self.anchor_steps_run = 0  # rounds the engine ran that way
         self.widths_run: list[int] = []  # the width of every generate call, in order
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # slot -> request
@@ -376,10 +396,9 @@ class Engine:
         fields = {}
         if self.scfg is not None:
             table, draft_seconds = self._costs[B]
-            temps = None if calibration is None else calibration.temperatures[:K]
             fields = dict(
                 draft_cache=draft_model.init_context_cache(self.scfg.draft, B, S, dtype),
-                schedule=spec.init_schedule_state(B, K, threshold, np.asarray(table), temps, min_expected,
+                schedule=spec.init_schedule_state(B, K, threshold, np.asarray(table), calibration, min_expected,
                                                   float(draft_seconds)),
                 stats=spec.init_stats(B, K),
             )
@@ -484,24 +503,17 @@ class Engine:
         """Refill free slots from the queue (``admit``), move running requests down into the
         slots it could not fill (``_pack``), run ``steps_per_call`` rounds on the running rows'
         width, and return each running request's newly committed ids ``{request id: ids}``."""
-        before = (self.inserted, self.row_moves)
         self.admit()
         if not self.running:
             return {}
         self._pack()
-        changed = (self.inserted, self.row_moves) != before
         width = self.width
         self.widths_run.append(width)
         sps_table, draft_seconds = self._costs[width]
-        # a call whose every round is known to skip drafting runs them as AR steps; an insert or
-        # a row move since the last call changed what is known (a new request's confidences)
-        anchor_only = self._reads_skips and self._skips_ahead >= self.steps_per_call and not changed
-        self.anchor_calls += anchor_only
-        self.state, (output, counts, done, counters, skips) = generate(
+        self.state, (output, counts, done, counters, known) = generate(
             self.target, self.draft, self.state, sps_table, draft_seconds, scfg=self.scfg, tcfg=self.tcfg,
-            max_steps=self.steps_per_call, width=width, anchor_only=anchor_only)
-        if self._reads_skips:  # a device-to-host read per call, only where a call may use it
-            self._skips_ahead = int(skips)
+            max_steps=self.steps_per_call, width=width, anchor_steps=self.anchor_steps)
+        self.anchor_steps_run += int(known)
         output, counts, done = np.asarray(output), np.asarray(counts), np.asarray(done)
         if counters is not None:
             rounds, verified = (np.asarray(c) for c in counters)

@@ -132,7 +132,7 @@ def evaluate_drafter(target, tcfg, draft, dcfg, prompts, *, name, domain, sampli
         res = speculative_generate(target, tcfg, draft, dcfg, prompts[i : i + batch_size], max_new_tokens=max_new_tokens,
                                    sampling=sampling, block_size=K, seed=seed + i, trace=True, scheduler="fixed")
         traces.extend(res.trace)
-    temps = None if calibration is None else calibration.temperatures
+    temps = None if calibration is None else calibration.for_sampling(sampling.temperature)  # the eval's regime
     rounds, accepted, reached, accepted_at, conf, out = summarize_trace(traces, K, temps)
     rates = [float(a / r) if r else None for a, r in zip(accepted_at, reached)]
     if draft.confidence is None:

@@ -90,7 +90,7 @@ class ScheduleState:
 
     threshold: jax.Array  # [] static-threshold scheduler
     sps_table: jax.Array  # [B_max + 1] target verification steps/s by token budget
-    temperatures: jax.Array  # [K] STS temperatures of the confidence logits
+    temperatures: jax.Array  # [2, K] STS temperatures of the confidence logits: sampled rows, greedy rows
     stale_survival: jax.Array  # [2, B, K] survival of the two previous drafted rounds
     min_expected: jax.Array | None = None  # [B]: a row whose last expected acceptance is below it verifies nothing
     draft_seconds: jax.Array | None = None  # [] the drafting's share of a step (schedule.SPSProfile.draft_seconds)
@@ -104,17 +104,37 @@ class ScheduleState:
         return axes if self.min_expected is None else dataclasses.replace(axes, min_expected=0)
 
 
+def regime_temperatures(temperatures, num_drafts: int) -> np.ndarray:
+    """STS temperatures as ``[2, K]`` (sampled rows, greedy rows) from None (all ones), one set
+    ``[K]`` for both, a ``schedule.Calibration`` (its sampled and greedy sets, cut to K) or
+    ``[2, K]``; a set of another length is an error (never stretched to fit a wrong file)."""
+    if temperatures is None:
+        temperatures = np.ones(num_drafts, np.float32)
+    if hasattr(temperatures, "for_greedy"):  # a Calibration
+        temperatures = np.stack([temperatures.temperatures[:num_drafts], temperatures.for_greedy()[:num_drafts]])
+    temperatures = np.asarray(temperatures, np.float32)
+    if temperatures.ndim == 1:
+        temperatures = np.stack([temperatures, temperatures])
+    if temperatures.shape != (2, num_drafts):
+        raise ValueError(f"{temperatures.shape[-1]} STS temperatures for {num_drafts} drafts per round")
+    return temperatures
+
+
+def confidence_temperatures(temperatures: jax.Array, sampling) -> jax.Array:
+    """The STS temperatures ``[K]`` (one ``Sampling``) or ``[B, K]`` (per-row ``RowSampling``)
+    of each row's regime: greedy rows read the greedy set (``schedule.Calibration``)."""
+    if isinstance(sampling, RowSampling):
+        return jnp.where((sampling.temperature == 0)[:, None], temperatures[1], temperatures[0])
+    return temperatures[1 if sampling.greedy else 0]
+
+
 def init_schedule_state(batch: int, num_drafts: int, threshold: float = 0.0, sps_table=None, temperatures=None,
                         min_expected: float = 0.0, draft_seconds: float = 0.0):
     from .schedule import linear_cost_profile
 
     if sps_table is None:
         sps_table = linear_cost_profile(batch * (num_drafts + 1)).table
-    if temperatures is None:
-        temperatures = np.ones(num_drafts, np.float32)
-    temperatures = np.asarray(temperatures, np.float32)
-    if temperatures.shape != (num_drafts,):  # never stretched to fit: a wrong file is an error
-        raise ValueError(f"{temperatures.shape[0]} STS temperatures for {num_drafts} drafts per round")
+    temperatures = regime_temperatures(temperatures, num_drafts)
     return ScheduleState(
         threshold=jnp.float32(threshold),
         sps_table=jnp.asarray(sps_table, jnp.float32),
@@ -189,7 +209,9 @@ def verify_lengths(confidence_logits: jax.Array, threshold: jax.Array) -> jax.Ar
 
 
 def schedule_lengths(scheduler: str, confidence_logits, survival, live, sched: ScheduleState):
-    """Drafts to verify per sequence ``[B]`` and the scheduler state for the next round.
+    """Drafts to verify per sequence ``[B]`` and the scheduler state for the next round, from
+    the calibrated confidence logits ``[B, K]`` (divided by their STS temperatures) and the
+    survival they make.
 
     Every rule decides "verify draft j" from confidences computed before draft j was sampled
     (c_j uses the previous token only), which is what keeps each of them lossless; 'async'
@@ -201,7 +223,7 @@ def schedule_lengths(scheduler: str, confidence_logits, survival, live, sched: S
     # the draft-skip decision of the next rounds)
     pushed = dataclasses.replace(sched, stale_survival=jnp.stack([sched.stale_survival[1], survival]))
     if scheduler == "threshold":
-        return verify_lengths(confidence_logits / sched.temperatures, sched.threshold), pushed
+        return verify_lengths(confidence_logits, sched.threshold), pushed
     if scheduler == "algorithm1":
         return schedule_lib.algorithm1(survival, live, sched.sps_table), pushed
     if scheduler == "async":
@@ -344,8 +366,10 @@ def draft_phase(key, target: Qwen3Params, draft: DraftParams, s: SpecState, scfg
 def schedule_phase(s: SpecState, block, scfg: SpecConfig):
     """Drafts to verify per sequence ``[B]`` (capped so the round fits the cache), the
     survival probabilities ``[B, K]`` and the scheduler state for the next round."""
-    survival = schedule_lib.survival(block.confidence_logits, s.schedule.temperatures)  # [B, K]
-    lengths, sched = schedule_lengths(scfg.scheduler, block.confidence_logits, survival, ~s.done, s.schedule)
+    temperatures = confidence_temperatures(s.schedule.temperatures, row_sampling(s, scfg.sampling))
+    calibrated = block.confidence_logits.astype(jnp.float32) / temperatures
+    survival = schedule_lib.survival(calibrated)  # [B, K]
+    lengths, sched = schedule_lengths(scfg.scheduler, calibrated, survival, ~s.done, s.schedule)
     if scfg.may_skip_drafting:
         lengths = jnp.where(too_low_to_pay(s.schedule), 0, lengths)
     # the round writes target entries at L .. L + l_b: keep them inside the cache
@@ -506,13 +530,16 @@ def skips_ahead(s: SpecState, scfg: SpecConfig) -> jax.Array:
     return jnp.where(nothing_pays_now(s, scfg), jnp.maximum(sched.refresh_after - sched.skipped, 0), 0).astype(jnp.int32)
 
 
-def anchor_steps(target: Qwen3Params, draft: DraftParams, s: SpecState, steps: int, *, scfg: SpecConfig) -> SpecState:
+def anchor_steps(target: Qwen3Params, draft: DraftParams, s: SpecState, steps, *, scfg: SpecConfig,
+                 max_steps: int | None = None) -> SpecState:
     """``steps`` rounds known to skip drafting (``skips_ahead``), run as plain AR steps of the
     decode core (``decoding.ar_step_with_features``) inside one ``lax.while_loop``: the same
     tokens and bookkeeping as that many skipped rounds (the committed token drawn from the
     target's distribution at the anchor; statistics; the run of skips), without a round's
     decision, packing and per-round drafter update: the positions' target features are
-    gathered and enter the drafter's context in one append after the loop."""
+    gathered and enter the drafter's context in one append after the loop. ``steps`` may be
+    traced (at most ``max_steps``, the static size of the gathered features; default ``steps``)."""
+    max_steps = steps if max_steps is None else max_steps
     B = s.anchor.shape[0]
     layers = scfg.draft.target_layer_ids
     F = target.embed.shape[-1] * len(layers)
@@ -527,7 +554,7 @@ def anchor_steps(target: Qwen3Params, draft: DraftParams, s: SpecState, steps: i
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, new.anchor[:, None], i, 1)
         return new, i + 1, features, tokens, counts + live
 
-    carry = (s, jnp.int32(0), jnp.zeros((B, steps, F), target.embed.dtype), jnp.zeros((B, steps), jnp.int32),
+    carry = (s, jnp.int32(0), jnp.zeros((B, max_steps, F), target.embed.dtype), jnp.zeros((B, max_steps), jnp.int32),
              jnp.zeros((B,), jnp.int32))
     new, ran, features, tokens, counts = jax.lax.while_loop(lambda c: (c[1] < steps) & ~jnp.all(c[0].done), body,
                                                             carry)
@@ -837,8 +864,7 @@ def speculative_start(
     )
     B = tokens.shape[0]
     table = None if sps_profile is None else sps_profile.budget_table(B * (K + 1))
-    temps = None if calibration is None else calibration.temperatures[:K]
-    sched = init_schedule_state(B, K, confidence_threshold, table, temps, min_expected_accept,
+    sched = init_schedule_state(B, K, confidence_threshold, table, calibration, min_expected_accept,
                                 0.0 if sps_profile is None else sps_profile.draft_seconds)
     key = jax.random.key(seed)
     row_sampling = None

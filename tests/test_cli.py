@@ -102,7 +102,16 @@ def test_calibrate_writes_sts_temperatures_that_generate_then_uses(model_dirs, t
     assert "STS on" in printed and "ECE before" in printed
     saved = json.loads((tmp_path / "sts_calibration.json").read_text())
     assert len(saved["temperatures"]) == 7 and all(t > 0 for t in saved["temperatures"])
-    assert saved["report"]["rounds"] > 0
+    assert saved["report"]["rounds"] > 0 and "greedy_temperatures" not in saved
+    # a greedy fit lands beside the sampled set, which stays as it was
+    cli.main(["calibrate", "--target", str(checkpoints / "target"), "--draft", str(checkpoints / "dspark"),
+              "--prompts", "train", "--num-prompts", "32", "--temperature", "0", "--max-new-tokens", "64",
+              "--out", str(tmp_path)])
+    assert "the greedy set" in capsys.readouterr().out
+    both = json.loads((tmp_path / "sts_calibration.json").read_text())
+    assert both["temperatures"] == saved["temperatures"] and both["report"] == saved["report"]
+    assert len(both["greedy_temperatures"]) == 7 and both["greedy_temperatures"] != saved["temperatures"]
+    assert both["greedy_report"]["temperature"] == 0
     profile = tmp_path / "sps.json"
     cli.main(["profile-sps", "--target", str(root / "target"), "--batch", "2", "--block-size", "3", "--out", str(profile)])
     capsys.readouterr()

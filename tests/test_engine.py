@@ -286,6 +286,21 @@ def test_profile_widths_times_the_engines_own_loop():
     assert [engine.result(i) for i in ids] == ar
 
 
+def test_level_profile_reads_the_loop_and_cancels_drift():
+    """Every kind of round is priced against the full block's round taken in the same turn:
+    the full round costs its median, the others that times their median per-turn ratio (a
+    machine that slowed 2x halfway through leaves the ratios alone), and what skipping saves
+    is the anchors-only round less the skipped one."""
+    from dspark_jax.engine import level_profile
+
+    slow = np.asarray([1, 1, 2, 2, 2], float)  # the machine's speed over the five turns
+    drafted = {1: 3e-3 * slow, 2: 3.5e-3 * slow, 4: 3.5e-3 * slow, 8: 4e-3 * slow}
+    profile = level_profile(drafted, 1e-3 * slow, max_tokens=8)
+    np.testing.assert_allclose(1 / profile.measured[[1, 2, 3, 4, 5, 8]], [6e-3, 7e-3, 7e-3, 7e-3, 8e-3, 8e-3], rtol=1e-6)
+    np.testing.assert_allclose(profile.draft_seconds, 6e-3 - 2e-3, rtol=1e-6)
+    assert (np.diff(profile.table[1:]) <= 0).all()
+
+
 def test_a_new_request_starts_from_its_own_first_block():
     """At insertion a budget scheduler drafts one block for the request alone and starts its
     confidence history there. Greedy, that block is the one its first round drafts (the history
@@ -313,8 +328,9 @@ def test_a_new_request_starts_from_its_own_first_block():
 
 
 def test_rounds_known_to_skip_drafting_run_as_ar_steps_with_the_same_result():
-    """When the last call says its next rounds all skip drafting (every row too low to pay), the
-    engine runs them as plain AR steps (``speculative.anchor_steps``): the same ids, statistics,
+    """The rounds a call knows will skip drafting (every row too low to pay; the run of skips
+    until the next refresh) run first as plain AR steps (``speculative.anchor_steps``, the count
+    read on the device), the rest of the call as rounds: the same ids, statistics,
     run of skips and drafter context (its features appended in one chunk after the steps) as
     running them as skipped rounds."""
     pr = pair("vanilla")
@@ -330,7 +346,7 @@ def test_rounds_known_to_skip_drafting_run_as_ar_steps_with_the_same_result():
         assert [engine.result(i) for i in ids] == ar
         engines[anchor_steps] = engine
     fast, slow = engines[True], engines[False]
-    assert fast.anchor_calls >= 4 and slow.anchor_calls == 0
+    assert fast.anchor_steps_run >= 4 * engine.steps_per_call and slow.anchor_steps_run == 0
     for name in ("rounds", "verified", "skipped", "accepted", "proposed"):
         np.testing.assert_array_equal(getattr(fast.state.stats, name), getattr(slow.state.stats, name), err_msg=name)
     assert int(fast.state.schedule.skipped) == int(slow.state.schedule.skipped)

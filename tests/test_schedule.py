@@ -2,6 +2,7 @@
 variant's causality, STS calibration, the SPS fit, packed verification."""
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from dspark_jax import schedule as S
+from dspark_jax.validate import DataError
 from dspark_jax import target as target_model
 from dspark_jax.sampling import Sampling
 from dspark_jax.speculative import ScheduleState, accept_drafts, packed_buckets, packed_verify, schedule_lengths
@@ -120,7 +122,7 @@ def test_async_budget_comes_from_two_rounds_ago_and_admits_fresh_top_k():
     sps = S.linear_cost_profile(B * (K + 1), per_token=0.02).table
     stale = jnp.asarray(np.stack([random_survival(rng, B, K), random_survival(rng, B, K)]))
     live = jnp.ones(B, bool)
-    sched = ScheduleState(threshold=jnp.float32(0), sps_table=jnp.asarray(sps), temperatures=jnp.ones(K),
+    sched = ScheduleState(threshold=jnp.float32(0), sps_table=jnp.asarray(sps), temperatures=jnp.ones((2, K)),
                           stale_survival=stale)
     budget = int(S.budget_from_stale(stale[0], live, jnp.asarray(sps)))
     totals = set()
@@ -175,6 +177,42 @@ def test_calibration_round_trips_through_the_draft_directory(tmp_path):
     again = S.Calibration.load(tmp_path)
     np.testing.assert_array_equal(again.temperatures, cal.temperatures)
     assert S.Calibration.load(tmp_path / "missing") is None
+
+
+def test_greedy_and_sampled_sets_are_fitted_apart_and_read_by_each_rows_regime(tmp_path):
+    """A greedy fit is stored beside the sampled one (either order keeps the other), survives
+    the file, and decoding reads per row the set of that row's regime: a temperature-0 row
+    the greedy set, a sampled row the sampled set; a drafter with one set reads it for both."""
+    from dspark_jax.sampling import RowSampling, Sampling
+    from dspark_jax.speculative import confidence_temperatures, regime_temperatures
+
+    sampled = S.Calibration(np.array([1.5, 2.0, 0.5], np.float32), {"temperature": 1.0})
+    greedy = S.Calibration(np.array([0.8, 0.7, 0.6], np.float32), {"temperature": 0.0})
+    assert S.Calibration.fitted(greedy, True).for_sampling(1.0).tolist() == greedy.temperatures.tolist()  # alone
+    both = S.Calibration.fitted(greedy, True, S.Calibration.fitted(sampled, False))
+    assert both.report == sampled.report and both.greedy_report == greedy.report
+    again = S.Calibration.fitted(sampled, False, both)  # a new sampled fit keeps the greedy set
+    np.testing.assert_array_equal(again.greedy_temperatures, greedy.temperatures)
+    again.save(tmp_path)
+    loaded = S.Calibration.load(tmp_path, 3)
+    np.testing.assert_array_equal(loaded.temperatures, sampled.temperatures)
+    np.testing.assert_array_equal(loaded.for_greedy(), greedy.temperatures)
+    np.testing.assert_array_equal(loaded.for_sampling(0.0), greedy.temperatures)
+    sampled.save(tmp_path)
+    np.testing.assert_array_equal(S.Calibration.load(tmp_path).for_greedy(), sampled.temperatures)
+    bad = json.loads((tmp_path / "sts_calibration.json").read_text()) | {"greedy_temperatures": [1.0, 1.0]}
+    (tmp_path / "sts_calibration.json").write_text(json.dumps(bad))
+    with pytest.raises(DataError, match="2 greedy_temperatures for a drafter of block_size 3"):
+        S.Calibration.load(tmp_path, 3)
+
+    temps = jnp.asarray(regime_temperatures(loaded, 3))
+    rows = confidence_temperatures(temps, RowSampling.of([Sampling(), Sampling(temperature=0.7), Sampling()]))
+    np.testing.assert_array_equal(np.asarray(rows), [greedy.temperatures, sampled.temperatures, greedy.temperatures])
+    np.testing.assert_array_equal(np.asarray(confidence_temperatures(temps, Sampling())), greedy.temperatures)
+    np.testing.assert_array_equal(np.asarray(confidence_temperatures(temps, Sampling(1.0))), sampled.temperatures)
+    np.testing.assert_array_equal(regime_temperatures(None, 2), np.ones((2, 2)))
+    with pytest.raises(ValueError, match="3 STS temperatures for 2 drafts"):
+        regime_temperatures(sampled.temperatures, 2)
 
 
 # --------------------------------------------------------------------------- SPS profile
