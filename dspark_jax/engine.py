@@ -170,9 +170,10 @@ def width_for(rows: int, slots: int) -> int:
 def generate(target, draft, state: DecodeState, sps_table=None, draft_seconds=None, *, scfg, tcfg, max_steps: int,
              width: int, anchor_steps: bool = True):
     """Up to ``max_steps`` AR steps (``scfg`` None) or speculative rounds for the live slots
-    among rows ``[0:width]`` (the engine keeps its requests there), then copies of what the
-    host reads for those rows (ids, counts, done flags, per-slot rounds/verified) and how many
-    rounds ran as AR steps.
+    among rows ``[0:width]`` (the engine keeps its requests there), then what the host reads
+    for those rows in one int32 array ``[width, REPORT + buffer]`` (one device-to-host copy
+    per call): columns ``REPORT_COLUMNS`` (committed count, done flag, rounds, verified tokens,
+    rounds run as AR steps), then the output ids.
 
     The rows are sliced out of the donated state, advanced, and written back in place, so a
     round costs what ``width`` rows cost (drafter, verification, bookkeeping), not all slots.
@@ -196,8 +197,14 @@ def generate(target, draft, state: DecodeState, sps_table=None, draft_seconds=No
         rows = loop_until_done(functools.partial(spec.speculative_round, target, draft, scfg=scfg), rows,
                                max_steps - known)
     state = put_rows(state, rows, axes)
-    counters = (rows.stats.rounds + 0, rows.stats.verified + 0) if rows.stats is not None else None
-    return state, (rows.output + 0, rows.num_generated + 0, rows.done + 0, counters, known)
+    rounds, verified = (rows.num_generated, rows.num_generated) if rows.stats is None else (rows.stats.rounds,
+                                                                                              rows.stats.verified)
+    columns = (rows.num_generated, rows.done, rounds, verified, jnp.broadcast_to(known, rows.done.shape))
+    report = jnp.concatenate([jnp.stack([c.astype(jnp.int32) for c in columns], 1), rows.output], 1)
+    return state, report
+
+
+REPORT_COLUMNS = ("count", "done", "rounds", "verified", "anchor_steps")  # ``generate``'s report, before the ids
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
@@ -510,13 +517,13 @@ class Engine:
         width = self.width
         self.widths_run.append(width)
         sps_table, draft_seconds = self._costs[width]
-        self.state, (output, counts, done, counters, known) = generate(
+        self.state, report = generate(
             self.target, self.draft, self.state, sps_table, draft_seconds, scfg=self.scfg, tcfg=self.tcfg,
             max_steps=self.steps_per_call, width=width, anchor_steps=self.anchor_steps)
-        self.anchor_steps_run += int(known)
-        output, counts, done = np.asarray(output), np.asarray(counts), np.asarray(done)
-        if counters is not None:
-            rounds, verified = (np.asarray(c) for c in counters)
+        report = np.asarray(report)
+        counts, done, rounds, verified, known = report[:, : len(REPORT_COLUMNS)].T
+        output = report[:, len(REPORT_COLUMNS):]
+        self.anchor_steps_run += int(known[0])
         now = time.perf_counter()
         new = {}
         for slot, req in list(self.running.items()):
@@ -527,7 +534,7 @@ class Engine:
                     req.first_token_at = now
                 req.tokens += ids
                 new[req.id] = ids
-            if counters is not None:
+            if self.scfg is not None:
                 req.rounds, req.verified = int(rounds[slot]), int(verified[slot])
             else:
                 req.rounds = req.verified = max(len(req.tokens) - 1, 0)

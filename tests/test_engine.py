@@ -7,6 +7,7 @@ Models are the tiny near-bigram pairs of ``spec_models`` (as in test_speculative
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -243,6 +244,34 @@ def test_refreshes_back_off_while_nothing_pays():
     assert len(drafted) >= 3 and skips_before[0] == FIRST_REFRESH
     assert all(b == min(2 * a + 1, LAST_REFRESH) for a, b in zip(skips_before, skips_before[1:]))
     assert all(r["proposed"] == [] for r in rounds)  # too low to pay: no draft is verified
+
+
+def test_a_rows_record_scales_what_the_skip_decision_expects():
+    """The skip decision expects of a row's next drafted round its last round's survival scaled
+    by how its verified drafts fared against their survival so far: a row that beat its
+    confidences drafts where the confidences alone would skip, and one that fell short skips
+    where they alone would draft. (A drafted round here costs 3 AR steps: it pays from 2
+    expected accepted drafts.)"""
+    from types import SimpleNamespace
+
+    from dspark_jax.speculative import RECORD_PRIOR, SpecConfig, init_schedule_state, init_stats, nothing_pays_now
+
+    assert RECORD_PRIOR == 2.0  # the figures below
+    pr = pair()
+    scfg = SpecConfig(target=pr.tcfg, draft=pr.dcfg, scheduler="algorithm1")
+
+    def skips(last_survival, accepted, expected):
+        sched = init_schedule_state(1, 3, sps_table=np.full(5, 1 / 3), draft_seconds=2.0)
+        sched.stale_survival = jnp.asarray(np.broadcast_to(last_survival, (2, 1, 3)), jnp.float32)
+        stats = init_stats(1, 3)
+        stats.accepted, stats.expected_accepted = jnp.asarray([accepted]), jnp.asarray([expected], jnp.float32)
+        return bool(nothing_pays_now(SimpleNamespace(schedule=sched, stats=stats, done=jnp.zeros(1, bool)), scfg))
+
+    low, high = [0.6, 0.4, 0.2], [0.9, 0.8, 0.7]  # expected accepted drafts 1.2 and 2.4
+    assert skips(low, 0, 0.0) and not skips(high, 0, 0.0)  # no record yet: the confidences decide
+    assert not skips(low, 12, 6.0)  # 1.75x its expectation so far: 1 + 0.7 + 0.35 = 2.05 drafts
+    assert skips(high, 0, 6.0)  # none of its 6 expected: 0.25x, 0.6 drafts
+    assert skips(low, 1, 0.0)  # one draft beyond none expected: (1 + 2) / 2 = 1.5x, 1.8 drafts, still short
 
 
 def test_engine_rejects_bad_requests_before_running():
