@@ -3,7 +3,8 @@ arrivals, for ``ar`` and every verification scheduler (a Figure 7/8 analogue).
 
 For each offered load r (requests/s) and each scheduler, requests arrive at the times of a
 Poisson process for ``--duration`` seconds (the same arrival times and held-out prompts for
-every scheduler), wait (first come, first served) for one of ``--slots`` batch slots, and
+every scheduler; with ``--repeats N`` each scheduler serves them N times, the schedulers in
+turn, and the figures pool the runs, so a machine's drift does not land on one scheduler), wait (first come, first served) for one of ``--slots`` batch slots, and
 decode greedily up to ``--max-new`` tokens or EOS; the run ends when the last one finished.
 The queue is bounded: an arrival that finds ``--max-queue`` requests already waiting is turned
 away (counted as ``rejected``), as a saturated server sheds load; without the bound, the wait
@@ -41,7 +42,9 @@ SCHEDULERS = ("ar", "fixed", "threshold", "algorithm1", "async")
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--loads", type=float, nargs="+", default=[1.0, 4.0, 16.0], help="offered loads (requests/s)")
-    ap.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per (load, scheduler)")
+    ap.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per (load, scheduler, repeat)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="runs of the same arrivals per (load, scheduler), the schedulers in turn (figures pooled)")
     ap.add_argument("--slots", type=int, default=8, help="batch slots of the engine")
     ap.add_argument("--schedulers", nargs="+", choices=SCHEDULERS, default=list(SCHEDULERS))
     ap.add_argument("--max-new", type=int, default=64, help="max new tokens per request")
@@ -60,8 +63,8 @@ def parse_args(argv=None):
     ap.add_argument("--plot", default=None, help="write the plot here (e.g. docs/serving.png)")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = ap.parse_args(argv)
-    if args.duration <= 0 or args.slots < 1 or args.max_new < 1 or min(args.loads) <= 0:
-        ap.error("--duration, --slots, --max-new and every --loads value must be > 0")
+    if args.duration <= 0 or args.slots < 1 or args.max_new < 1 or args.repeats < 1 or min(args.loads) <= 0:
+        ap.error("--duration, --slots, --max-new, --repeats and every --loads value must be > 0")
     if args.max_queue is None:
         args.max_queue = 2 * args.slots
     if args.max_queue < 1:
@@ -89,7 +92,8 @@ def percentile(values, q):
 
 def serve(engine, prompts, arrivals, max_new: int, max_queue: int) -> dict:
     """Feed ``arrivals`` (seconds from now) into the engine in real time, turning away those
-    that find ``max_queue`` requests waiting; figures of the run's admitted requests."""
+    that find ``max_queue`` requests waiting: the run's admitted requests, its span and how
+    many were turned away."""
     start = time.perf_counter()
     pending = list(arrivals)
     ids, rejected = [], 0
@@ -108,15 +112,21 @@ def serve(engine, prompts, arrivals, max_new: int, max_queue: int) -> dict:
         elif pending:
             time.sleep(max(0.0, pending[0] - (time.perf_counter() - start)))
     reqs = [engine.requests[i] for i in ids]
-    end = max(r.finished_at for r in reqs)
+    return {"requests": reqs, "seconds": max(r.finished_at for r in reqs) - start, "rejected": rejected}
+
+
+def summarize(runs) -> dict:
+    """The figures of one scheduler's runs at one load (``serve`` results, pooled: requests of
+    every repetition, throughput = all their tokens / all the runs' seconds)."""
+    reqs = [r for run in runs for r in run["requests"]]
     tokens = sum(len(r.tokens) for r in reqs)
     per_user = [len(r.tokens) / (r.finished_at - r.started_at) for r in reqs]
     ttft = [r.first_token_at - r.submitted for r in reqs]
     return {
         "requests": len(reqs),
-        "rejected": rejected,
+        "rejected": sum(run["rejected"] for run in runs),
         "tokens": tokens,
-        "throughput": tokens / (end - start),
+        "throughput": tokens / sum(run["seconds"] for run in runs),
         "per_user_p50": percentile(per_user, 50),
         "per_user_p90": percentile(per_user, 90),
         "ttft_p50": percentile(ttft, 50),
@@ -189,7 +199,12 @@ def main(argv=None):
     for rate in args.loads:
         gaps = rng.exponential(1.0 / rate, size=max(1, int(rate * args.duration * 3) + 8))
         arrivals = [float(t) for t in np.cumsum(gaps) - gaps[0] if t < args.duration]
-        results = {name: serve(engine, prompts, arrivals, args.max_new, args.max_queue) for name, engine in engines.items()}
+        runs = {name: [] for name in engines}
+        for rep in range(args.repeats):  # in turn, the order rotated: the machine's drift lands on every scheduler
+            names = list(engines)[rep % len(engines):] + list(engines)[: rep % len(engines)]
+            for name in names:
+                runs[name].append(serve(engines[name], prompts, arrivals, args.max_new, args.max_queue))
+        results = {name: summarize(runs[name]) for name in engines}
         loads.append({"offered": rate, "results": results})
     if args.plot:
         plot(loads, args.plot)
@@ -197,7 +212,7 @@ def main(argv=None):
         print(json.dumps({"loads": loads}, indent=1))
         return loads
     print(f"slots {args.slots}, {args.max_new} new tokens (or EOS), prompts {args.prompts} of {args.prompt_len} tokens, "
-          f"{args.duration:g} s of arrivals per load, at most {args.max_queue} waiting (later arrivals turned away), "
+          f"{args.duration:g} s of arrivals per load x {args.repeats} runs in turn, at most {args.max_queue} waiting (later arrivals turned away), "
           f"SPS profile {args.profile}")
     print(f"{'offered/s':>9} {'scheduler':>10} {'reqs':>5} {'turned':>6} {'tok/s':>8} {'user p50':>8} {'user p90':>8} "
           f"{'ttft p50':>8} {'ttft p99':>8} {'budget':>6}")

@@ -43,7 +43,7 @@ def test_serving_benchmark_reports_every_figure_per_load_and_scheduler(capsys, t
 
     bench_serving.main(["--loads", "20", "--duration", "0.2", "--slots", "2", "--max-new", "4", "--num-prompts", "3",
                         "--schedulers", "ar", "async", "--profile", "synthetic", "--plot", str(tmp_path / "s.png"),
-                        "--max-queue", "1", "--json"])
+                        "--max-queue", "1", "--repeats", "2", "--json"])
     out = json.loads(capsys.readouterr().out)
     (load,) = out["loads"]
     assert load["offered"] == 20 and set(load["results"]) == {"ar", "async"}
@@ -51,8 +51,10 @@ def test_serving_benchmark_reports_every_figure_per_load_and_scheduler(capsys, t
         assert r["requests"] >= 1 and r["throughput"] > 0 and r["ttft_p99"] >= r["ttft_p50"] > 0
         assert r["per_user_p50"] > 0 and r["budget"] >= 1
     assert load["results"]["ar"]["budget"] == 1
-    # the same arrivals for every scheduler, each admitted (at most one waiting) or turned away
+    # the same arrivals for every scheduler, served twice (the runs pooled), each admitted (at most one
+    # waiting) or turned away
     assert len({r["requests"] + r["rejected"] for r in load["results"].values()}) == 1
+    assert all((r["requests"] + r["rejected"]) % 2 == 0 for r in load["results"].values())
     assert (tmp_path / "s.png").stat().st_size > 0
 
 
@@ -61,5 +63,5 @@ def test_skip_round_benchmark_forces_each_kind_of_round():
     import bench_skip_round
 
     ratios = bench_skip_round.main(["--slots", "2", "--rounds", "3", "--reps", "1"])  # asserts what each mode ran
-    assert set(ratios) == {"ar", "skip", "drafted"} and ratios["ar"] == 1.0
+    assert set(ratios) == {"ar", "skip", "anchor", "drafted"} and ratios["ar"] == 1.0
     assert all(r > 0 for r in ratios.values())
