@@ -182,7 +182,7 @@ def plot(loads, path):
             ax.annotate(f"{row['offered']:g}/s", (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
     ax.set_xlabel("throughput (tokens/s)")
     ax.set_ylabel("per-user speed p50 (tokens/s)")
-    ax.set_title("Serving the embedded pair: Poisson arrivals (labels: offered requests/s)")
+    ax.set_title("Serving the embedded pair, Poisson arrivals\n(point labels: offered requests/s)", fontsize=10)
     ax.legend()
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
