@@ -125,8 +125,9 @@ def insert(target, draft, state: DecodeState, slot, tokens, length, key, max_new
     if state.draft_cache is None:
         return new
     sched, stats = state.schedule, state.stats
-    sched = dataclasses.replace(sched, stale_survival=_put_rows(
-        sched.stale_survival, first_confidences(target, draft, draft_cache, first, key, sampling, sched, scfg), slot, 1))
+    first_survival = first_confidences(target, draft, draft_cache, first, key, sampling, sched, scfg)
+    sched = dataclasses.replace(sched, stale_survival=_put_rows(sched.stale_survival, first_survival, slot, 1),
+                                mean_survival=_put_rows(sched.mean_survival, first_survival[1], slot))
     per_row = {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats) if f.name != "compute_tokens"}
     fresh = {name: _put_rows(a, jnp.zeros((1,) + a.shape[1:], a.dtype), slot) for name, a in per_row.items()}
     return dataclasses.replace(new, draft_cache=_put_cache(state.draft_cache, draft_cache, slot), schedule=sched,
@@ -227,13 +228,15 @@ def forced_costs(state: DecodeState, costs, mode: str, tokens: int | None = None
     sps_table, draft_seconds = costs
     sched = state.schedule
     if mode == "skip":
-        sched = dataclasses.replace(sched, skipped=jnp.int32(-10**6), stale_survival=jnp.zeros_like(sched.stale_survival))
+        sched = dataclasses.replace(sched, skipped=jnp.int32(-10**6), stale_survival=jnp.zeros_like(sched.stale_survival),
+                                    mean_survival=jnp.zeros_like(sched.mean_survival))
     elif mode == "drafted":  # and the confidence history restarts as "every draft survives"
         budget = jnp.arange(sps_table.shape[0])
         sps_table = jnp.ones_like(sps_table) if tokens is None else jnp.where(budget <= tokens, 1.0, 1e-9)
         draft_seconds = jnp.float32(-1.0)
         sched = dataclasses.replace(sched, skipped=jnp.zeros_like(sched.skipped),
-                                    stale_survival=jnp.ones_like(sched.stale_survival))
+                                    stale_survival=jnp.ones_like(sched.stale_survival),
+                                    mean_survival=jnp.ones_like(sched.mean_survival))
     else:
         raise ValueError(f"mode must be 'skip' or 'drafted', got {mode!r}")
     return dataclasses.replace(state, schedule=sched), (sps_table.astype(jnp.float32), draft_seconds)

@@ -96,12 +96,14 @@ class ScheduleState:
     draft_seconds: jax.Array | None = None  # [] the drafting's share of a step (schedule.SPSProfile.draft_seconds)
     skipped: jax.Array | None = None  # [] consecutive rounds that skipped drafting
     refresh_after: jax.Array | None = None  # [] skips in a row before a drafted round refreshes (``skip_drafting``)
+    mean_survival: jax.Array | None = None  # [B, K] each row's survival over its drafted rounds (``SURVIVAL_DECAY``)
 
     def batch_axes(self) -> "ScheduleState":
         """The confidence history ``[2, B, K]`` and ``min_expected [B]`` are per row; the rest is
         the batch's (``DecodeState.batch_axes``)."""
         axes = dataclasses.replace(jax.tree.map(lambda _: SHARED, self), stale_survival=1)
-        return axes if self.min_expected is None else dataclasses.replace(axes, min_expected=0)
+        per_row = {name: 0 for name in ("min_expected", "mean_survival") if getattr(self, name) is not None}
+        return dataclasses.replace(axes, **per_row)
 
 
 def regime_temperatures(temperatures, num_drafts: int) -> np.ndarray:
@@ -141,6 +143,7 @@ def init_schedule_state(batch: int, num_drafts: int, threshold: float = 0.0, sps
         temperatures=jnp.asarray(temperatures),
         # before two rounds have passed, the async budget assumes every draft survives
         stale_survival=jnp.ones((2, batch, num_drafts), jnp.float32),
+        mean_survival=jnp.ones((batch, num_drafts), jnp.float32),
         min_expected=jnp.full((batch,), min_expected, jnp.float32),
         skipped=jnp.zeros((), jnp.int32),
         refresh_after=jnp.int32(FIRST_REFRESH),
@@ -221,7 +224,9 @@ def schedule_lengths(scheduler: str, confidence_logits, survival, live, sched: S
         return jnp.full((B,), K, jnp.int32), sched
     # every confidence scheduler keeps the survival of its last two rounds (async's budget,
     # the draft-skip decision of the next rounds)
-    pushed = dataclasses.replace(sched, stale_survival=jnp.stack([sched.stale_survival[1], survival]))
+    pushed = dataclasses.replace(sched, stale_survival=jnp.stack([sched.stale_survival[1], survival]),
+                                 mean_survival=None if sched.mean_survival is None else
+                                 SURVIVAL_DECAY * sched.mean_survival + (1 - SURVIVAL_DECAY) * survival)
     if scheduler == "threshold":
         return verify_lengths(confidence_logits, sched.threshold), pushed
     if scheduler == "algorithm1":
@@ -505,6 +510,7 @@ FIRST_REFRESH = 7  # skipped rounds in a row before one drafted round refreshes 
 LAST_REFRESH = 63  # the longest such run: each refresh that still finds nothing to pay doubles it up to here
 
 
+SURVIVAL_DECAY = 0.5  # weight of a row's earlier drafted rounds in its mean survival (the newest: the rest)
 RECORD_PRIOR = 2.0  # pseudo-drafts of a row's record: about one round's worth before it moves the factor much
 
 
@@ -519,12 +525,18 @@ def record_factor(stats: SpecStats) -> jax.Array:
 
 
 def expected_survival(s: SpecState, scfg: SpecConfig) -> jax.Array:
-    """``[B, K]``: what the skip decisions expect of each row's next drafted round, the survival
-    of its last drafted round (``async``: the one before) scaled by its record
-    (``record_factor``), at most 1. Past rounds only: deciding from it stays lossless."""
+    """``[B, K]``: what the skip decisions expect of each row's next drafted rounds, the mean
+    survival of its drafted rounds (``ScheduleState.mean_survival``: the newest weighs half, the
+    ones before the rest; without it the last round's, ``async``: the one before) scaled by its
+    record (``record_factor``), at most 1. A decision holds for a run of rounds (up to the next
+    refresh), so it reads the row's mean: one round's survival swings widely (a held-out prompt
+    whose rounds predicted 0.6, 3.4, 3.6, 3.7, 4.2, 0.9 drafts in turn), and a run of skips
+    begun on one low round cost a good prompt its next 7 or more rounds. Past rounds only:
+    deciding from it stays lossless."""
     sched = s.schedule
     stale = sched.stale_survival[0] if scfg.scheduler == "async" else sched.stale_survival[1]
-    return jnp.minimum(stale * record_factor(s.stats)[:, None], 1.0)
+    mean = stale if sched.mean_survival is None else sched.mean_survival
+    return jnp.minimum(mean * record_factor(s.stats)[:, None], 1.0)
 
 
 def too_low_to_pay(s: SpecState, scfg: SpecConfig) -> jax.Array:

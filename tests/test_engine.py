@@ -247,8 +247,8 @@ def test_refreshes_back_off_while_nothing_pays():
 
 
 def test_a_rows_record_scales_what_the_skip_decision_expects():
-    """The skip decision expects of a row's next drafted round its last round's survival scaled
-    by how its verified drafts fared against their survival so far: a row that beat its
+    """The skip decision expects of a row's next drafted rounds its mean survival scaled by how
+    its verified drafts fared against their survival so far: a row that beat its
     confidences drafts where the confidences alone would skip, and one that fell short skips
     where they alone would draft. (A drafted round here costs 3 AR steps: it pays from 2
     expected accepted drafts.)"""
@@ -260,9 +260,9 @@ def test_a_rows_record_scales_what_the_skip_decision_expects():
     pr = pair()
     scfg = SpecConfig(target=pr.tcfg, draft=pr.dcfg, scheduler="algorithm1")
 
-    def skips(last_survival, accepted, expected):
+    def skips(mean_survival, accepted, expected):
         sched = init_schedule_state(1, 3, sps_table=np.full(5, 1 / 3), draft_seconds=2.0)
-        sched.stale_survival = jnp.asarray(np.broadcast_to(last_survival, (2, 1, 3)), jnp.float32)
+        sched.mean_survival = jnp.asarray([mean_survival], jnp.float32)
         stats = init_stats(1, 3)
         stats.accepted, stats.expected_accepted = jnp.asarray([accepted]), jnp.asarray([expected], jnp.float32)
         return bool(nothing_pays_now(SimpleNamespace(schedule=sched, stats=stats, done=jnp.zeros(1, bool)), scfg))
@@ -272,6 +272,21 @@ def test_a_rows_record_scales_what_the_skip_decision_expects():
     assert not skips(low, 12, 6.0)  # 1.75x its expectation so far: 1 + 0.7 + 0.35 = 2.05 drafts
     assert skips(high, 0, 6.0)  # none of its 6 expected: 0.25x, 0.6 drafts
     assert skips(low, 1, 0.0)  # one draft beyond none expected: (1 + 2) / 2 = 1.5x, 1.8 drafts, still short
+
+
+def test_a_drafted_round_moves_each_rows_mean_survival_halfway_to_its_own():
+    """Every drafted round (whatever it verifies) moves each row's mean survival halfway to that
+    round's survival; a skipped round leaves it (``anchor_round`` schedules nothing)."""
+    from dspark_jax.speculative import SURVIVAL_DECAY, init_schedule_state, schedule_lengths
+
+    assert SURVIVAL_DECAY == 0.5
+    sched = init_schedule_state(2, 3)  # a new row's mean starts at "every draft survives"
+    fresh = jnp.asarray([[0.5, 0.25, 0.1], [0.9, 0.8, 0.1]])
+    for scheduler in ("algorithm1", "async", "threshold"):
+        _, new = schedule_lengths(scheduler, jnp.zeros((2, 3)), fresh, jnp.ones(2, bool), sched)
+        np.testing.assert_allclose(np.asarray(new.mean_survival), 0.5 + 0.5 * np.asarray(fresh), rtol=1e-6)
+        _, again = schedule_lengths(scheduler, jnp.zeros((2, 3)), fresh, jnp.ones(2, bool), new)
+        np.testing.assert_allclose(np.asarray(again.mean_survival), 0.25 + 0.75 * np.asarray(fresh), rtol=1e-6)
 
 
 def test_engine_rejects_bad_requests_before_running():
