@@ -223,8 +223,8 @@ def forced_costs(state: DecodeState, costs, mode: str, tokens: int | None = None
     decision forced, for timing: ``"skip"`` (nothing survives and the run of skips never ends)
     or ``"drafted"`` (every round drafts; with ``tokens``, Algorithm 1 verifies exactly that many
     tokens in all, anchors included: the table pays nothing past them; else every draft).
-    ``tokens`` equal to the rows verifies no draft: the drafting's cost is then made negative so
-    a round with nothing to verify still drafts."""
+    The drafting's cost is made negative, so that even a round with nothing to verify (``tokens``
+    equal to the rows) drafts."""
     sps_table, draft_seconds = costs
     sched = state.schedule
     if mode == "skip":

@@ -92,18 +92,17 @@ class ScheduleState:
     sps_table: jax.Array  # [B_max + 1] target verification steps/s by token budget
     temperatures: jax.Array  # [2, K] STS temperatures of the confidence logits: sampled rows, greedy rows
     stale_survival: jax.Array  # [2, B, K] survival of the two previous drafted rounds
+    mean_survival: jax.Array  # [B, K] each row's survival over its drafted rounds (``SURVIVAL_DECAY``)
     min_expected: jax.Array | None = None  # [B]: a row whose last expected acceptance is below it verifies nothing
     draft_seconds: jax.Array | None = None  # [] the drafting's share of a step (schedule.SPSProfile.draft_seconds)
     skipped: jax.Array | None = None  # [] consecutive rounds that skipped drafting
     refresh_after: jax.Array | None = None  # [] skips in a row before a drafted round refreshes (``skip_drafting``)
-    mean_survival: jax.Array | None = None  # [B, K] each row's survival over its drafted rounds (``SURVIVAL_DECAY``)
 
     def batch_axes(self) -> "ScheduleState":
-        """The confidence history ``[2, B, K]`` and ``min_expected [B]`` are per row; the rest is
-        the batch's (``DecodeState.batch_axes``)."""
-        axes = dataclasses.replace(jax.tree.map(lambda _: SHARED, self), stale_survival=1)
-        per_row = {name: 0 for name in ("min_expected", "mean_survival") if getattr(self, name) is not None}
-        return dataclasses.replace(axes, **per_row)
+        """The confidence history ``[2, B, K]``, ``mean_survival [B, K]`` and ``min_expected [B]``
+        are per row; the rest is the batch's (``DecodeState.batch_axes``)."""
+        axes = dataclasses.replace(jax.tree.map(lambda _: SHARED, self), stale_survival=1, mean_survival=0)
+        return axes if self.min_expected is None else dataclasses.replace(axes, min_expected=0)
 
 
 def regime_temperatures(temperatures, num_drafts: int) -> np.ndarray:
@@ -112,7 +111,7 @@ def regime_temperatures(temperatures, num_drafts: int) -> np.ndarray:
     ``[2, K]``; a set of another length is an error (never stretched to fit a wrong file)."""
     if temperatures is None:
         temperatures = np.ones(num_drafts, np.float32)
-    if hasattr(temperatures, "for_greedy"):  # a Calibration
+    if isinstance(temperatures, schedule_lib.Calibration):
         temperatures = np.stack([temperatures.temperatures[:num_drafts], temperatures.for_greedy()[:num_drafts]])
     temperatures = np.asarray(temperatures, np.float32)
     if temperatures.ndim == 1:
@@ -225,8 +224,7 @@ def schedule_lengths(scheduler: str, confidence_logits, survival, live, sched: S
     # every confidence scheduler keeps the survival of its last two rounds (async's budget,
     # the draft-skip decision of the next rounds)
     pushed = dataclasses.replace(sched, stale_survival=jnp.stack([sched.stale_survival[1], survival]),
-                                 mean_survival=None if sched.mean_survival is None else
-                                 SURVIVAL_DECAY * sched.mean_survival + (1 - SURVIVAL_DECAY) * survival)
+                                 mean_survival=SURVIVAL_DECAY * sched.mean_survival + (1 - SURVIVAL_DECAY) * survival)
     if scheduler == "threshold":
         return verify_lengths(confidence_logits, sched.threshold), pushed
     if scheduler == "algorithm1":
@@ -376,7 +374,7 @@ def schedule_phase(s: SpecState, block, scfg: SpecConfig):
     survival = schedule_lib.survival(calibrated)  # [B, K]
     lengths, sched = schedule_lengths(scfg.scheduler, calibrated, survival, ~s.done, s.schedule)
     if scfg.may_skip_drafting:
-        lengths = jnp.where(too_low_to_pay(s, scfg), 0, lengths)
+        lengths = jnp.where(too_low_to_pay(s), 0, lengths)
     # the round writes target entries at L .. L + l_b: keep them inside the cache
     lengths = jnp.clip(jnp.minimum(lengths, s.target_cache.max_len - 1 - s.target_cache.lengths), 0, scfg.num_drafts)
     return lengths, survival, sched
@@ -524,33 +522,31 @@ def record_factor(stats: SpecStats) -> jax.Array:
     return (stats.accepted + RECORD_PRIOR) / (stats.expected_accepted + RECORD_PRIOR)
 
 
-def expected_survival(s: SpecState, scfg: SpecConfig) -> jax.Array:
+def expected_survival(s: SpecState) -> jax.Array:
     """``[B, K]``: what the skip decisions expect of each row's next drafted rounds, the mean
     survival of its drafted rounds (``ScheduleState.mean_survival``: the newest weighs half, the
-    ones before the rest; without it the last round's, ``async``: the one before) scaled by its
-    record (``record_factor``), at most 1. A decision holds for a run of rounds (up to the next
+    ones before the rest) scaled by its record (``record_factor``), at most 1. A decision holds for a run of rounds (up to the next
     refresh), so it reads the row's mean: one round's survival swings widely (a held-out prompt
     whose rounds predicted 0.6, 3.4, 3.6, 3.7, 4.2, 0.9 drafts in turn), and a run of skips
     begun on one low round cost a good prompt its next 7 or more rounds. Past rounds only:
     deciding from it stays lossless."""
-    sched = s.schedule
-    stale = sched.stale_survival[0] if scfg.scheduler == "async" else sched.stale_survival[1]
-    mean = stale if sched.mean_survival is None else sched.mean_survival
-    return jnp.minimum(mean * record_factor(s.stats)[:, None], 1.0)
+    return jnp.minimum(s.schedule.mean_survival * record_factor(s.stats)[:, None], 1.0)
 
 
-def too_low_to_pay(s: SpecState, scfg: SpecConfig) -> jax.Array:
-    """Rows ``[B]`` whose expected acceptance (the sum of ``expected_survival``) is below
-    ``min_expected``: they verify no drafts this round."""
-    return jnp.sum(expected_survival(s, scfg), -1) < s.schedule.min_expected
+def too_low_to_pay(s: SpecState, expected: jax.Array | None = None) -> jax.Array:
+    """Rows ``[B]`` whose expected acceptance (the sum of ``expected``, default
+    ``expected_survival``) is below ``min_expected``: they verify no drafts this round."""
+    expected = expected_survival(s) if expected is None else expected
+    return jnp.sum(expected, -1) < s.schedule.min_expected
 
 
 def nothing_pays_now(s: SpecState, scfg: SpecConfig) -> jax.Array:
     """Whether, judged from the rows' ``expected_survival`` (past rounds), no drafted round
     beats AR steps for the live rows, or every live row is too low to pay."""
     sched, live = s.schedule, ~s.done
-    pays = schedule_lib.drafting_pays(expected_survival(s, scfg), live, sched.sps_table, sched.draft_seconds)
-    return ~pays | jnp.all(too_low_to_pay(s, scfg) | ~live)
+    expected = expected_survival(s)
+    pays = schedule_lib.drafting_pays(expected, live, sched.sps_table, sched.draft_seconds)
+    return ~pays | jnp.all(too_low_to_pay(s, expected) | ~live)
 
 
 def skips_ahead(s: SpecState, scfg: SpecConfig) -> jax.Array:

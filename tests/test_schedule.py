@@ -123,6 +123,7 @@ def test_async_budget_comes_from_two_rounds_ago_and_admits_fresh_top_k():
     stale = jnp.asarray(np.stack([random_survival(rng, B, K), random_survival(rng, B, K)]))
     live = jnp.ones(B, bool)
     sched = ScheduleState(threshold=jnp.float32(0), sps_table=jnp.asarray(sps), temperatures=jnp.ones((2, K)),
+                          mean_survival=jnp.ones((B, K)),
                           stale_survival=stale)
     budget = int(S.budget_from_stale(stale[0], live, jnp.asarray(sps)))
     totals = set()
