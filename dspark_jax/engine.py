@@ -168,13 +168,13 @@ def width_for(rows: int, slots: int) -> int:
 
 @functools.partial(jax.jit, static_argnames=("scfg", "tcfg", "max_steps", "width", "anchor_steps"),
                    donate_argnames=("state",))
-def generate(target, draft, state: DecodeState, sps_table=None, draft_seconds=None, *, scfg, tcfg, max_steps: int,
-             width: int, anchor_steps: bool = True):
+def generate(target, draft, state: DecodeState, sps_table=None, draft_seconds=None, known=None, *, scfg, tcfg,
+             max_steps: int, width: int, anchor_steps: bool = True):
     """Up to ``max_steps`` AR steps (``scfg`` None) or speculative rounds for the live slots
     among rows ``[0:width]`` (the engine keeps its requests there), then what the host reads
     for those rows in one int32 array ``[width, REPORT + buffer]`` (one device-to-host copy
     per call): columns ``REPORT_COLUMNS`` (committed count, done flag, rounds, verified tokens,
-    rounds run as AR steps), then the output ids.
+    rounds run as AR steps, rounds known to skip drafting at the call's start), then the ids.
 
     The rows are sliced out of the donated state, advanced, and written back in place, so a
     round costs what ``width`` rows cost (drafter, verification, bookkeeping), not all slots.
@@ -182,30 +182,36 @@ def generate(target, draft, state: DecodeState, sps_table=None, draft_seconds=No
     ``anchor_steps`` (budget schedulers): the coming rounds known to skip drafting whatever
     they commit (``speculative.skips_ahead``, read from the state on the device) run first as
     plain AR steps (``speculative.anchor_steps``), the rest of the call as rounds; False: every
-    round is a round (for comparison)."""
+    round is a round (for comparison). ``known``: that count, at least ``max_steps``, read by
+    the host from an earlier report (``Engine.step``); the call is then only those AR steps,
+    with neither the skip decision nor the rounds' loop in its program (each cost a call of
+    4 steps ~5% at width 1 on a 2-core CPU)."""
     axes = state.batch_axes()
     rows = take_rows(state, axes, width)
-    known = jnp.int32(0)
+    ran = skips = jnp.int32(0)
     if scfg is None:
         step = functools.partial(ar_step, target, cfg=tcfg, sampling=Sampling(), eos_ids=tcfg.eos_token_ids)
         rows = loop_until_done(step, rows, max_steps)
     else:
         rows = dataclasses.replace(rows, schedule=dataclasses.replace(rows.schedule, sps_table=sps_table,
                                                                       draft_seconds=draft_seconds))
-        if anchor_steps and scfg.may_skip_drafting:
-            known = jnp.minimum(spec.skips_ahead(rows, scfg), max_steps)
-            rows = spec.anchor_steps(target, draft, rows, known, scfg=scfg, max_steps=max_steps)
-        rows = loop_until_done(functools.partial(spec.speculative_round, target, draft, scfg=scfg), rows,
-                               max_steps - known)
+        if known is not None or (anchor_steps and scfg.may_skip_drafting):
+            skips = spec.skips_ahead(rows, scfg) if known is None else jnp.asarray(known, jnp.int32)
+            ran = jnp.minimum(skips, max_steps)
+            rows = spec.anchor_steps(target, draft, rows, ran, scfg=scfg, max_steps=max_steps)
+        if known is None:
+            rows = loop_until_done(functools.partial(spec.speculative_round, target, draft, scfg=scfg), rows,
+                                   max_steps - ran)
     state = put_rows(state, rows, axes)
     rounds, verified = (rows.num_generated, rows.num_generated) if rows.stats is None else (rows.stats.rounds,
                                                                                               rows.stats.verified)
-    columns = (rows.num_generated, rows.done, rounds, verified, jnp.broadcast_to(known, rows.done.shape))
+    columns = (rows.num_generated, rows.done, rounds, verified) + tuple(
+        jnp.broadcast_to(c, rows.done.shape) for c in (ran, skips))
     report = jnp.concatenate([jnp.stack([c.astype(jnp.int32) for c in columns], 1), rows.output], 1)
     return state, report
 
 
-REPORT_COLUMNS = ("count", "done", "rounds", "verified", "anchor_steps")  # ``generate``'s report, before the ids
+REPORT_COLUMNS = ("count", "done", "rounds", "verified", "anchor_steps", "skips_ahead")  # before the ids
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
@@ -258,7 +264,8 @@ def loop_round_seconds(engine: "Engine", width: int, mode: str, prompts, rounds:
         engine.state, costs = forced_costs(engine.state, costs, mode, tokens)
     jax.block_until_ready(engine.state)
     start = time.perf_counter()
-    engine.state, out = generate(engine.target, engine.draft, engine.state, *costs, scfg=engine.scfg,
+    known = jnp.int32(rounds) if mode == "skip" and engine.anchor_steps else None  # a run of skips, as the engine runs it
+    engine.state, out = generate(engine.target, engine.draft, engine.state, *costs, known, scfg=engine.scfg,
                                  tcfg=engine.tcfg, max_steps=rounds, width=width, anchor_steps=engine.anchor_steps)
     jax.block_until_ready(out)
     seconds = (time.perf_counter() - start) / rounds
@@ -373,6 +380,8 @@ class Engine:
         self.inserted = 0  # requests prefilled into a slot
         self.anchor_steps = anchor_steps  # rounds known to skip drafting run as AR steps (``generate``)
         self.anchor_steps_run = 0  # rounds the engine ran that way
+        self.anchor_calls = 0  # calls that ran only such steps (the count known from an earlier report)
+        self._skips_known = 0  # rounds still known to skip drafting (0 once a row was inserted, moved or finished)
         self.widths_run: list[int] = []  # the width of every generate call, in order
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # slot -> request
@@ -480,6 +489,7 @@ class Engine:
         req.slot, req.started_at = slot, started
         self.running[slot] = req
         self.inserted += 1
+        self._skips_known = 0
         self._seen[slot] = 0
 
     def admit(self):
@@ -508,6 +518,7 @@ class Engine:
             self.running[dst] = req
             self._seen[dst] = self._seen[src]
             self.row_moves += 1
+            self._skips_known = 0
 
     def step(self) -> dict[int, list[int]]:
         """Refill free slots from the queue (``admit``), move running requests down into the
@@ -520,13 +531,20 @@ class Engine:
         width = self.width
         self.widths_run.append(width)
         sps_table, draft_seconds = self._costs[width]
+        # a run of skips read from an earlier report holds while no row is inserted, moved or
+        # finished (the decision reads the rows' past rounds, their live flags and the width's
+        # costs, and the run only counts down): the call runs it without deciding it again
+        known = self._skips_known >= self.steps_per_call
         self.state, report = generate(
-            self.target, self.draft, self.state, sps_table, draft_seconds, scfg=self.scfg, tcfg=self.tcfg,
-            max_steps=self.steps_per_call, width=width, anchor_steps=self.anchor_steps)
+            self.target, self.draft, self.state, sps_table, draft_seconds, jnp.int32(self._skips_known) if known else None,
+            scfg=self.scfg, tcfg=self.tcfg, max_steps=self.steps_per_call, width=width, anchor_steps=self.anchor_steps)
         report = np.asarray(report)
-        counts, done, rounds, verified, known = report[:, : len(REPORT_COLUMNS)].T
+        counts, done, rounds, verified, ran, skips = report[:, : len(REPORT_COLUMNS)].T
         output = report[:, len(REPORT_COLUMNS):]
-        self.anchor_steps_run += int(known[0])
+        self.anchor_steps_run += int(ran[0])
+        self.anchor_calls += known
+        finished = any(done[slot] for slot in self.running)
+        self._skips_known = 0 if finished or ran[0] < self.steps_per_call else int(skips[0] - ran[0])
         now = time.perf_counter()
         new = {}
         for slot, req in list(self.running.items()):

@@ -391,6 +391,7 @@ def test_rounds_known_to_skip_drafting_run_as_ar_steps_with_the_same_result():
         engines[anchor_steps] = engine
     fast, slow = engines[True], engines[False]
     assert fast.anchor_steps_run >= 4 * engine.steps_per_call and slow.anchor_steps_run == 0
+    assert fast.anchor_calls >= 2 and slow.anchor_calls == 0  # runs of skips the host knew from a report
     for name in ("rounds", "verified", "skipped", "accepted", "proposed"):
         np.testing.assert_array_equal(getattr(fast.state.stats, name), getattr(slow.state.stats, name), err_msg=name)
     assert int(fast.state.schedule.skipped) == int(slow.state.schedule.skipped)
