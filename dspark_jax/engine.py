@@ -534,15 +534,16 @@ class Engine:
         # a run of skips read from an earlier report holds while no row is inserted, moved or
         # finished (the decision reads the rows' past rounds, their live flags and the width's
         # costs, and the run only counts down): the call runs it without deciding it again
-        known = self._skips_known >= self.steps_per_call
+        anchors_only = self._skips_known >= self.steps_per_call
+        known = jnp.int32(self._skips_known) if anchors_only else None
         self.state, report = generate(
-            self.target, self.draft, self.state, sps_table, draft_seconds, jnp.int32(self._skips_known) if known else None,
+            self.target, self.draft, self.state, sps_table, draft_seconds, known,
             scfg=self.scfg, tcfg=self.tcfg, max_steps=self.steps_per_call, width=width, anchor_steps=self.anchor_steps)
         report = np.asarray(report)
         counts, done, rounds, verified, ran, skips = report[:, : len(REPORT_COLUMNS)].T
         output = report[:, len(REPORT_COLUMNS):]
         self.anchor_steps_run += int(ran[0])
-        self.anchor_calls += known
+        self.anchor_calls += anchors_only
         finished = any(done[slot] for slot in self.running)
         self._skips_known = 0 if finished or ran[0] < self.steps_per_call else int(skips[0] - ran[0])
         now = time.perf_counter()

@@ -525,11 +525,11 @@ def record_factor(stats: SpecStats) -> jax.Array:
 def expected_survival(s: SpecState) -> jax.Array:
     """``[B, K]``: what the skip decisions expect of each row's next drafted rounds, the mean
     survival of its drafted rounds (``ScheduleState.mean_survival``: the newest weighs half, the
-    ones before the rest) scaled by its record (``record_factor``), at most 1. A decision holds for a run of rounds (up to the next
-    refresh), so it reads the row's mean: one round's survival swings widely (a held-out prompt
-    whose rounds predicted 0.6, 3.4, 3.6, 3.7, 4.2, 0.9 drafts in turn), and a run of skips
-    begun on one low round cost a good prompt its next 7 or more rounds. Past rounds only:
-    deciding from it stays lossless."""
+    ones before the rest) scaled by its record (``record_factor``), at most 1. A decision holds
+    for a run of rounds (up to the next refresh), so it reads the row's mean: one round's
+    survival swings widely (a held-out prompt whose rounds predicted 0.6, 3.4, 3.6, 3.7, 4.2,
+    0.9 drafts in turn), and a run of skips begun on one low round cost a good prompt its next
+    7 or more rounds. Past rounds only: deciding from it stays lossless."""
     return jnp.minimum(s.schedule.mean_survival * record_factor(s.stats)[:, None], 1.0)
 
 
