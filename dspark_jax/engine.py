@@ -102,7 +102,9 @@ def insert(target, draft, state: DecodeState, slot, tokens, length, key, max_new
            *, scfg, tcfg, prefill_chunk: int) -> DecodeState:
     """Prefill one prompt ``tokens [1, P]`` (valid ``length [1]``) into slot ``slot`` of the
     donated engine state: the slot's target cache (and drafter context), its first token,
-    key, limits and sampling; the slot's statistics restart. Other slots are untouched."""
+    key, limits and sampling; the slot's statistics restart. Other slots are untouched; the
+    budget schedulers' run of skips (the batch's) restarts at ``FIRST_REFRESH``, so a refresh
+    interval that earlier requests doubled never delays a new request's first verified round."""
     cache = _row_cache(state.target_cache, slot)
     on_chunk, carry = None, None
     if state.draft_cache is not None:
@@ -128,6 +130,9 @@ def insert(target, draft, state: DecodeState, slot, tokens, length, key, max_new
     first_survival = first_confidences(target, draft, draft_cache, first, key, sampling, sched, scfg)
     sched = dataclasses.replace(sched, stale_survival=_put_rows(sched.stale_survival, first_survival, slot, 1),
                                 mean_survival=_put_rows(sched.mean_survival, first_survival[1], slot))
+    if scfg.may_skip_drafting:  # the run of skips restarts: the new request gets its first look as early as any
+        sched = dataclasses.replace(sched, skipped=jnp.zeros_like(sched.skipped),
+                                    refresh_after=jnp.full_like(sched.refresh_after, spec.FIRST_REFRESH))
     per_row = {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats) if f.name != "compute_tokens"}
     fresh = {name: _put_rows(a, jnp.zeros((1,) + a.shape[1:], a.dtype), slot) for name, a in per_row.items()}
     return dataclasses.replace(new, draft_cache=_put_cache(state.draft_cache, draft_cache, slot), schedule=sched,
@@ -174,7 +179,7 @@ def generate(target, draft, state: DecodeState, sps_table=None, draft_seconds=No
     among rows ``[0:width]`` (the engine keeps its requests there), then what the host reads
     for those rows in one int32 array ``[width, REPORT + buffer]`` (one device-to-host copy
     per call): columns ``REPORT_COLUMNS`` (committed count, done flag, rounds, verified tokens,
-    rounds run as AR steps, rounds known to skip drafting at the call's start), then the ids.
+    rounds run as AR steps, rounds known to skip drafting after the call), then the ids.
 
     The rows are sliced out of the donated state, advanced, and written back in place, so a
     round costs what ``width`` rows cost (drafter, verification, bookkeeping), not all slots.
@@ -199,9 +204,12 @@ def generate(target, draft, state: DecodeState, sps_table=None, draft_seconds=No
             skips = spec.skips_ahead(rows, scfg) if known is None else jnp.asarray(known, jnp.int32)
             ran = jnp.minimum(skips, max_steps)
             rows = spec.anchor_steps(target, draft, rows, ran, scfg=scfg, max_steps=max_steps)
+        skips = skips - ran  # the run of skips left after the call: counted down, or decided again after rounds
         if known is None:
             rows = loop_until_done(functools.partial(spec.speculative_round, target, draft, scfg=scfg), rows,
                                    max_steps - ran)
+            if anchor_steps and scfg.may_skip_drafting:
+                skips = spec.skips_ahead(rows, scfg)
     state = put_rows(state, rows, axes)
     rounds, verified = (rows.num_generated, rows.num_generated) if rows.stats is None else (rows.stats.rounds,
                                                                                               rows.stats.verified)
@@ -212,6 +220,7 @@ def generate(target, draft, state: DecodeState, sps_table=None, draft_seconds=No
 
 
 REPORT_COLUMNS = ("count", "done", "rounds", "verified", "anchor_steps", "skips_ahead")  # before the ids
+# ("skips_ahead": the rounds known to skip drafting after the call, ``speculative.skips_ahead``)
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
@@ -545,7 +554,7 @@ class Engine:
         self.anchor_steps_run += int(ran[0])
         self.anchor_calls += anchors_only
         finished = any(done[slot] for slot in self.running)
-        self._skips_known = 0 if finished or ran[0] < self.steps_per_call else int(skips[0] - ran[0])
+        self._skips_known = 0 if finished else int(skips[0])
         now = time.perf_counter()
         new = {}
         for slot, req in list(self.running.items()):

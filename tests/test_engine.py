@@ -246,6 +246,26 @@ def test_refreshes_back_off_while_nothing_pays():
     assert all(r["proposed"] == [] for r in rounds)  # too low to pay: no draft is verified
 
 
+def test_a_new_request_gets_its_first_refresh_after_first_refresh_skips():
+    """The run of skips and the refresh interval are the batch's: a request inserted after a
+    hopeless one doubled the interval still drafts its first verified round after
+    FIRST_REFRESH skipped ones (its neighbours' history never delays its first look)."""
+    from dspark_jax.speculative import FIRST_REFRESH
+
+    pr = pair("vanilla")
+    engine = Engine(pr.target, pr.tcfg, pr.draft, pr.dcfg, slots=1, max_len=64, max_new_tokens=40,
+                    scheduler="algorithm1", steps_per_call=1, min_expected=float("inf"))
+    first = engine.submit([1, 2, 3], max_new_tokens=40)
+    engine.run_until_done()
+    assert len(engine.result(first)) == 40 and int(engine.state.schedule.refresh_after) > 2 * FIRST_REFRESH
+    engine.submit([4, 5, 6], max_new_tokens=30)
+    skipped = []
+    while engine.waiting or engine.running:
+        engine.step()
+        skipped.append(int(engine.state.stats.skipped[0]))
+    assert skipped[: FIRST_REFRESH + 1] == list(range(1, FIRST_REFRESH + 1)) + [FIRST_REFRESH]
+
+
 def test_a_rows_record_scales_what_the_skip_decision_expects():
     """The skip decision expects of a row's next drafted rounds its mean survival scaled by how
     its verified drafts fared against their survival so far: a row that beat its
