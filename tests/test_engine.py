@@ -246,24 +246,30 @@ def test_refreshes_back_off_while_nothing_pays():
     assert all(r["proposed"] == [] for r in rounds)  # too low to pay: no draft is verified
 
 
-def test_a_new_request_gets_its_first_refresh_after_first_refresh_skips():
+def test_a_new_requests_run_of_skips_ignores_the_requests_before_it():
     """The run of skips and the refresh interval are the batch's: a request inserted after a
-    hopeless one doubled the interval still drafts its first verified round after
-    FIRST_REFRESH skipped ones (its neighbours' history never delays its first look)."""
+    hopeless one that doubled the interval skips and refreshes round for round as it does in
+    a fresh engine (its neighbours' history never delays its first verified round)."""
     from dspark_jax.speculative import FIRST_REFRESH
 
     pr = pair("vanilla")
-    engine = Engine(pr.target, pr.tcfg, pr.draft, pr.dcfg, slots=1, max_len=64, max_new_tokens=40,
-                    scheduler="algorithm1", steps_per_call=1, min_expected=float("inf"))
-    first = engine.submit([1, 2, 3], max_new_tokens=40)
-    engine.run_until_done()
-    assert len(engine.result(first)) == 40 and int(engine.state.schedule.refresh_after) > 2 * FIRST_REFRESH
-    engine.submit([4, 5, 6], max_new_tokens=30)
-    skipped = []
-    while engine.waiting or engine.running:
-        engine.step()
-        skipped.append(int(engine.state.stats.skipped[0]))
-    assert skipped[: FIRST_REFRESH + 1] == list(range(1, FIRST_REFRESH + 1)) + [FIRST_REFRESH]
+    make = lambda: Engine(pr.target, pr.tcfg, pr.draft, pr.dcfg, slots=2, max_len=CACHE, max_new_tokens=MAX_NEW,
+                          scheduler="algorithm1", steps_per_call=3, min_expected=float("inf"))
+
+    def skipped_per_call(engine, prompt, max_new_tokens=MAX_NEW):
+        engine.submit(prompt, max_new_tokens=max_new_tokens)
+        counts = []
+        while engine.waiting or engine.running:
+            engine.step()
+            counts.append((int(engine.state.stats.rounds[0]), int(engine.state.stats.skipped[0])))
+        return counts
+
+    used = make()
+    skipped_per_call(used, [1, 2, 3] * 4, max_new_tokens=FIRST_REFRESH + 3)  # ends one skip after its refresh
+    assert int(used.state.schedule.refresh_after) > FIRST_REFRESH  # the refresh found nothing: the interval grew
+    after = skipped_per_call(used, [4, 5, 6])
+    fresh = skipped_per_call(make(), [4, 5, 6])
+    assert after == fresh and fresh[-1][0] > fresh[-1][1]  # the same rounds skipped, and one drafted
 
 
 def test_a_rows_record_scales_what_the_skip_decision_expects():
