@@ -96,7 +96,7 @@ def test_calibrate_writes_sts_temperatures_that_generate_then_uses(model_dirs, t
     # degenerate, refused), so the calibration runs on the embedded trained pair
     checkpoints = pathlib.Path(__file__).resolve().parents[1] / "checkpoints"
     cli.main(["calibrate", "--target", str(checkpoints / "target"), "--draft", str(checkpoints / "dspark"),
-              "--prompts", "train", "--num-prompts", "32", "--temperature", "1", "--max-new-tokens", "64",
+              "--prompts", "train", "--num-prompts", "12", "--temperature", "1", "--max-new-tokens", "48",
               "--out", str(tmp_path)])
     printed = capsys.readouterr().out
     assert "STS on" in printed and "ECE before" in printed
@@ -105,7 +105,7 @@ def test_calibrate_writes_sts_temperatures_that_generate_then_uses(model_dirs, t
     assert saved["report"]["rounds"] > 0 and "greedy_temperatures" not in saved
     # a greedy fit lands beside the sampled set, which stays as it was
     cli.main(["calibrate", "--target", str(checkpoints / "target"), "--draft", str(checkpoints / "dspark"),
-              "--prompts", "train", "--num-prompts", "32", "--temperature", "0", "--max-new-tokens", "64",
+              "--prompts", "train", "--num-prompts", "12", "--temperature", "0", "--max-new-tokens", "48",
               "--out", str(tmp_path)])
     assert "the greedy set" in capsys.readouterr().out
     both = json.loads((tmp_path / "sts_calibration.json").read_text())
