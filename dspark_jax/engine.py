@@ -193,7 +193,7 @@ def generate(target, draft, state: DecodeState, sps_table=None, draft_seconds=No
     4 steps ~5% at width 1 on a 2-core CPU)."""
     axes = state.batch_axes()
     rows = take_rows(state, axes, width)
-    ran = skips = jnp.int32(0)
+    ran = ahead = jnp.int32(0)  # AR steps run for known skips; the run of skips left after the call
     if scfg is None:
         step = functools.partial(ar_step, target, cfg=tcfg, sampling=Sampling(), eos_ids=tcfg.eos_token_ids)
         rows = loop_until_done(step, rows, max_steps)
@@ -204,17 +204,18 @@ def generate(target, draft, state: DecodeState, sps_table=None, draft_seconds=No
             skips = spec.skips_ahead(rows, scfg) if known is None else jnp.asarray(known, jnp.int32)
             ran = jnp.minimum(skips, max_steps)
             rows = spec.anchor_steps(target, draft, rows, ran, scfg=scfg, max_steps=max_steps)
-        skips = skips - ran  # the run of skips left after the call: counted down, or decided again after rounds
         if known is None:
             rows = loop_until_done(functools.partial(spec.speculative_round, target, draft, scfg=scfg), rows,
                                    max_steps - ran)
-            if anchor_steps and scfg.may_skip_drafting:
-                skips = spec.skips_ahead(rows, scfg)
+            if anchor_steps:  # decided again after the rounds (0 for a scheduler that never skips)
+                ahead = spec.skips_ahead(rows, scfg)
+        else:  # the host's run only counts down
+            ahead = skips - ran
     state = put_rows(state, rows, axes)
     rounds, verified = (rows.num_generated, rows.num_generated) if rows.stats is None else (rows.stats.rounds,
                                                                                               rows.stats.verified)
     columns = (rows.num_generated, rows.done, rounds, verified) + tuple(
-        jnp.broadcast_to(c, rows.done.shape) for c in (ran, skips))
+        jnp.broadcast_to(c, rows.done.shape) for c in (ran, ahead))
     report = jnp.concatenate([jnp.stack([c.astype(jnp.int32) for c in columns], 1), rows.output], 1)
     return state, report
 
