@@ -298,3 +298,37 @@ def attend(q, k, v, mask: AttentionMask, context: Context | None = None, backend
         backend = default_backend(jax.default_backend(), context is not None, q.dtype)
     fn = BACKENDS[check_backend(backend)]
     return fn(q, k, v, mask, context) if scale is None else fn(q, k, v, mask, context, scale=scale)
+
+
+def packed_attention(attend_chunk: Callable, seq_ids: jax.Array, slots: jax.Array, lengths: jax.Array,
+                     chunk_len: int) -> tuple[Callable, AttentionMask]:
+    """Attention for packed tokens (``[N, 1, ...]``: token i is the ``slots[i]``-th new token of
+    sequence ``seq_ids[i]``, padding ``seq_ids == batch``, each sequence's tokens before the
+    next's and padding last, as ``speculative.packed_layout`` lays them) over a cache with
+    ``lengths [B]``, through a chunk attention ``attend_chunk(q, k, v, mask, context)``.
+    Returns ``(attend_fn, mask)`` with the same signature and the mask it reads.
+
+    Several sequences are laid out on a ``[B, chunk_len]`` grid (a scatter in, a gather out).
+    One sequence (B = 1) needs no grid: its tokens come first, so the packed axis is its own
+    chunk at positions ``lengths + i`` (padding after every real token; no real query reads
+    it), which saves the scatter and gather of every layer (embedded target, one row, separate
+    calls on a 2-core CPU: 1 token 13% faster, 8 tokens 4%)."""
+    B, N = lengths.shape[0], seq_ids.shape[0]
+    if B == 1:
+        axis = lambda x: jnp.swapaxes(x, 0, 1)  # [N, 1, ...] <-> [1, N, ...]
+
+        def attend_fn(q, k, v, mask, context):
+            return axis(attend_chunk(axis(q), axis(k), axis(v), mask, context))
+
+        positions = lengths[:, None] + jnp.arange(N, dtype=jnp.int32)[None, :]
+        return attend_fn, AttentionMask.make(positions, context_len=lengths)
+    rows = jnp.minimum(seq_ids, B - 1)
+
+    def grid(x):
+        return jnp.zeros((B, chunk_len) + x.shape[2:], x.dtype).at[seq_ids, slots].set(x[:, 0], mode="drop")
+
+    def attend_fn(q, k, v, mask, context):
+        return attend_chunk(grid(q), grid(k), grid(v), mask, context)[rows, slots][:, None]
+
+    positions = lengths[:, None] + jnp.arange(chunk_len, dtype=jnp.int32)[None, :]
+    return attend_fn, AttentionMask.make(positions, context_len=lengths)

@@ -184,10 +184,11 @@ def generate(target, draft, state: DecodeState, sps_table=None, draft_seconds=No
     The rows are sliced out of the donated state, advanced, and written back in place, so a
     round costs what ``width`` rows cost (drafter, verification, bookkeeping), not all slots.
     ``sps_table``/``draft_seconds`` (speculative): the scheduler's SPS profile at this width.
-    ``anchor_steps`` (budget schedulers): the coming rounds known to skip drafting whatever
-    they commit (``speculative.skips_ahead``, read from the state on the device) run first as
-    plain AR steps (``speculative.anchor_steps``), the rest of the call as rounds; False: every
-    round is a round (for comparison). ``known``: that count, at least ``max_steps``, read by
+    ``anchor_steps`` (budget schedulers): the rounds run as ``speculative.decode_rounds`` runs
+    them, each run of rounds known to skip drafting whatever they commit (``skips_ahead``, read
+    from the state on the device) as plain AR steps (``speculative.anchor_steps``) and the
+    drafted rounds without a branch; False: every round decides in a ``lax.cond`` (for
+    comparison). ``known``: the run of skips ahead, at least ``max_steps``, read by
     the host from an earlier report (``Engine.step``); the call is then only those AR steps,
     with neither the skip decision nor the rounds' loop in its program (each cost a call of
     4 steps ~5% at width 1 on a 2-core CPU)."""
@@ -200,17 +201,19 @@ def generate(target, draft, state: DecodeState, sps_table=None, draft_seconds=No
     else:
         rows = dataclasses.replace(rows, schedule=dataclasses.replace(rows.schedule, sps_table=sps_table,
                                                                       draft_seconds=draft_seconds))
-        if known is not None or (anchor_steps and scfg.may_skip_drafting):
-            skips = spec.skips_ahead(rows, scfg) if known is None else jnp.asarray(known, jnp.int32)
+        if known is not None:  # the host's run: AR steps only, counted down
+            skips = jnp.asarray(known, jnp.int32)
             ran = jnp.minimum(skips, max_steps)
-            rows = spec.anchor_steps(target, draft, rows, ran, scfg=scfg, max_steps=max_steps)
-        if known is None:
-            rows = loop_until_done(functools.partial(spec.speculative_round, target, draft, scfg=scfg), rows,
-                                   max_steps - ran)
-            if anchor_steps:  # decided again after the rounds (0 for a scheduler that never skips)
-                ahead = spec.skips_ahead(rows, scfg)
-        else:  # the host's run only counts down
+            rows = spec.anchor_steps(target, draft, rows, ran, scfg=scfg, chunk=min(max_steps, spec.ANCHOR_CHUNK))
             ahead = skips - ran
+        elif anchor_steps:  # runs of skips as AR steps, drafted rounds without a branch
+            skipped = rows.stats.skipped
+            rows = spec.decode_rounds(target, draft, rows, max_steps, scfg=scfg)
+            ran = jnp.max(rows.stats.skipped - skipped) if scfg.may_skip_drafting else ran
+            ahead = spec.skips_ahead(rows, scfg)  # 0 for a scheduler that never skips
+        else:  # every round decides (for comparison)
+            rows = loop_until_done(functools.partial(spec.speculative_round, target, draft, scfg=scfg), rows,
+                                   max_steps)
     state = put_rows(state, rows, axes)
     rounds, verified = (rows.num_generated, rows.num_generated) if rows.stats is None else (rows.stats.rounds,
                                                                                               rows.stats.verified)

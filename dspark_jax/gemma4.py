@@ -33,7 +33,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from .attention import AttentionMask, Context, attend
+from .attention import AttentionMask, Context, attend, packed_attention
 from .cache import chunk_positions
 from .config import ConfigError, RopeConfig, _eos_ids, read_json, with_generation_eos
 from .layers import apply_rope, rms_norm, rope_tables, tp_sum
@@ -840,17 +840,10 @@ def forward_packed(params: Gemma4Params, cfg: Gemma4Config, tokens: jax.Array, s
     B = cache.batch
     rows = jnp.minimum(seq_ids, B - 1)
     positions = (cache.lengths[rows] + slots)[:, None]
-    grid_mask = AttentionMask.make(chunk_positions(cache.lengths, chunk_len), context_len=cache.lengths)
-
-    def grid(x):
-        return jnp.zeros((B, chunk_len) + x.shape[2:], x.dtype).at[seq_ids, slots].set(x[:, 0], mode="drop")
-
-    def attend_grid(q, k, v, mask, context):
-        out = attend(grid(q), grid(k), grid(v), mask, context, cfg.attention_backend, scale=1.0)
-        return out[rows, slots][:, None]
-
-    out, new_kv = run_layers(params, cfg, tokens[:, None], positions, grid_mask, cache, feature_layers, with_logits,
-                             tp_axis, False, attend_grid)
+    attend_chunk = functools.partial(attend, backend=cfg.attention_backend, scale=1.0)
+    attend_packed, packed_mask = packed_attention(attend_chunk, seq_ids, slots, cache.lengths, chunk_len)
+    out, new_kv = run_layers(params, cfg, tokens[:, None], positions, packed_mask, cache, feature_layers, with_logits,
+                             tp_axis, False, attend_packed)
     new_k = {kind: kv[0][:, :, 0] for kind, kv in new_kv.items() if kv is not None}
     new_v = {kind: kv[1][:, :, 0] for kind, kv in new_kv.items() if kv is not None}
     return out, (new_k, new_v)

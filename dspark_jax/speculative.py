@@ -238,10 +238,14 @@ def schedule_lengths(scheduler: str, confidence_logits, survival, live, sched: S
 
 
 def packed_buckets(batch: int, num_drafts: int) -> tuple[int, ...]:
-    """Static sizes of the packed verification axis: powers of two from the batch up to the
-    full batch x (K + 1); each is compiled once inside the loop (a ``lax.switch`` branch)."""
+    """Static sizes of the packed verification axis: doubling from one block (K + 1 tokens, or
+    the batch if larger) up to the full batch x (K + 1); each is compiled once inside the loop
+    (a ``lax.switch`` branch). No bucket is smaller than a block: a forward over fewer tokens
+    reads the same weights (decoding is weight-bound), so it saves little, while every branch
+    of the switch costs the loop (on a 2-core CPU, a switch of 2 to 4 buckets at width 1 made
+    a round 9-14% slower than one bucket; the 1-row bucket saved ~0.15 AR steps)."""
     full = batch * (num_drafts + 1)
-    sizes, n = [], max(batch, 1)
+    sizes, n = [], max(batch, num_drafts + 1, 1)
     while n < full:
         sizes.append(n)
         n *= 2
@@ -492,16 +496,30 @@ def record_phase(s: SpecState, new: SpecState, v: Verified, verified, skipped=Fa
     )
     trace = s.trace
     if trace is not None:
-        B, R = trace.accepted.shape
-        row = jnp.where(live, s.stats.rounds, R)
-        b = jnp.arange(B)
-        trace = SpecTrace(
-            proposed=trace.proposed.at[b, row].set(jnp.where(k_idx < lengths[:, None], drafts, -1), mode="drop"),
-            accepted=trace.accepted.at[b, row].set(n, mode="drop"),
-            bonus=trace.bonus.at[b, row].set(bonus, mode="drop"),
-            confidence_logits=trace.confidence_logits.at[b, row].set(v.confidence_logits, mode="drop"),
-        )
+        trace = trace_round(trace, live, s.stats.rounds, jnp.where(k_idx < lengths[:, None], drafts, -1), n, bonus,
+                            v.confidence_logits)
     return dataclasses.replace(new, stats=stats, trace=trace)
+
+
+def trace_round(trace: SpecTrace, live, row, proposed, accepted, bonus, confidence_logits) -> SpecTrace:
+    """Write one round of every live row into the trace at its round index ``row [B]``."""
+    B, R = trace.accepted.shape
+    row = jnp.where(live, row, R)
+    b = jnp.arange(B)
+    return SpecTrace(
+        proposed=trace.proposed.at[b, row].set(proposed, mode="drop"),
+        accepted=trace.accepted.at[b, row].set(accepted, mode="drop"),
+        bonus=trace.bonus.at[b, row].set(bonus, mode="drop"),
+        confidence_logits=trace.confidence_logits.at[b, row].set(confidence_logits, mode="drop"),
+    )
+
+
+def trace_skipped(trace: SpecTrace, live, row, token) -> SpecTrace:
+    """A round that skipped drafting, as ``record_phase`` traces it: nothing proposed or
+    accepted, the committed token as the bonus, confidences -inf."""
+    B, K = trace.proposed.shape[0], trace.proposed.shape[2]
+    return trace_round(trace, live, row, jnp.full((B, K), -1, jnp.int32), jnp.zeros((B,), jnp.int32), token,
+                       jnp.full((B, K), -jnp.inf, jnp.float32))
 
 
 FIRST_REFRESH = 7  # skipped rounds in a row before one drafted round refreshes the confidences
@@ -559,40 +577,50 @@ def skips_ahead(s: SpecState, scfg: SpecConfig) -> jax.Array:
     return jnp.where(nothing_pays_now(s, scfg), jnp.maximum(sched.refresh_after - sched.skipped, 0), 0).astype(jnp.int32)
 
 
+ANCHOR_CHUNK = 8  # AR steps of a run of skips whose features enter the drafter's context in one append
+
+
 def anchor_steps(target: Qwen3Params, draft: DraftParams, s: SpecState, steps, *, scfg: SpecConfig,
-                 max_steps: int | None = None) -> SpecState:
+                 chunk: int = ANCHOR_CHUNK) -> SpecState:
     """``steps`` rounds known to skip drafting (``skips_ahead``), run as plain AR steps of the
-    decode core (``decoding.ar_step_with_features``) inside one ``lax.while_loop``: the same
+    decode core (``decoding.ar_step_with_features``) inside ``lax.while_loop``s: the same
     tokens and bookkeeping as that many skipped rounds (the committed token drawn from the
-    target's distribution at the anchor; statistics; the run of skips), without a round's
-    decision, packing and per-round drafter update: the positions' target features are
-    gathered and enter the drafter's context in one append after the loop. ``steps`` may be
-    traced (at most ``max_steps``, the static size of the gathered features; default ``steps``)."""
-    max_steps = steps if max_steps is None else max_steps
+    target's distribution at the anchor; statistics; trace; the run of skips), without a
+    round's decision, packing and per-round drafter update: the steps run in chunks of at
+    most ``chunk`` (static), and each chunk's target features enter the drafter's context in
+    one append after it (none when no step runs). ``steps`` may be traced."""
     B = s.anchor.shape[0]
     layers = scfg.draft.target_layer_ids
     F = target.embed.shape[-1] * len(layers)
     step = functools.partial(ar_step_with_features, target, cfg=scfg.target, sampling=scfg.sampling,
                              eos_ids=scfg.eos_ids, mesh=scfg.mesh, feature_layers=layers)
 
-    def body(carry):
-        s, i, features, tokens, counts = carry
+    def one_step(carry):
+        s, i, features, tokens, counts, rounds = carry
         live = ~s.done
         new, f = step(s)
         features = jax.lax.dynamic_update_slice_in_dim(features, f[:, None].astype(features.dtype), i, 1)
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, new.anchor[:, None], i, 1)
-        return new, i + 1, features, tokens, counts + live
+        if new.trace is not None:  # the row a skipped round writes: nothing proposed, the token as its bonus
+            new = dataclasses.replace(new, trace=trace_skipped(new.trace, live, rounds + counts, new.anchor))
+        return new, i + 1, features, tokens, counts + live, rounds
 
-    carry = (s, jnp.int32(0), jnp.zeros((B, max_steps, F), target.embed.dtype), jnp.zeros((B, max_steps), jnp.int32),
-             jnp.zeros((B,), jnp.int32))
-    new, ran, features, tokens, counts = jax.lax.while_loop(lambda c: (c[1] < steps) & ~jnp.all(c[0].done), body,
-                                                            carry)
-    draft_cache = family_of(scfg.draft).commit(draft, scfg.draft, target, s.draft_cache, features, tokens, counts)
-    stats = s.stats
-    stats = dataclasses.replace(stats, rounds=stats.rounds + counts, verified=stats.verified + counts,
-                                skipped=stats.skipped + counts, compute_tokens=stats.compute_tokens + B * ran)
-    schedule = dataclasses.replace(s.schedule, skipped=s.schedule.skipped + ran)
-    return dataclasses.replace(new, draft_cache=draft_cache, stats=stats, schedule=schedule)
+    def one_chunk(carry):
+        s, ran = carry
+        todo = jnp.minimum(steps - ran, chunk)
+        inner = (s, jnp.int32(0), jnp.zeros((B, chunk, F), target.embed.dtype), jnp.zeros((B, chunk), jnp.int32),
+                 jnp.zeros((B,), jnp.int32), s.stats.rounds)
+        new, n, features, tokens, counts, _ = jax.lax.while_loop(lambda c: (c[1] < todo) & ~jnp.all(c[0].done),
+                                                                 one_step, inner)
+        draft_cache = family_of(scfg.draft).commit(draft, scfg.draft, target, s.draft_cache, features, tokens, counts)
+        stats = s.stats
+        stats = dataclasses.replace(stats, rounds=stats.rounds + counts, verified=stats.verified + counts,
+                                    skipped=stats.skipped + counts, compute_tokens=stats.compute_tokens + B * n)
+        schedule = dataclasses.replace(s.schedule, skipped=s.schedule.skipped + n)
+        return dataclasses.replace(new, draft_cache=draft_cache, stats=stats, schedule=schedule), ran + n
+
+    s, _ = jax.lax.while_loop(lambda c: (c[1] < steps) & ~jnp.all(c[0].done), one_chunk, (s, jnp.int32(0)))
+    return s
 
 
 def skip_drafting(s: SpecState, scfg: SpecConfig) -> tuple[jax.Array, ScheduleState]:
@@ -614,24 +642,64 @@ def skip_drafting(s: SpecState, scfg: SpecConfig) -> tuple[jax.Array, ScheduleSt
     return skip, dataclasses.replace(sched, refresh_after=refresh.astype(jnp.int32))
 
 
-def speculative_round(target: Qwen3Params, draft: DraftParams, s: SpecState, *, scfg: SpecConfig) -> SpecState:
+def speculative_round(target: Qwen3Params, draft: DraftParams, s: SpecState, *, scfg: SpecConfig,
+                      drafts: bool = False) -> SpecState:
     """One draft -> schedule -> verify -> accept -> commit -> record round for every live
     sequence. The budget schedulers may skip the drafting (``skip_drafting``): a ``lax.cond``
     then computes only the anchors' AR step (``anchor_round``) instead of ``drafted_round``;
     both only read the caches, and ``commit_phase`` writes either outcome the same way after
-    the cond, so no branch returns (and copies) a cache."""
+    the cond, so no branch returns (and copies) a cache. ``drafts``: the caller knows the
+    round drafts (``skips_ahead(s) == 0``, as in ``decode_rounds``): no cond, only the refresh
+    interval's update (inside a decoding loop on a 2-core CPU the cond made a drafted round
+    ~15% slower)."""
     key, k_draft, k_accept = split(s.key, 3)
     skip = False
     if scfg.may_skip_drafting:
         skip, sched = skip_drafting(s, scfg)
         s_next = dataclasses.replace(s, schedule=sched)
-        v = jax.lax.cond(skip, lambda: anchor_round(target, s_next, k_accept, scfg),
-                         lambda: drafted_round(target, draft, s_next, k_draft, k_accept, scfg))
+        drafted = lambda: drafted_round(target, draft, s_next, k_draft, k_accept, scfg)
+        if drafts:
+            skip, v = False, drafted()
+        else:
+            v = jax.lax.cond(skip, lambda: anchor_round(target, s_next, k_accept, scfg), drafted)
     else:
         v = drafted_round(target, draft, s, k_draft, k_accept, scfg)
     new = commit_phase(target, draft, s, v, scfg, key=key)
     verified = v.lengths + 1 if scfg.packed else scfg.num_drafts + 1
     return record_phase(s, new, v, verified, skip)
+
+
+def decode_rounds(target: Qwen3Params, draft: DraftParams, s: SpecState, max_rounds=0, *,
+                  scfg: SpecConfig) -> SpecState:
+    """Rounds inside one ``lax.while_loop`` until every sequence is done, or at most
+    ``max_rounds`` of them (0: no limit; may be traced; rounds that skip drafting count).
+    Schedulers that never skip run ``speculative_round`` in ``loop_until_done``.
+
+    The budget schedulers run without a branch: the run of rounds known to skip drafting
+    (``skips_ahead``: nothing pays until the next refresh) goes first as plain AR steps
+    (``anchor_steps``), then each iteration is one drafted round (``speculative_round`` with
+    ``drafts``) followed by the run of skips it leaves. The same tokens (greedy; sampled: the
+    same distribution, drawn from the AR steps' own keys), statistics, trace and drafter
+    context as rounds that each decide (tests/test_speculative.py, tests/test_engine.py)."""
+    if not scfg.may_skip_drafting:
+        return loop_until_done(functools.partial(speculative_round, target, draft, scfg=scfg), s, max_rounds)
+    limit = jnp.asarray(max_rounds if not isinstance(max_rounds, int) or max_rounds else jnp.iinfo(jnp.int32).max,
+                        jnp.int32)
+    chunk = min(max_rounds, ANCHOR_CHUNK) if isinstance(max_rounds, int) and max_rounds else ANCHOR_CHUNK
+
+    def skip_run(s, left):
+        run = jnp.minimum(skips_ahead(s, scfg), left)
+        return anchor_steps(target, draft, s, run, scfg=scfg, chunk=chunk), run
+
+    def body(carry):
+        s, i = carry
+        s = speculative_round(target, draft, s, scfg=scfg, drafts=True)
+        s, run = skip_run(s, limit - i - 1)
+        return s, i + 1 + run
+
+    s, i = skip_run(s, limit)
+    s, _ = jax.lax.while_loop(lambda c: ~jnp.all(c[0].done) & (c[1] < limit), body, (s, i))
+    return s
 
 
 @functools.partial(jax.jit, static_argnames=("scfg", "buffer_len", "cache_len"))
@@ -690,8 +758,7 @@ def speculative_decode(target: Qwen3Params, draft: DraftParams, state: SpecState
     """Run rounds inside one ``lax.while_loop`` until every sequence is done, or at most
     ``max_rounds`` of them (a streaming chunk; call again with the returned state). The state
     is donated."""
-    round_fn = functools.partial(speculative_round, target, draft, scfg=scfg)
-    return loop_until_done(round_fn, state, max_rounds)
+    return decode_rounds(target, draft, state, max_rounds, scfg=scfg)
 
 
 MAX_STOP_IDS = 8  # per-request stop ids (besides the model's EOS ids)

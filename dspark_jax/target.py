@@ -17,7 +17,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from .attention import NO_WINDOW, AttentionMask, Context, attend
+from .attention import NO_WINDOW, AttentionMask, Context, attend, packed_attention
 from .cache import KVCache, chunk_positions, write_layers
 from .config import Qwen3Config
 from .layers import (DecoderLayerParams, decoder_layer, decoder_layer_decl, layer_bytes, per_layer_by_default,
@@ -275,16 +275,10 @@ def forward_packed(
     B = cache.batch
     rows = jnp.minimum(seq_ids, B - 1)
     cos, sin = rope_cos_sin(cfg, (cache.lengths[rows] + slots)[:, None])
-    grid_mask = AttentionMask.make(chunk_positions(cache.lengths, chunk_len), context_len=cache.lengths)
-
-    def grid(x):
-        return jnp.zeros((B, chunk_len) + x.shape[2:], x.dtype).at[seq_ids, slots].set(x[:, 0], mode="drop")
-
-    def attend_grid(q, k, v, mask, context):
-        return _attend_by_config(cfg, grid(q), grid(k), grid(v), mask, context)[rows, slots][:, None]
-
-    out, (new_k, new_v) = _run_layers(params, cfg, tokens[:, None], cos, sin, grid_mask, (cache.k, cache.v),
-                                      feature_layers, with_logits, tp_axis, False, attend_grid)
+    attend_packed, packed_mask = packed_attention(functools.partial(_attend_by_config, cfg), seq_ids, slots,
+                                                  cache.lengths, chunk_len)
+    out, (new_k, new_v) = _run_layers(params, cfg, tokens[:, None], cos, sin, packed_mask, (cache.k, cache.v),
+                                      feature_layers, with_logits, tp_axis, False, attend_packed)
     return out, (new_k[:, :, 0], new_v[:, :, 0])
 
 

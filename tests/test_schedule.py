@@ -13,7 +13,8 @@ from dspark_jax import schedule as S
 from dspark_jax.validate import DataError
 from dspark_jax import target as target_model
 from dspark_jax.sampling import Sampling
-from dspark_jax.speculative import ScheduleState, accept_drafts, packed_buckets, packed_verify, schedule_lengths
+from dspark_jax.speculative import (ScheduleState, accept_drafts, packed_buckets, packed_read, packed_verify,
+                                    packed_write, schedule_lengths)
 
 
 # --------------------------------------------------------------------------- Algorithm 1
@@ -250,8 +251,8 @@ def test_packed_verification_equals_the_unpacked_forward_on_the_verified_tokens(
     logits, feats, new_cache, size = jax.jit(
         lambda c: packed_verify(params, cfg, c, tokens, lengths, live, (0,))
     )(cache)
-    assert int(size) == 16  # 6 + 1 + 0 + 4 = 11 tokens -> bucket 16 of (4, 8, 16, 24)
-    assert packed_buckets(B, K) == (4, 8, 16, 24)
+    assert int(size) == 12  # 6 + 1 + 0 + 4 = 11 tokens -> bucket 12 of (6, 12, 24)
+    assert packed_buckets(B, K) == (6, 12, 24)  # from one block (K + 1) up
     for b in range(B):
         if not live[b]:
             continue
@@ -262,3 +263,39 @@ def test_packed_verification_equals_the_unpacked_forward_on_the_verified_tokens(
         np.testing.assert_allclose(new_cache.k[:, b, : L + n], ref_cache.k[:, b, : L + n], rtol=1e-5, atol=1e-5)
     # the finished sequence's cache is untouched
     np.testing.assert_array_equal(new_cache.k[:, 2], cache.k[:, 2])
+
+
+@pytest.mark.parametrize("verified", [0, 2, 5])
+def test_packed_verification_of_one_sequence_equals_the_unpacked_forward(verified):
+    """One sequence runs its packed axis as its own chunk (no grid, padding after its tokens):
+    the same logits, features and cache entries as the unpacked forward, at every bucket."""
+    from dspark_jax.config import Qwen3Config
+
+    cfg = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    params = target_model.init_params(jax.random.key(0), cfg, std=0.3)
+    K = 5
+    cache = target_model.init_cache(cfg, 1, 32)
+    _, cache = target_model.forward(params, cfg, jax.random.randint(jax.random.key(1), (1, 9), 0, 64), cache)
+    cache = cache.advance(jnp.array([7]))
+    tokens = jax.random.randint(jax.random.key(2), (1, K + 1), 0, 64)
+    ref, ref_cache = target_model.forward(params, cfg, tokens, cache, feature_layers=(0,))
+    lengths = jnp.array([verified])
+    live = jnp.array([True])
+
+    def verify(c):  # every bucket size a row's tokens may take, padding after them
+        logits, feats, new_kv, size = packed_read(params, cfg, c, tokens, lengths, live, (0,), buckets=(1, 2, 4, 6))
+        return logits, feats, packed_write(c, new_kv, lengths, live, K + 1), size
+
+    logits, feats, new_cache, size = jax.jit(verify)(cache)
+    assert packed_buckets(1, K) == (6,)  # the engine's own buckets start at one block
+    assert int(size) == {0: 1, 2: 4, 5: 6}[verified]  # 3 tokens: 1 padding token after them
+    n = verified + 1
+    np.testing.assert_allclose(logits[0, :n], ref.logits[0, :n], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(feats[0, :n], ref.features[0, :n], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(new_cache.k[:, 0, : 7 + n], ref_cache.k[:, 0, : 7 + n], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(new_cache.v[:, 0, : 7 + n], ref_cache.v[:, 0, : 7 + n], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(new_cache.k[:, 0, 7 + n:], cache.k[:, 0, 7 + n:])  # padding is not written
+    # a finished sequence computes nothing that is written
+    _, _, idle, _ = packed_verify(params, cfg, cache, tokens, lengths, jnp.array([False]), (0,))
+    np.testing.assert_array_equal(idle.k, cache.k)

@@ -170,6 +170,32 @@ def test_greedy_speculative_equals_autoregressive_for_budget_schedulers(schedule
     assert 0 < st["accepted_tokens"] < st["proposed_tokens"] < K * st["rounds"]
 
 
+@pytest.mark.parametrize("min_expected", [2.0, math.inf])
+def test_runs_of_skips_as_ar_steps_equal_rounds_that_each_decide(min_expected):
+    """``speculative_decode`` runs the budget schedulers branch-free (``decode_rounds``: each
+    run of rounds known to skip drafting as AR steps, the drafted rounds without a cond):
+    greedy, the same samples, statistics and trace as ``speculative_round`` deciding every
+    round in a ``lax.cond``, with both drafted and skipped rounds."""
+    pr = pair("vanilla")
+    prompts = prompt_batch(0)
+    run = spec.speculative_start(pr.target, pr.tcfg, pr.draft, pr.dcfg, prompts, max_new_tokens=MAX_NEW,
+                                 cache_len=CACHE, trace=True, scheduler="algorithm1",
+                                 min_expected_accept=min_expected)
+    each = jax.jit(lambda s: spec.loop_until_done(
+        functools.partial(spec.speculative_round, run.target, run.draft, scfg=run.scfg), s))(run.state)
+    slow = run.result(each, trace=True)
+    fast = run.result(spec.speculative_decode(run.target, run.draft, run.state, scfg=run.scfg), trace=True)
+    assert fast.samples == slow.samples == run_ar(pr, prompts)
+    assert fast.stats == slow.stats
+    assert 0 < fast.stats["skipped_rounds"] < fast.stats["rounds"]  # drafted and skipped rounds
+    confidences = lambda res: [[r.pop("confidence_logits") for r in rounds] for rounds in res.trace]
+    fast_conf, slow_conf = confidences(fast), confidences(slow)
+    assert fast.trace == slow.trace
+    for a, b in zip(fast_conf, slow_conf):  # the drafter context: appended per run or per round
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-5)
+    check_stats_and_trace(fast, MAX_NEW)
+
+
 def first_eos_in_accepted_drafts(trace, samples, token):
     """Samples whose first occurrence of ``token`` (within MAX_NEW tokens) is committed as an
     accepted draft, not as a bonus."""
