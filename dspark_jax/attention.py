@@ -51,6 +51,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .cache import chunk_positions
+
 NO_WINDOW = int(np.iinfo(np.int32).max)
 BLOCK = 256  # context keys per blockwise step
 MASKED_SCORE = float(np.finfo(np.float32).min)
@@ -319,16 +321,14 @@ def packed_attention(attend_chunk: Callable, seq_ids: jax.Array, slots: jax.Arra
 
         def attend_fn(q, k, v, mask, context):
             return axis(attend_chunk(axis(q), axis(k), axis(v), mask, context))
+    else:
+        rows = jnp.minimum(seq_ids, B - 1)
 
-        positions = lengths[:, None] + jnp.arange(N, dtype=jnp.int32)[None, :]
-        return attend_fn, AttentionMask.make(positions, context_len=lengths)
-    rows = jnp.minimum(seq_ids, B - 1)
+        def grid(x):
+            return jnp.zeros((B, chunk_len) + x.shape[2:], x.dtype).at[seq_ids, slots].set(x[:, 0], mode="drop")
 
-    def grid(x):
-        return jnp.zeros((B, chunk_len) + x.shape[2:], x.dtype).at[seq_ids, slots].set(x[:, 0], mode="drop")
+        def attend_fn(q, k, v, mask, context):
+            return attend_chunk(grid(q), grid(k), grid(v), mask, context)[rows, slots][:, None]
 
-    def attend_fn(q, k, v, mask, context):
-        return attend_chunk(grid(q), grid(k), grid(v), mask, context)[rows, slots][:, None]
-
-    positions = lengths[:, None] + jnp.arange(chunk_len, dtype=jnp.int32)[None, :]
+    positions = chunk_positions(lengths, N if B == 1 else chunk_len)
     return attend_fn, AttentionMask.make(positions, context_len=lengths)

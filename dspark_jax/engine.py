@@ -209,7 +209,7 @@ def generate(target, draft, state: DecodeState, sps_table=None, draft_seconds=No
         elif anchor_steps:  # runs of skips as AR steps, drafted rounds without a branch
             skipped = rows.stats.skipped
             rows = spec.decode_rounds(target, draft, rows, max_steps, scfg=scfg)
-            ran = jnp.max(rows.stats.skipped - skipped) if scfg.may_skip_drafting else ran
+            ran = jnp.max(rows.stats.skipped - skipped)  # 0 for a scheduler that never skips
             ahead = spec.skips_ahead(rows, scfg)  # 0 for a scheduler that never skips
         else:  # every round decides (for comparison)
             rows = loop_until_done(functools.partial(spec.speculative_round, target, draft, scfg=scfg), rows,

@@ -832,8 +832,8 @@ def forward_packed(params: Gemma4Params, cfg: Gemma4Config, tokens: jax.Array, s
                    cache: Gemma4Cache, *, chunk_len: int, feature_layers: Sequence[int] = (), with_logits: bool = True,
                    tp_axis: str | None = None):
     """``target.forward_packed`` for Gemma 4: ``tokens [N]`` of several sequences on one axis
-    (token i is the ``slots[i]``-th new token of sequence ``seq_ids[i]``); attention lays them
-    on a ``[batch, chunk_len]`` grid over the cache. Returns outputs ``[N, 1, ...]`` and the
+    (token i is the ``slots[i]``-th new token of sequence ``seq_ids[i]``); attention reads them
+    over the cache through ``attention.packed_attention``. Returns outputs ``[N, 1, ...]`` and the
     packed keys/values per layer type, ``{kind: [L, N, K, Dh]}``, for ``write_packed``."""
     feature_layers = check_feature_layers(cfg, feature_layers)
     _check_chunk(cache, cfg, chunk_len)

@@ -261,10 +261,12 @@ def forward_packed(
     """Ragged (packed) chunk: ``tokens [N]`` of several sequences on one flat axis; token i is
     the ``slots[i]``-th new token of sequence ``seq_ids[i]`` (position ``lengths + slot``),
     ``slots < chunk_len``, each sequence's slots a prefix 0..l_b. Projections and MLPs run on
-    the N packed tokens (they dominate the cost of a short chunk). Attention scatters queries
-    and the chunk's own keys into a ``[batch, chunk_len]`` grid that reads the committed
-    cache and itself causally (empty grid slots lie after every real one, so no real query
-    reads them). The cache is only read: the new keys/values come back packed,
+    the N packed tokens (they dominate the cost of a short chunk). Attention
+    (``attention.packed_attention``) scatters queries and the chunk's own keys into a
+    ``[batch, chunk_len]`` grid that reads the committed cache and itself causally (empty grid
+    slots lie after every real one, so no real query reads them; one sequence is its own
+    chunk, no grid). Each sequence's tokens come before the next's, padding last
+    (``speculative.packed_layout``). The cache is only read: the new keys/values come back packed,
     ``[L, N, K, Dh]`` each, for ``write_packed``. Padding tokens carry ``seq_ids == batch``.
     Outputs have shape ``[N, 1, ...]``.
     """
